@@ -1,0 +1,234 @@
+"""start() and connect(), and their async twins: how a Kernel comes to be."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any, Dict, Optional
+
+import zmq.asyncio
+from jupyter_client import find_connection_file
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_client.manager import AsyncKernelManager
+
+from ._exceptions import ConnectionFileError, KernelDiedError, KernelStartError
+from ._kernel import AsyncKernel, _KernelState
+from ._portal import get_portal
+from ._sync import Kernel
+from ._types import CallOptions, Output
+
+DEFAULT_STARTUP_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+REQUIRED_CONNECTION_KEYS = ("shell_port", "iopub_port", "control_port", "hb_port", "ip", "key")
+
+_context: zmq.asyncio.Context | None = None
+
+
+def _zmq_context() -> zmq.asyncio.Context:
+    """One zmq context (one IO thread of zmq's) for every kernel of this process."""
+    global _context
+    if _context is None:
+        _context = zmq.asyncio.Context()
+    return _context
+
+
+class _ThisPythonFirst(KernelSpecManager):
+    """Kernelspec lookup where "python3" means this interpreter's ipykernel.
+
+    Pickles only travel between equal Python versions, so the default kernel
+    must be this very interpreter, whatever "python3" kernelspec is installed.
+    """
+
+    python: Optional[str] = None
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        if self.python is not None or kernel_name == "python3":
+            return python_kernel_spec(self.python or sys.executable)
+        return super().get_kernel_spec(kernel_name)
+
+
+def python_kernel_spec(python: str) -> KernelSpec:
+    return KernelSpec(
+        argv=[python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        display_name=f"Python ({python})",
+        language="python",
+        interrupt_mode="signal",
+        metadata={"debugger": False},
+    )
+
+
+async def start_async(
+    kernel_name: str = "python3",
+    *,
+    python: str | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Dict[str, str] | None = None,
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    transport: str = "auto",
+    timeout: float | None = None,
+    output: Output = "forward",
+    **options: Any,
+) -> AsyncKernel:
+    """Start a local kernel and return an AsyncKernel for it (see ``start``)."""
+    call_options = CallOptions(timeout=timeout, output=output)
+    spec_manager = _ThisPythonFirst()
+    spec_manager.python = python
+    manager = AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=spec_manager, **options)
+    kernel_env = {**os.environ, **(env or {})}
+    try:
+        await manager.start_kernel(cwd=os.fspath(cwd) if cwd is not None else None, env=kernel_env)
+    except NoSuchKernel as exc:
+        raise KernelStartError(
+            f"no kernelspec named {kernel_name!r} (see `jupyter kernelspec list`); "
+            "or pass python='/path/to/python' to start that interpreter's ipykernel"
+        ) from exc
+    except Exception as exc:
+        raise KernelStartError(f"could not start kernel {kernel_name!r}: {type(exc).__name__}: {exc}") from exc
+    client = manager.client(context=_zmq_context())
+    state = _KernelState(client, manager, manager.connection_file, transport)
+    try:
+        await state.open(startup_timeout)
+    except BaseException as exc:
+        dead = state.connection.dead
+        await state.close(shutdown=True)
+        if isinstance(exc, asyncio.TimeoutError):
+            raise KernelStartError(f"the kernel did not become ready within {startup_timeout} s") from None
+        if isinstance(exc, KernelDiedError) or dead is not None:
+            argv = manager.kernel_spec.argv if manager.kernel_spec else "?"
+            raise KernelStartError(
+                f"the kernel exited while starting ({dead or exc}); command: {argv}. "
+                "Is ipykernel installed for that Python?"
+            ) from None
+        raise
+    return AsyncKernel(state, call_options)
+
+
+async def connect_async(
+    connection_file: str | os.PathLike[str],
+    *,
+    startup_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    transport: str = "auto",
+    timeout: float | None = None,
+    output: Output = "forward",
+) -> AsyncKernel:
+    """Connect to a running kernel by its connection file (see ``connect``)."""
+    call_options = CallOptions(timeout=timeout, output=output)
+    path = resolve_connection_file(connection_file)
+    info = read_connection_file(path)
+    client = AsyncKernelClient(context=_zmq_context())
+    client.load_connection_info(info)
+    state = _KernelState(client, None, path, transport)
+    try:
+        await state.open(startup_timeout)
+    except BaseException as exc:
+        await state.close(shutdown=False)
+        if isinstance(exc, (asyncio.TimeoutError, KernelDiedError)):
+            raise ConnectionFileError(
+                f"no kernel answered at {path} within {startup_timeout} s "
+                f"({info.get('transport', 'tcp')}://{info['ip']}, shell port {info['shell_port']}): "
+                "is the kernel running, and is this its current connection file (key included)?"
+            ) from None
+        raise
+    return AsyncKernel(state, call_options)
+
+
+def resolve_connection_file(connection_file: str | os.PathLike[str]) -> str:
+    """A path as given, or a fragment ('kernel-12', '1234') resolved like jupyter_client does."""
+    text = os.fspath(connection_file)
+    if os.path.isfile(text):
+        return os.path.abspath(text)
+    try:
+        return str(find_connection_file(text))
+    except OSError as exc:
+        raise ConnectionFileError(
+            f"no connection file {text!r}: it is not a file, and no kernel-*.json in Jupyter's runtime "
+            f"directory matches it ({exc}). Pass the full path, or a fragment of an existing kernel's file name."
+        ) from None
+
+
+def read_connection_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            info = json.load(file)
+    except OSError as exc:
+        raise ConnectionFileError(f"cannot read connection file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConnectionFileError(f"connection file {path} is not valid JSON: {exc}") from None
+    if not isinstance(info, dict):
+        raise ConnectionFileError(f"connection file {path} does not hold a JSON object")
+    missing = [key for key in REQUIRED_CONNECTION_KEYS if key not in info]
+    if missing:
+        raise ConnectionFileError(f"connection file {path} lacks {', '.join(missing)}")
+    if not info["key"]:
+        raise ConnectionFileError(
+            f"connection file {path} has an empty key: its kernel accepts unsigned messages from anyone "
+            "who can reach its ports, and kernelproxy would unpickle whatever arrives. Refusing to connect."
+        )
+    return info
+
+
+def start(
+    kernel_name: str = "python3",
+    *,
+    python: str | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Dict[str, str] | None = None,
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    transport: str = "auto",
+    timeout: float | None = None,
+    output: Output = "forward",
+    **options: Any,
+) -> Kernel:
+    """Start a local kernel and return a Kernel for it.
+
+    kernel_name: a kernelspec; the default "python3" is this interpreter's
+        ipykernel (pickles need the same Python on both sides).
+    python: start this interpreter's ipykernel instead (another virtualenv);
+        it needs ipykernel and cloudpickle, not kernelproxy.
+    cwd, env: the kernel's working directory, and variables added to this
+        process's environment for it.
+    startup_timeout: seconds to wait for the kernel to answer.
+    transport: "auto" or "execute".
+    timeout, output: default call options (see ``Kernel.options``).
+    options: passed to jupyter_client's AsyncKernelManager.
+    """
+    portal = get_portal()
+    core = portal.run(
+        start_async(
+            kernel_name,
+            python=python,
+            cwd=cwd,
+            env=env,
+            startup_timeout=startup_timeout,
+            transport=transport,
+            timeout=timeout,
+            output=output,
+            **options,
+        )
+    )
+    return Kernel(core, portal)
+
+
+def connect(
+    connection_file: str | os.PathLike[str],
+    *,
+    startup_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    transport: str = "auto",
+    timeout: float | None = None,
+    output: Output = "forward",
+) -> Kernel:
+    """Connect to a running kernel by connection file: a path, or a fragment such as "kernel-1234".
+
+    The kernel keeps running after ``close()`` or the end of a ``with`` block;
+    only ``shutdown()`` stops it.
+    """
+    portal = get_portal()
+    core = portal.run(
+        connect_async(
+            connection_file, startup_timeout=startup_timeout, transport=transport, timeout=timeout, output=output
+        )
+    )
+    return Kernel(core, portal)

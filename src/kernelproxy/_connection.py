@@ -1,0 +1,333 @@
+"""The zmq connection to one kernel: sockets, signing, routing, liveness.
+
+jupyter_client provides the connection info, the Session (HMAC signing) and
+socket creation; this module owns the sockets, because jupyter_client's
+channel classes serve one reader through queues, copy every frame, and drop
+replies that belong to other requests.
+
+One reader task per socket routes each message by its parent ``msg_id`` to the
+request waiting for it, so any number of concurrent calls share the kernel.
+A monitor task notices a dead kernel (process gone, or heartbeat silent) and
+fails every waiting request with KernelDiedError instead of letting it hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous.client import AsyncKernelClient
+
+from ._exceptions import KernelDiedError, ProtocolError
+
+log = logging.getLogger("kernelproxy")
+
+IopubListener = Callable[[dict], None]
+ProcessCheck = Callable[[], Awaitable["int | None"]]  # exit code once the process is gone, else None
+
+HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats
+HEARTBEAT_MISSES = 3  # consecutive missed beats before the kernel is declared dead
+PROCESS_POLL_INTERVAL = 0.1  # seconds between exit checks of a local kernel process
+IDLE_GRACE = 5.0  # seconds to wait, after a reply, for the output that precedes 'idle' on IOPub
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One request waiting for its reply (and, with a listener, its IOPub 'idle')."""
+
+    msg_id: str
+    reply: asyncio.Future
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    listener: IopubListener | None = None
+    abandoned: bool = False  # cancelled by the host; interrupt it once it starts
+
+
+class KernelConnection:
+    """Signed, routed request/reply over a kernel's shell, control, iopub and hb sockets."""
+
+    def __init__(
+        self,
+        client: AsyncKernelClient,
+        *,
+        process_check: ProcessCheck | None = None,
+        interrupter: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._client = client
+        self.session = client.session
+        self._process_check = process_check
+        self._interrupter = interrupter or self.interrupt_by_message
+        self._pending: dict[str, _Pending] = {}
+        self._running: str | None = None  # msg_id the kernel is executing, from IOPub status
+        self._tasks: list[asyncio.Task] = []
+        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self.dead: KernelDiedError | None = None
+        self.rejected_messages = 0  # messages dropped for a bad signature or a bad format
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        identity = self.session.bsession
+        self._sockets = {
+            "shell": self._client.connect_shell(identity=identity),
+            "control": self._client.connect_control(identity=identity),
+            "iopub": self._client.connect_iopub(),
+        }
+        for sock in self._sockets.values():
+            sock.linger = 0
+        self.dead = None
+        self._running = None
+        self._tasks = [
+            asyncio.ensure_future(self._read_replies(self._sockets["shell"])),
+            asyncio.ensure_future(self._read_replies(self._sockets["control"])),
+            asyncio.ensure_future(self._read_iopub(self._sockets["iopub"])),
+            asyncio.ensure_future(self._monitor()),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets = {}
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every waiting request with ``error``."""
+        for pending in list(self._pending.values()):
+            if not pending.reply.done():
+                pending.reply.set_exception(error)
+            pending.idle.set()
+        self._pending.clear()
+
+    def declare_dead(self, error: KernelDiedError) -> None:
+        if self.dead is None:
+            self.dead = error
+        self.fail_all(error)
+
+    # ------------------------------------------------------------------ requests
+
+    async def request(
+        self,
+        channel: str,
+        msg_type: str,
+        content: dict[str, Any],
+        *,
+        listener: IopubListener | None = None,
+        buffers: list | None = None,
+    ) -> dict:
+        """Send one request and return its reply message.
+
+        With a ``listener``, IOPub messages caused by the request are passed
+        to it until the kernel reports 'idle', and the reply is returned only
+        after that, so no output is lost behind it.
+        If the caller is cancelled, the request is abandoned: interrupted if the
+        kernel is running it, or as soon as it starts.
+        """
+        if self.dead is not None:
+            raise self.dead
+        msg = self.session.msg(msg_type, content)
+        msg_id = msg["header"]["msg_id"]
+        pending = _Pending(msg_id, asyncio.get_running_loop().create_future(), listener=listener)
+        self._pending[msg_id] = pending
+        frames = self.session.serialize(msg)
+        try:
+            await self._sockets[channel].send_multipart([*frames, *(buffers or [])], copy=False)
+            reply = await pending.reply
+            if listener is not None:
+                try:
+                    await asyncio.wait_for(pending.idle.wait(), IDLE_GRACE)
+                except asyncio.TimeoutError:
+                    log.warning("no 'idle' status from the kernel for %s; some output may be missing", msg_type)
+            return reply
+        except asyncio.CancelledError:
+            if not pending.reply.done():
+                await asyncio.shield(self._abandon(pending))
+            raise
+        finally:
+            if not pending.abandoned:
+                self._pending.pop(msg_id, None)
+
+    async def execute(
+        self, user_expressions: dict[str, str], *, extra: dict | None = None, listener: IopubListener | None = None
+    ) -> dict:
+        """A silent execute_request that runs no cell code, only ``user_expressions``.
+
+        Silent and history-free: no execution count, no ``Out``, no history
+        entry, no execute_input broadcast. ``extra`` adds fields to the content.
+        """
+        content = {
+            "code": "",
+            "silent": True,
+            "store_history": False,
+            "user_expressions": user_expressions,
+            "allow_stdin": False,
+            "stop_on_error": False,
+        }
+        if extra:
+            content.update(extra)
+        reply = await self.request("shell", "execute_request", content, listener=listener)
+        return reply["content"]
+
+    async def kernel_info(self, timeout: float) -> dict:
+        reply = await asyncio.wait_for(self.request("shell", "kernel_info_request", {}), timeout)
+        return reply["content"]
+
+    async def wait_ready(self, timeout: float) -> dict:
+        """Wait until the kernel answers on shell and its IOPub messages reach us.
+
+        A SUB socket misses messages published before its subscription has
+        propagated, so a first call's output could be lost without this.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            seen = asyncio.Event()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            msg = self.session.msg("kernel_info_request", {})
+            pending = _Pending(msg["header"]["msg_id"], loop.create_future(), listener=lambda m: seen.set())
+            self._pending[pending.msg_id] = pending
+            try:
+                await self._sockets["shell"].send_multipart(self.session.serialize(msg))
+                reply = await asyncio.wait_for(asyncio.shield(pending.reply), min(remaining, 1.0))
+                await asyncio.wait_for(seen.wait(), min(max(deadline - loop.time(), 0.01), 0.5))
+                return reply["content"]
+            except asyncio.TimeoutError:
+                if loop.time() >= deadline:
+                    raise
+            finally:
+                self._pending.pop(pending.msg_id, None)
+
+    async def interrupt_by_message(self) -> None:
+        """Interrupt through the control channel (kernels with interrupt_mode 'message', or remote ones)."""
+        await asyncio.wait_for(self.request("control", "interrupt_request", {}), 5)
+
+    async def _abandon(self, pending: _Pending) -> None:
+        """The caller gave up on ``pending``: stop its remote work, leave the kernel usable."""
+        pending.abandoned = True
+        if self._running == pending.msg_id:
+            await self._interrupt_and_wait(pending)
+        # Otherwise it is still queued; _read_iopub interrupts it when it starts.
+
+    async def _interrupt_and_wait(self, pending: _Pending) -> None:
+        try:
+            await self._interrupter()
+            await asyncio.wait_for(asyncio.shield(pending.reply), 5)
+        except Exception as exc:  # the reply will be dropped when it comes
+            log.debug("interrupting an abandoned request: %r", exc)
+        finally:
+            self._pending.pop(pending.msg_id, None)
+
+    # ------------------------------------------------------------------ readers
+
+    def _receive(self, frames: list) -> dict | None:
+        try:
+            _, msg_list = self.session.feed_identities(frames, copy=False)
+            return self.session.deserialize(msg_list, content=True, copy=False)
+        except Exception as exc:
+            self.rejected_messages += 1
+            log.warning("dropped a message from the kernel that failed verification: %s", exc)
+            return None
+
+    async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            msg = self._receive(await sock.recv_multipart(copy=False))
+            if msg is None:
+                continue
+            pending = self._pending.get(msg["parent_header"].get("msg_id", ""))
+            if pending is None:
+                continue  # a reply to an abandoned request, or to another client
+            if pending.abandoned:
+                self._pending.pop(pending.msg_id, None)
+            if not pending.reply.done():
+                pending.reply.set_result(msg)
+
+    async def _read_iopub(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            msg = self._receive(await sock.recv_multipart(copy=False))
+            if msg is None:
+                continue
+            parent_id = msg["parent_header"].get("msg_id")
+            if msg["msg_type"] == "status":
+                state = msg["content"].get("execution_state")
+                if state == "busy":
+                    self._running = parent_id
+                elif state == "idle" and self._running == parent_id:
+                    self._running = None
+            pending = self._pending.get(parent_id or "")
+            if pending is None:
+                continue
+            if pending.abandoned and self._running == parent_id and not pending.reply.done():
+                asyncio.ensure_future(self._interrupt_and_wait(pending))
+            if pending.listener is not None:
+                try:
+                    pending.listener(msg)
+                except Exception:
+                    log.exception("IOPub listener failed")
+            if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                pending.idle.set()
+
+    # ------------------------------------------------------------------ liveness
+
+    async def _monitor(self) -> None:
+        """Declare the kernel dead when its process exits or its heartbeat stops."""
+        heartbeat = _Heartbeat(self._client)
+        misses = 0
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time()
+        try:
+            while self.dead is None:
+                if self._process_check is not None:
+                    code = await self._process_check()
+                    if code is not None:
+                        self.declare_dead(KernelDiedError(f"the kernel process exited (exit code {code})"))
+                        return
+                if loop.time() >= next_beat:
+                    next_beat = loop.time() + HEARTBEAT_INTERVAL
+                    misses = 0 if await heartbeat.beat(HEARTBEAT_INTERVAL) else misses + 1
+                    if misses >= HEARTBEAT_MISSES:
+                        self.declare_dead(
+                            KernelDiedError(
+                                f"the kernel stopped answering its heartbeat ({misses} beats missed, "
+                                f"{misses * HEARTBEAT_INTERVAL:.0f} s): it died, hangs with its process "
+                                "stopped, or the network to it is down"
+                            )
+                        )
+                        return
+                await asyncio.sleep(PROCESS_POLL_INTERVAL if self._process_check else HEARTBEAT_INTERVAL / 4)
+        finally:
+            heartbeat.close()
+
+    def describe_unexpected(self, what: str, reply: dict) -> ProtocolError:
+        return ProtocolError(f"unexpected {what} from the kernel (protocol corruption or version mismatch?): {reply!r:.300}")
+
+
+class _Heartbeat:
+    """Ping the kernel's heartbeat socket; a REQ socket that timed out is replaced."""
+
+    def __init__(self, client: AsyncKernelClient) -> None:
+        self._client = client
+        self._sock: zmq.asyncio.Socket | None = None
+
+    async def beat(self, timeout: float) -> bool:
+        if self._sock is None:
+            self._sock = self._client.connect_hb()
+            self._sock.linger = 0
+        try:
+            await self._sock.send(b"ping")
+            await asyncio.wait_for(self._sock.recv(), timeout)
+            return True
+        except (asyncio.TimeoutError, zmq.ZMQError):
+            self.close()  # a REQ socket without its reply cannot send again
+            return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None

@@ -1,0 +1,111 @@
+"""Every exception kernelproxy raises, in one place.
+
+The tree::
+
+    KernelProxyError
+    ├── RemoteError              code in the kernel raised, and its exception could not be re-raised here
+    ├── CallTimeout              (also TimeoutError) a call outlived its timeout; the kernel was interrupted
+    ├── CallInterrupted          the call was stopped by Kernel.interrupt() (or a signal sent to the kernel)
+    ├── SerializationError       a value could not be pickled or unpickled, on either side
+    ├── EnvironmentMismatchError the kernel's Python or cloudpickle cannot exchange pickles with ours
+    ├── ConnectionFileError      a connection file is missing, unreadable or invalid, or nobody answers at it
+    ├── KernelStartError         a kernel process could not be started or never became ready
+    ├── KernelDiedError          the kernel died or stopped answering
+    ├── KernelClosedError        (also RuntimeError) the Kernel was shut down and used again
+    └── ProtocolError            a reply kernelproxy cannot read: corruption or a version mismatch
+
+Exceptions raised by *your* code in the kernel are raised here as their own
+type (``ValueError`` stays ``ValueError``) with the remote traceback attached
+as ``__cause__``; ``RemoteError`` is only the fallback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CallInterrupted",
+    "CallTimeout",
+    "ConnectionFileError",
+    "EnvironmentMismatchError",
+    "KernelClosedError",
+    "KernelDiedError",
+    "KernelProxyError",
+    "KernelStartError",
+    "ProtocolError",
+    "RemoteError",
+    "SerializationError",
+]
+
+
+class KernelProxyError(Exception):
+    """Base class of every error kernelproxy raises itself."""
+
+
+class RemoteError(KernelProxyError):
+    """Raised when code in the kernel raised an exception that cannot be re-raised on the host.
+
+    That happens when the exception's class does not exist here, or the
+    exception object cannot be pickled. ``ename``, ``evalue`` and
+    ``traceback`` (the formatted remote traceback) describe what happened.
+    """
+
+    def __init__(self, ename: str, evalue: str, traceback: str = "") -> None:
+        super().__init__(f"{ename}: {evalue}" if evalue else ename)
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.traceback:
+            return f"{text}\n\nRemote traceback:\n{self.traceback.rstrip()}"
+        return text
+
+
+class CallTimeout(KernelProxyError, TimeoutError):
+    """Raised when a call did not finish within its timeout.
+
+    The kernel was interrupted to cancel the remote work and stays usable.
+    """
+
+
+class CallInterrupted(KernelProxyError):
+    """Raised when a call's remote work was interrupted, e.g. by ``Kernel.interrupt()``."""
+
+
+class SerializationError(KernelProxyError):
+    """Raised when a value cannot be pickled or unpickled.
+
+    The message says which value (its path in the arguments, such as
+    ``args[1]['key']``), on which side, and why.
+    """
+
+
+class EnvironmentMismatchError(KernelProxyError):
+    """Raised at connect time when the kernel cannot exchange pickles with this process.
+
+    Python's major.minor version and cloudpickle's major.minor version must
+    match on both sides; the message names both and says what to install where.
+    """
+
+
+class ConnectionFileError(KernelProxyError):
+    """Raised when a connection file is missing, unreadable or invalid, or no kernel answers at it."""
+
+
+class KernelStartError(KernelProxyError):
+    """Raised when a kernel could not be started or did not become ready in time."""
+
+
+class KernelDiedError(KernelProxyError):
+    """Raised when the kernel died, or stopped answering its heartbeat, before or during a call.
+
+    Call ``restart()`` to get a fresh kernel (only for kernels kernelproxy started).
+    """
+
+
+class KernelClosedError(KernelProxyError, RuntimeError):
+    """Raised when a Kernel is used after ``shutdown()`` or ``close()``."""
+
+
+class ProtocolError(KernelProxyError):
+    """Raised when a reply cannot be understood: message corruption or a version mismatch."""

@@ -1,0 +1,412 @@
+"""AsyncKernel: the one real implementation of the kernelproxy API.
+
+An ``AsyncKernel`` is a view, (shared kernel state, call options), so that
+``k.options(timeout=2)`` costs nothing and every view talks to one kernel.
+The blocking ``Kernel`` in ``_sync.py`` drives this class from an IO thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import dataclasses
+import enum
+import functools
+import sys
+import weakref
+from typing import Any, Awaitable, Callable, Generic, Mapping, TypeVar
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.manager import AsyncKernelManager
+
+from . import _serialization as serialization
+from ._bootstrap import check_environment, install_agent
+from ._connection import KernelConnection
+from ._exceptions import (
+    CallInterrupted,
+    CallTimeout,
+    KernelClosedError,
+    KernelDiedError,
+    KernelProxyError,
+    KernelStartError,
+    ProtocolError,
+    RemoteError,
+    SerializationError,
+)
+from ._transports.base import AgentMissingError, Transport
+from ._transports.execute import ExecuteTransport
+from ._types import UNSET, CallOptions, KernelInfo, Output, Unset
+
+T = TypeVar("T")
+TRANSPORTS = ("auto", "execute")
+
+
+class State(enum.Enum):
+    READY = "ready"
+    RESTARTING = "restarting"
+    CLOSED = "closed"
+
+
+class RemoteTraceback(Exception):
+    """Carries the kernel-side traceback as the ``__cause__`` of a re-raised remote exception."""
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback.rstrip()}\n"""'
+
+
+class _KernelState:
+    """Everything one kernel's views share: its process (if ours), connection, transport, info."""
+
+    def __init__(
+        self,
+        client: AsyncKernelClient,
+        manager: AsyncKernelManager | None,
+        connection_file: str | None,
+        transport: str,
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, not {transport!r}")
+        self.client = client
+        self.manager = manager
+        self.connection_file = connection_file
+        self.requested_transport = transport
+        self.state = State.READY
+        self.restarted = asyncio.Event()
+        self.connection: KernelConnection = self._new_connection()
+        self.transport: Transport | None = None
+        self.info: KernelInfo | None = None
+        if manager is not None:
+            _started_kernels.add(self)
+
+    @property
+    def owned(self) -> bool:
+        return self.manager is not None
+
+    def _new_connection(self) -> KernelConnection:
+        if self.manager is None:
+            return KernelConnection(self.client)
+        manager = self.manager
+
+        async def exit_code() -> int | None:
+            provisioner = manager.provisioner
+            return await provisioner.poll() if provisioner is not None else 0
+
+        return KernelConnection(self.client, process_check=exit_code, interrupter=manager.interrupt_kernel)
+
+    async def open(self, ready_timeout: float) -> None:
+        """Connect, wait for the kernel, install the agent, check versions, pick the transport."""
+        self.connection.open()
+        kernel_info = await self.connection.wait_ready(ready_timeout)
+        hello = await install_agent(self.connection)
+        check_environment(hello)
+        transport = ExecuteTransport(self.connection, content_frames=bool(hello.get("parent_access")))
+        self.transport = transport
+        self.info = KernelInfo(
+            implementation=kernel_info.get("implementation", "?"),
+            implementation_version=kernel_info.get("implementation_version", "?"),
+            python=hello["python"],
+            cloudpickle=hello["cloudpickle"],
+            pid=hello["pid"],
+            executable=hello["executable"],
+            hostname=hello["hostname"],
+            transport=f"{transport.name} ({transport.mode})",
+            connection_file=self.connection_file,
+            agent_protocol=hello["protocol"],
+        )
+
+    async def usable_transport(self) -> Transport:
+        """The transport, once the kernel can take requests; else raise why it cannot."""
+        while self.state is State.RESTARTING:
+            await self.restarted.wait()
+        if self.state is State.CLOSED:
+            raise KernelClosedError("this kernel was shut down; start a new one with kernelproxy.start()")
+        if self.connection.dead is not None:
+            advice = "call restart() for a fresh one" if self.owned else "start or connect to another kernel"
+            raise KernelDiedError(f"{self.connection.dead} earlier; {advice}")
+        assert self.transport is not None
+        return self.transport
+
+    async def request(self, header: dict, frames: list, listener: Callable[[dict], None] | None) -> tuple[dict, list]:
+        transport = await self.usable_transport()
+        try:
+            return await transport.request(header, frames, listener=listener)
+        except AgentMissingError:  # the kernel was restarted behind our back: the request never ran
+            await install_agent(self.connection)
+            return await transport.request(header, frames, listener=listener)
+
+    async def restart(self, ready_timeout: float) -> None:
+        if self.manager is None:
+            raise KernelProxyError(
+                "restart() needs a kernel that kernelproxy started; this one was connected to with connect(), "
+                "so restart it where it was started"
+            )
+        await self.usable_transport_or_dead()
+        self.state = State.RESTARTING
+        self.restarted.clear()
+        try:
+            self.connection.fail_all(KernelDiedError("the kernel was restarted while this call was running"))
+            await self.connection.close()
+            try:
+                await self.manager.restart_kernel(now=True)
+            except Exception as exc:
+                raise KernelStartError(f"could not restart the kernel: {exc}") from exc
+            self.connection = self._new_connection()
+            await self.open(ready_timeout)
+            self.state = State.READY
+        except BaseException:
+            self.state = State.READY  # calls now report the dead connection instead of waiting
+            raise
+        finally:
+            self.restarted.set()
+
+    async def usable_transport_or_dead(self) -> None:
+        """Like usable_transport(), but a dead kernel is fine (restart is how one recovers)."""
+        try:
+            await self.usable_transport()
+        except KernelDiedError:
+            pass
+
+    async def interrupt(self) -> None:
+        await self.usable_transport()
+        if self.manager is not None:
+            await self.manager.interrupt_kernel()
+        else:
+            await self.connection.interrupt_by_message()
+
+    async def is_alive(self) -> bool:
+        if self.state is State.CLOSED or self.connection.dead is not None:
+            return False
+        if self.manager is not None:
+            return bool(await self.manager.is_alive())
+        return True  # the heartbeat monitor declares a silent kernel dead within seconds
+
+    async def close(self, shutdown: bool) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        _started_kernels.discard(self)
+        self.connection.fail_all(KernelClosedError("the kernel was shut down while this call was running"))
+        try:
+            if self.manager is not None:
+                await self.manager.shutdown_kernel(now=self.connection.dead is not None)
+            elif shutdown and self.connection.dead is None:
+                try:
+                    await asyncio.wait_for(self.connection.request("control", "shutdown_request", {"restart": False}), 5)
+                except (asyncio.TimeoutError, KernelProxyError):
+                    pass  # it is gone or going; nothing more we can do from here
+        finally:
+            await self.connection.close()
+
+    def kill_now(self) -> None:
+        """Kill our kernel process without an event loop (interpreter exit)."""
+        provisioner = self.manager.provisioner if self.manager is not None else None
+        process = getattr(provisioner, "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        if self.manager is not None:
+            self.manager.cleanup_connection_file()
+
+
+_started_kernels: "weakref.WeakSet[_KernelState]" = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_started_kernels() -> None:
+    """No kernel we started outlives this process, even if nobody called shutdown()."""
+    for state in list(_started_kernels):
+        try:
+            state.kill_now()
+        except Exception:
+            pass
+
+
+class AsyncKernel:
+    """A Jupyter kernel used as a remote Python, for asyncio code.
+
+    Get one with ``await kernelproxy.start_async()`` or ``connect_async()``.
+    Every method is a coroutine except ``submit``, ``remote`` and ``options``.
+    """
+
+    def __init__(self, state: _KernelState, options: CallOptions) -> None:
+        self._state = state
+        self._options = options
+
+    # ------------------------------------------------------------------ views and info
+
+    def options(self, *, timeout: float | None | Unset = UNSET, output: Output | Unset = UNSET) -> AsyncKernel:
+        """A view of the same kernel whose calls use other options (``timeout``, ``output``)."""
+        changes = {name: value for name, value in (("timeout", timeout), ("output", output)) if value is not UNSET}
+        return AsyncKernel(self._state, dataclasses.replace(self._options, **changes))
+
+    @property
+    def call_options(self) -> CallOptions:
+        return self._options
+
+    @property
+    def info(self) -> KernelInfo:
+        """Kernel implementation and version, Python, cloudpickle, pid, transport."""
+        if self._state.info is None:
+            raise KernelClosedError("this kernel has no info: it never became ready")
+        return self._state.info
+
+    def __repr__(self) -> str:
+        info = self._state.info
+        where = f"pid {info.pid} on {info.hostname}" if info else "not ready"
+        return f"<{type(self).__name__} {where}, {self._state.state.value}>"
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in the kernel and return its result."""
+        frames = serialization.dumps((fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs))
+        header, out = await self._request({"op": "call"}, frames, self._options.timeout, f"call of {_name(fn)}")
+        return serialization.loads(out, what=f"the result of {_name(fn)}")
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Task[T]:
+        """Start ``call(fn, *args, **kwargs)`` as a task and return it."""
+        return asyncio.ensure_future(self.call(fn, *args, **kwargs))
+
+    def remote(self, fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+        """Decorator: calling the result runs ``fn`` in the kernel (a coroutine here)."""
+
+        @functools.wraps(fn)
+        async def run_remotely(*args: Any, **kwargs: Any) -> T:
+            return await self.call(fn, *args, **kwargs)
+
+        return run_remotely
+
+    async def push(self, values: Mapping[str, Any] | None = None, /, **named: Any) -> None:
+        """Set variables in the kernel's namespace: ``push(df=frame)`` or ``push({"df": frame})``."""
+        merged = {**(values or {}), **named}
+        if not all(isinstance(name, str) and name.isidentifier() for name in merged):
+            bad = [name for name in merged if not (isinstance(name, str) and name.isidentifier())]
+            raise ValueError(f"push() needs variable names that are identifiers, got {bad!r}")
+        if not merged:
+            return
+        frames = serialization.dumps(merged, parts=merged)
+        await self._request({"op": "push"}, frames, self._options.timeout, f"push of {', '.join(merged)}")
+
+    async def pull(self, *names: str, timeout: float | None = None) -> Any:
+        """Values of variables in the kernel: one name gives its value, several a tuple."""
+        if not names:
+            raise TypeError("pull() needs at least one variable name")
+        _check_names(names)
+        header, out = await self._request({"op": "pull", "names": list(names)}, [], timeout, f"pull of {', '.join(names)}")
+        values = serialization.loads(out, what=f"the value of {', '.join(names)}")
+        return values[0] if len(names) == 1 else values
+
+    async def exec(self, code: str, *, timeout: float | None = None) -> None:
+        """Run Python statements in the kernel's user namespace (plain Python, no IPython magics)."""
+        await self._request({"op": "exec", "code": code}, [], timeout, "exec()")
+
+    async def eval(self, expression: str, *, timeout: float | None = None) -> Any:
+        """Evaluate a Python expression in the kernel's user namespace and return its value."""
+        header, out = await self._request({"op": "eval", "expr": expression}, [], timeout, "eval()")
+        return serialization.loads(out, what=f"the value of {expression!r}")
+
+    async def delete(self, *names: str, timeout: float | None = None) -> None:
+        """Delete variables from the kernel's namespace (KeyError if one is missing)."""
+        _check_names(names)
+        await self._request({"op": "delete", "names": list(names)}, [], timeout, "delete()")
+
+    async def contains(self, name: str, *, timeout: float | None = None) -> bool:
+        """Whether the kernel's namespace has a variable ``name``."""
+        _check_names((name,))
+        header, _ = await self._request({"op": "contains", "name": name}, [], timeout, "contains()")
+        return bool(header["result"])
+
+    async def _request(self, header: dict, frames: list, timeout: float | None, what: str) -> tuple[dict, list]:
+        timeout = self._options.timeout if timeout is None else timeout
+        listener = _forward_output if self._options.output == "forward" else None
+        request = self._state.request(header, frames, listener)
+        try:
+            reply, out = await (asyncio.wait_for(request, timeout) if timeout is not None else request)
+        except asyncio.TimeoutError:
+            raise CallTimeout(
+                f"{what} did not finish within {timeout} s; its remote work was interrupted and the kernel is usable"
+            ) from None
+        if reply.get("status") == "ok":
+            return reply, out
+        raise _reply_error(reply, out, what)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def interrupt(self) -> None:
+        """Interrupt what the kernel is running (the running call raises CallInterrupted)."""
+        await self._state.interrupt()
+
+    async def restart(self, *, timeout: float = 60) -> None:
+        """Restart the kernel (one kernelproxy started): its namespace is emptied, the agent reinstalled."""
+        await self._state.restart(timeout)
+
+    async def is_alive(self) -> bool:
+        """Whether the kernel is running and answering."""
+        return await self._state.is_alive()
+
+    async def shutdown(self) -> None:
+        """Stop the kernel (also one connected to) and disconnect. Idempotent."""
+        await self._state.close(shutdown=True)
+
+    async def close(self) -> None:
+        """Disconnect; a kernel kernelproxy started is shut down, a connected-to one is left running."""
+        await self._state.close(shutdown=False)
+
+    async def __aenter__(self) -> AsyncKernel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _forward_output(msg: dict) -> None:
+    if msg["msg_type"] == "stream":
+        stream = sys.stderr if msg["content"].get("name") == "stderr" else sys.stdout
+        if stream is not None:
+            stream.write(msg["content"].get("text", ""))
+            stream.flush()
+
+
+def _reply_error(reply: dict, frames: list, what: str) -> BaseException:
+    """The exception a failed reply stands for."""
+    kind = reply.get("kind")
+    ename, evalue, tb = reply.get("ename", "?"), reply.get("evalue", ""), reply.get("traceback", "")
+    if kind == "exception":
+        exc: Any = None
+        if frames:
+            try:
+                exc = serialization.loads(frames, what="the remote exception")
+            except SerializationError:
+                exc = None
+        if not isinstance(exc, Exception):  # also keeps SystemExit/KeyboardInterrupt from acting here
+            return RemoteError(ename, evalue, tb)
+        exc.__cause__ = RemoteTraceback(tb)
+        return exc
+    if kind == "interrupted":
+        return CallInterrupted(f"{what} was interrupted in the kernel\n{tb}".rstrip())
+    if kind == "deserialize":
+        return SerializationError(
+            f"the kernel could not unpickle the {what}: {evalue}. If a module is missing, install it in the "
+            "kernel's environment, or have cloudpickle send it by value: "
+            "cloudpickle.register_pickle_by_value(module)"
+        )
+    if kind == "serialize":
+        return SerializationError(f"{what}: {evalue}")
+    return ProtocolError(f"{what} failed in kernelproxy's agent: {ename}: {evalue}")
+
+
+def _check_names(names: tuple) -> None:
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise TypeError(f"variable names must be strings, got {bad!r}")
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)

@@ -1,0 +1,109 @@
+"""Host-side pickling: cloudpickle with pickle-protocol-5 out-of-band buffers.
+
+A value becomes a list of *frames*: frame 0 is the pickle stream, frames 1..n
+are the out-of-band buffers (numpy data, bytes, ...), handed over without
+copying. When pickling fails we search the value for the innermost part that
+does not pickle, so the error can say ``args[1]['conn']: cannot pickle
+'socket' object`` instead of a bare cloudpickle traceback.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Iterator, Mapping
+
+import cloudpickle
+
+from ._exceptions import SerializationError
+
+# Buffers smaller than this stay in-band (must match the agent's OUT_OF_BAND_MIN).
+OUT_OF_BAND_MIN = 64 * 1024
+
+
+
+def dumps(value: Any, *, parts: Mapping[str, Any] | None = None) -> list[memoryview]:
+    """Pickle ``value`` into frames.
+
+    ``parts`` names the pieces of ``value`` as the user wrote them (``args[0]``,
+    ``kwargs['x']``, a pushed name): on failure the error names the one that broke.
+    """
+    buffers: list[memoryview] = []
+
+    def keep_large_out_of_band(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True  # true: serialize in-band
+        buffers.append(raw)
+        return False
+
+    try:
+        main = cloudpickle.dumps(value, protocol=5, buffer_callback=keep_large_out_of_band)
+    except Exception as exc:
+        raise SerializationError(_describe_pickling_failure(parts or {"the value": value}, exc)) from exc
+    return [memoryview(main), *buffers]
+
+
+def call_parts(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Name the parts of a call the way a user reads them, for error messages."""
+    named: dict[str, Any] = {"the function": fn}
+    named.update({f"args[{i}]": arg for i, arg in enumerate(args)})
+    named.update({f"kwargs[{key!r}]": arg for key, arg in kwargs.items()})
+    return named
+
+
+def loads(frames: list, *, what: str = "the kernel's reply") -> Any:
+    """Unpickle frames produced by the agent's dumps()."""
+    try:
+        return pickle.loads(frames[0], buffers=frames[1:])
+    except Exception as exc:
+        hint = ""
+        if isinstance(exc, (ModuleNotFoundError, AttributeError)):
+            hint = (
+                " The value's class probably exists only in the kernel: import or define it on the host,"
+                " or keep the value in the kernel and fetch only what you need."
+            )
+        raise SerializationError(
+            f"could not unpickle {what} on the host: {type(exc).__name__}: {exc}.{hint}"
+        ) from exc
+
+
+def _describe_pickling_failure(parts: Mapping[str, Any], exc: Exception) -> str:
+    for name, part in parts.items():
+        try:
+            cloudpickle.dumps(part, protocol=5)
+        except Exception as part_exc:
+            path, culprit, reason = _innermost_unpicklable(part, name, part_exc)
+            kind = f"{type(culprit).__module__}.{type(culprit).__qualname__}"
+            return (
+                f"cannot send {path} to the kernel: a {kind} cannot be pickled "
+                f"({type(reason).__name__}: {reason}). Nothing was sent. "
+                "Create such objects inside the kernel instead (for instance in the function you call)."
+            )
+    return f"cannot pickle the request ({type(exc).__name__}: {exc}). Nothing was sent."
+
+
+def _innermost_unpicklable(value: Any, path: str, exc: Exception) -> tuple[str, Any, Exception]:
+    """Descend into containers and instance state to the deepest part that fails on its own."""
+    for child_path, child in _children(value, path):
+        try:
+            cloudpickle.dumps(child, protocol=5)
+        except Exception as child_exc:
+            return _innermost_unpicklable(child, child_path, child_exc)
+    return path, value, exc
+
+
+def _children(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield f"{path}[{key!r}]", item
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield f"{path}[{index}]", item
+    elif isinstance(value, (set, frozenset)):
+        for item in value:
+            yield f"{path} item {item!r}", item
+    else:
+        state = getattr(value, "__dict__", None)
+        if isinstance(state, dict):
+            for key, item in state.items():
+                yield f"{path}.{key}", item

@@ -1,0 +1,139 @@
+"""Kernel: the blocking API, a thin facade over AsyncKernel run on the IO thread.
+
+Each method hands the AsyncKernel coroutine to the portal and waits; any
+number of threads may do so at once. Nothing here talks to the kernel itself.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+from ._kernel import AsyncKernel
+from ._portal import Portal
+from ._types import UNSET, CallOptions, KernelInfo, Output, Unset
+
+T = TypeVar("T")
+
+
+class Kernel:
+    """A Jupyter kernel used as a remote Python.
+
+    Get one with ``kernelproxy.start()`` or ``kernelproxy.connect()``. Use it
+    as a context manager, or call ``close()``/``shutdown()`` when done.
+    Mapping access works on the kernel's user namespace:
+    ``k["x"] = 5``, ``k["x"]``, ``del k["x"]``, ``"x" in k``.
+    """
+
+    def __init__(self, core: AsyncKernel, portal: Portal) -> None:
+        self._core = core
+        self._portal = portal
+
+    @property
+    def aio(self) -> AsyncKernel:
+        """The AsyncKernel behind this Kernel (bound to kernelproxy's IO thread)."""
+        return self._core
+
+    def options(self, *, timeout: float | None | Unset = UNSET, output: Output | Unset = UNSET) -> Kernel:
+        """A view of the same kernel with other call options: ``k.options(timeout=2).call(f)``."""
+        return Kernel(self._core.options(timeout=timeout, output=output), self._portal)
+
+    @property
+    def call_options(self) -> CallOptions:
+        return self._core.call_options
+
+    @property
+    def info(self) -> KernelInfo:
+        """Kernel implementation and version, Python, cloudpickle, pid, transport."""
+        return self._core.info
+
+    # ------------------------------------------------------------------ calls
+
+    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in the kernel and return its result."""
+        return self._portal.run(self._core.call(fn, *args, **kwargs))
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        """Start ``call(fn, *args, **kwargs)`` and return a concurrent.futures.Future."""
+        return self._portal.submit(self._core.call(fn, *args, **kwargs))
+
+    def remote(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """Decorator: calling the decorated function runs it in the kernel."""
+
+        @functools.wraps(fn)
+        def run_remotely(*args: Any, **kwargs: Any) -> T:
+            return self.call(fn, *args, **kwargs)
+
+        return run_remotely
+
+    def push(self, values: Mapping[str, Any] | None = None, /, **named: Any) -> None:
+        """Set variables in the kernel: ``push(df=frame)`` or ``push({"df": frame})``."""
+        self._portal.run(self._core.push(values, **named))
+
+    def pull(self, *names: str, timeout: float | None = None) -> Any:
+        """Values of kernel variables: one name gives its value, several a tuple."""
+        return self._portal.run(self._core.pull(*names, timeout=timeout))
+
+    def exec(self, code: str, *, timeout: float | None = None) -> None:
+        """Run Python statements in the kernel's user namespace."""
+        self._portal.run(self._core.exec(code, timeout=timeout))
+
+    def eval(self, expression: str, *, timeout: float | None = None) -> Any:
+        """Evaluate an expression in the kernel's user namespace and return its value."""
+        return self._portal.run(self._core.eval(expression, timeout=timeout))
+
+    def delete(self, *names: str, timeout: float | None = None) -> None:
+        """Delete kernel variables (KeyError if one is missing)."""
+        self._portal.run(self._core.delete(*names, timeout=timeout))
+
+    def contains(self, name: str, *, timeout: float | None = None) -> bool:
+        """Whether the kernel has a variable ``name``."""
+        return self._portal.run(self._core.contains(name, timeout=timeout))
+
+    def __getitem__(self, name: str) -> Any:
+        return self.pull(name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.push({name: value})
+
+    def __delitem__(self, name: str) -> None:
+        self.delete(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.contains(name)
+
+    def __iter__(self) -> Iterator[str]:
+        raise TypeError("a Kernel cannot be iterated; use k.eval('dir()') to list its variables")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def interrupt(self) -> None:
+        """Interrupt what the kernel is running (that call raises CallInterrupted)."""
+        self._portal.run(self._core.interrupt())
+
+    def restart(self, *, timeout: float = 60) -> None:
+        """Restart a kernel kernelproxy started: empty namespace, agent reinstalled."""
+        self._portal.run(self._core.restart(timeout=timeout))
+
+    def is_alive(self) -> bool:
+        """Whether the kernel is running and answering."""
+        return self._portal.run(self._core.is_alive())
+
+    def shutdown(self) -> None:
+        """Stop the kernel (also one connected to) and disconnect. Idempotent."""
+        self._portal.run(self._core.shutdown())
+
+    def close(self) -> None:
+        """Disconnect; a kernel kernelproxy started is shut down, a connected-to one keeps running."""
+        self._portal.run(self._core.close())
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._core).replace("AsyncKernel", "Kernel", 1)
+

@@ -1,0 +1,1 @@
+"""Transports: how requests and replies travel between host and agent."""

@@ -1,0 +1,53 @@
+"""Small value types of the public API."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Output = Literal["forward", "discard"]
+
+
+class Unset(enum.Enum):
+    """Marks an option left as it is (None is a meaningful timeout)."""
+
+    UNSET = "unset"
+
+
+UNSET = Unset.UNSET
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """Per-call options; ``Kernel.options(...)`` returns a view of the kernel with other ones.
+
+    timeout: seconds a call may take before CallTimeout (None: no limit).
+    output: "forward" writes the kernel's stdout/stderr to this process's
+        sys.stdout/sys.stderr as it arrives; "discard" drops it.
+    """
+
+    timeout: Optional[float] = None
+    output: Output = "forward"
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds or None, not {self.timeout!r}")
+        if self.output not in ("forward", "discard"):
+            raise ValueError(f"output must be 'forward' or 'discard', not {self.output!r}")
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """What kernelproxy knows about the kernel it talks to."""
+
+    implementation: str  # e.g. "ipython" (from kernel_info_reply)
+    implementation_version: str
+    python: str  # the kernel's Python version
+    cloudpickle: str
+    pid: int
+    executable: str
+    hostname: str
+    transport: str  # "execute" (and its mode) or "comm"
+    connection_file: Optional[str]
+    agent_protocol: int

@@ -1,0 +1,369 @@
+"""kernelproxy's agent: the code that runs *inside* the kernel.
+
+This file is sent to the kernel as source and executed there as the module
+``_kernelproxy_agent_v<PROTOCOL>`` (registered in ``sys.modules``; nothing is
+added to the user's namespace). It must therefore:
+
+* import only the standard library at module level (cloudpickle is imported
+  on first use, so that a kernel without it can still say so in the handshake);
+* never import the host package ``kernelproxy``;
+* stay valid Python 3.8 syntax (a test compiles it for that version).
+
+Wire format (protocol 1)
+------------------------
+Every request is a JSON-able *header* dict plus a list of binary *frames*;
+every reply likewise. The header's ``op`` picks a handler from ``HANDLERS``;
+frame 0 of a request or reply carrying a Python value is a pickle-protocol-5
+stream whose out-of-band buffers are frames 1..n.
+
+Request ops and their headers:
+
+=========  ==========================  ======================================
+op         header fields               frames
+=========  ==========================  ======================================
+call       (none)                      pickle of (fn, args, kwargs)
+push       (none)                      pickle of {name: value}
+pull       names: [str]                (none)
+exec       code: str                   (none)
+eval       expr: str                   (none)
+delete     names: [str]                (none)
+contains   name: str                   (none)
+=========  ==========================  ======================================
+
+Reply headers:
+
+* ``{"status": "ok"}`` with frames holding the pickled value (call, pull,
+  eval), or no frames (push, exec, delete), or ``"result": bool`` (contains).
+* ``{"status": "error", "kind": K, "ename", "evalue", "traceback"}`` where K is
+  ``exception`` (user code raised; frame 0, if present, is the pickled
+  exception), ``interrupted`` (KeyboardInterrupt), ``deserialize`` (the
+  request could not be unpickled here), ``serialize`` (the result could not be
+  pickled here) or ``protocol`` (malformed request: corruption or a version
+  mismatch).
+
+The execute transport reaches this module through ``user_expressions`` and
+moves frames as base64 text (``ex``, ``alloc``, ``put``, ``get``, ``free``);
+replies come back as a display bundle under ``MIME``, never as text/plain.
+"""
+
+import base64
+import binascii
+import json
+import linecache
+import os
+import platform
+import sys
+import traceback
+
+PROTOCOL = 1
+MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
+MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
+# The execute transport puts request frames (base64) under this key of the
+# execute_request content, where kernels that expose their parent message
+# (ipykernel >= 6) let us read them without compiling them as a literal.
+CONTENT_KEY = "kernelproxy_frames"
+AGENT_FILENAME = "<kernelproxy-agent>"
+# Pickle buffers smaller than this stay in-band: a frame per tiny buffer costs more than it saves.
+OUT_OF_BAND_MIN = 64 * 1024
+
+_exec_counter = [0]
+_uploads = {}  # transfer id -> list of bytearray frames being filled by put()
+_outbox = {}  # transfer id -> list of memoryview frames waiting for get()
+
+
+def _cloudpickle():
+    import cloudpickle  # imported lazily: hello() must work without it
+
+    return cloudpickle
+
+
+# --------------------------------------------------------------------- pickling
+
+
+def dumps(value):
+    """Pickle ``value``; return [main, *out_of_band_buffers] as memoryviews."""
+    buffers = []
+
+    def keep_large_out_of_band(buf):
+        raw = buf.raw()
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True  # true: serialize in-band
+        buffers.append(raw)
+        return False
+
+    main = _cloudpickle().dumps(value, protocol=5, buffer_callback=keep_large_out_of_band)
+    return [memoryview(main)] + buffers
+
+
+def loads(frames):
+    import pickle
+
+    _cloudpickle()  # make sure cloudpickle's reducers are importable
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+# --------------------------------------------------------------------- replies
+
+
+def _ok(**fields):
+    header = {"status": "ok"}
+    header.update(fields)
+    return header, []
+
+
+def _error(kind, ename, evalue, tb_text="", frames=None):
+    header = {"status": "error", "kind": kind, "ename": ename, "evalue": evalue, "traceback": tb_text}
+    return header, frames or []
+
+
+def _user_traceback(exc):
+    """Format ``exc`` without the agent's own frames: the user sees their code only."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == AGENT_FILENAME:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _exception_reply(exc, kind="exception"):
+    tb_text = _user_traceback(exc)
+    frames = []
+    if kind == "exception":
+        try:
+            frames = dumps(exc)
+        except BaseException:  # the host falls back to RemoteError
+            frames = []
+    return _error(kind, type(exc).__name__, str(exc), tb_text, frames)
+
+
+def _value_reply(value):
+    try:
+        frames = dumps(value)
+    except BaseException as exc:
+        return _error(
+            "serialize",
+            type(exc).__name__,
+            "the result (a %s) could not be pickled in the kernel: %s" % (_type_name(value), exc),
+            _user_traceback(exc),
+        )
+    header, _ = _ok()
+    return header, frames
+
+
+def _type_name(value):
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else "%s.%s" % (cls.__module__, cls.__qualname__)
+
+
+# --------------------------------------------------------------------- handlers
+
+
+class _RequestUnpicklingError(Exception):
+    pass
+
+
+def _load_request(frames):
+    try:
+        return loads(frames)
+    except BaseException as exc:
+        raise _RequestUnpicklingError("%s: %s" % (type(exc).__name__, exc)) from exc
+
+
+def _compile(source, mode):
+    """Compile with a unique file name registered in linecache, so tracebacks show the source."""
+    _exec_counter[0] += 1
+    filename = "<kernelproxy-%s-%d>" % (mode, _exec_counter[0])
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    stale = "<kernelproxy-%s-%d>" % (mode, _exec_counter[0] - 100)
+    linecache.cache.pop(stale, None)  # keep a bounded history of sources
+    return compile(source, filename, mode)
+
+
+def _op_call(header, frames, ns):
+    fn, args, kwargs = _load_request(frames)
+    return _value_reply(fn(*args, **kwargs))
+
+
+def _op_push(header, frames, ns):
+    ns.update(_load_request(frames))
+    return _ok()
+
+
+def _op_pull(header, frames, ns):
+    names = header["names"]
+    missing = [name for name in names if name not in ns]
+    if missing:
+        raise KeyError("not defined in the kernel: %s" % ", ".join(missing))
+    return _value_reply(tuple(ns[name] for name in names))
+
+
+def _op_exec(header, frames, ns):
+    exec(_compile(header["code"], "exec"), ns)
+    return _ok()
+
+
+def _op_eval(header, frames, ns):
+    return _value_reply(eval(_compile(header["expr"], "eval"), ns))
+
+
+def _op_delete(header, frames, ns):
+    names = header["names"]
+    missing = [name for name in names if name not in ns]
+    if missing:
+        raise KeyError("not defined in the kernel: %s" % ", ".join(missing))
+    for name in names:
+        del ns[name]
+    return _ok()
+
+
+def _op_contains(header, frames, ns):
+    return _ok(result=header["name"] in ns)
+
+
+HANDLERS = {
+    "call": _op_call,
+    "push": _op_push,
+    "pull": _op_pull,
+    "exec": _op_exec,
+    "eval": _op_eval,
+    "delete": _op_delete,
+    "contains": _op_contains,
+}
+
+
+def dispatch(header, frames, ns):
+    """Run one request; always return a reply, never raise (the kernel must survive any input)."""
+    try:
+        handler = HANDLERS.get(header.get("op")) if isinstance(header, dict) else None
+        if handler is None:
+            return _error(
+                "protocol",
+                "ProtocolError",
+                "unknown request %r (protocol corruption or version mismatch? agent protocol %d)"
+                % (header if not isinstance(header, dict) else header.get("op"), PROTOCOL),
+            )
+        return handler(header, frames, ns)
+    except _RequestUnpicklingError as exc:
+        return _error("deserialize", "SerializationError", str(exc), _user_traceback(exc))
+    except KeyboardInterrupt as exc:
+        return _exception_reply(exc, kind="interrupted")
+    except BaseException as exc:  # SystemExit too: user code must not end the kernel through us
+        return _exception_reply(exc)
+
+
+# --------------------------------------------------------------------- handshake
+
+
+def hello(probe=None):
+    """Describe this kernel for the host's version checks (JSON only: works without cloudpickle)."""
+    try:
+        cloudpickle_version = _cloudpickle().__version__
+        cloudpickle_error = None
+    except BaseException as exc:
+        cloudpickle_version = None
+        cloudpickle_error = "%s: %s" % (type(exc).__name__, exc)
+    return Bundle(
+        {
+            "status": "ok",
+            "protocol": PROTOCOL,
+            "python": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "executable": sys.executable,
+            "pid": os.getpid(),
+            "hostname": platform.node(),
+            "cloudpickle": cloudpickle_version,
+            "cloudpickle_error": cloudpickle_error,
+            # The host sent `probe` inside the request content too; if we can read it back
+            # from the parent message, frames may travel there instead of as literals.
+            "parent_access": probe is not None and _content_field() == probe,
+        }
+    )
+
+
+# --------------------------------------------------------------------- execute transport
+
+
+class Bundle(object):
+    """A reply as a display bundle: IPython formats user_expressions results through it."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload):
+        self.payload = payload
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return {MIME: self.payload}
+
+    def __repr__(self):
+        return "<kernelproxy reply>"
+
+
+def _content_field():
+    """Read CONTENT_KEY from the execute_request being handled (ipykernel >= 6)."""
+    try:
+        kernel = sys.modules["IPython"].get_ipython().kernel
+        return kernel.get_parent("shell")["content"].get(CONTENT_KEY)
+    except Exception:  # not an ipykernel: the host then sends frames as literals
+        return None
+
+
+def _decode(text):
+    return bytearray(binascii.a2b_base64(text))  # bytearray: values built on it stay writable
+
+
+def _encode(buf):
+    return base64.b64encode(buf).decode("ascii")
+
+
+def ex(ns, header_json, frames=None, inline_limit=0, tid=None):
+    """Execute-transport entry point: run one request, return a Bundle.
+
+    ``frames`` is a list of base64 strings, the id of a finished upload (str),
+    or None to read the base64 list from the request content.
+    Replies larger than ``inline_limit`` bytes are parked in the outbox under
+    ``tid`` for the host to fetch with get().
+    """
+    try:
+        if frames is None:
+            frames = _content_field()
+            if frames is None:
+                raise ValueError("request frames missing from the execute_request content")
+        if isinstance(frames, str):
+            frames = _uploads.pop(frames)
+        else:
+            frames = [_decode(text) for text in frames]
+        header = json.loads(header_json)
+    except BaseException as exc:
+        return Bundle(_error("protocol", type(exc).__name__, "malformed request: %s" % exc)[0])
+    reply, out = dispatch(header, frames, ns)
+    sizes = [memoryview(frame).nbytes for frame in out]
+    if sum(sizes) > inline_limit and tid is not None:
+        _outbox[tid] = [memoryview(frame).cast("B") for frame in out]
+        reply["tid"] = tid
+        reply["sizes"] = sizes
+    else:
+        reply["frames"] = [_encode(frame) for frame in out]
+    return Bundle(reply)
+
+
+def alloc(tid, sizes):
+    """Start an upload of frames of the given sizes."""
+    _uploads[tid] = [bytearray(size) for size in sizes]
+
+
+def put(tid, index, offset, text=None):
+    """Write one base64 chunk (argument, or request content when None) into an upload."""
+    if text is None:
+        text = _content_field()
+    data = binascii.a2b_base64(text)
+    _uploads[tid][index][offset : offset + len(data)] = data
+
+
+def get(tid, index, offset, size):
+    """Fetch one chunk of a parked reply as base64."""
+    return Bundle({"data": _encode(_outbox[tid][index][offset : offset + size])})
+
+
+def free(tid):
+    """Forget a transfer (finished, abandoned or failed)."""
+    _uploads.pop(tid, None)
+    _outbox.pop(tid, None)
