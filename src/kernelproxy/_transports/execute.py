@@ -21,11 +21,11 @@ flight, so neither side ever holds more than the payload plus a few chunks.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import uuid
 from typing import Any, Awaitable, Callable
+
+import pybase64
 
 from .._connection import KernelConnection
 from .._exceptions import ProtocolError
@@ -119,7 +119,7 @@ class ExecuteTransport(Transport):
         def chunk_fetcher(index: int, offset: int, size: int) -> Callable[[], Awaitable[None]]:
             async def fetch() -> None:
                 reply = await self.expression(f"{AGENT}.get({tid!r}, {index}, {offset}, {size})")
-                data = binascii.a2b_base64(reply["data"])
+                data = pybase64.b64decode(reply["data"], validate=True)
                 frames[index][offset : offset + len(data)] = data
 
             return fetch
@@ -175,11 +175,11 @@ def _chunks(view: memoryview, size: int) -> list[tuple[int, memoryview]]:
 
 
 def _b64(frame: Any) -> str:
-    return base64.b64encode(frame).decode("ascii")
+    return pybase64.b64encode(frame).decode("ascii")
 
 
 def _unb64(text: str) -> bytearray:
-    return bytearray(binascii.a2b_base64(text))  # bytearray: values built on it stay writable
+    return bytearray(pybase64.b64decode(text, validate=True))  # bytearray: values built on it stay writable
 
 
 def _ignore_result(task: asyncio.Future) -> None:

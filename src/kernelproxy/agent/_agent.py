@@ -46,7 +46,6 @@ moves frames as base64 text (``ex``, ``alloc``, ``put``, ``get``, ``free``);
 replies come back as a display bundle under ``MIME``, never as text/plain.
 """
 
-import base64
 import binascii
 import json
 import linecache
@@ -65,6 +64,20 @@ CONTENT_KEY = "kernelproxy_frames"
 AGENT_FILENAME = "<kernelproxy-agent>"
 # Pickle buffers smaller than this stay in-band: a frame per tiny buffer costs more than it saves.
 OUT_OF_BAND_MIN = 64 * 1024
+
+try:  # SIMD base64, 4-5x faster than binascii; optional, the agent needs only the stdlib
+    from pybase64 import b64decode as _pybase64_decode
+    from pybase64 import b64encode as _b64encode
+
+    def _b64decode(text):
+        return _pybase64_decode(text, validate=True)  # validate=True takes the SIMD path
+
+except ImportError:
+    _b64decode = binascii.a2b_base64
+
+    def _b64encode(data):
+        return binascii.b2a_base64(data, newline=False)
+
 
 _exec_counter = [0]
 _uploads = {}  # transfer id -> list of bytearray frames being filled by put()
@@ -307,11 +320,11 @@ def _content_field():
 
 
 def _decode(text):
-    return bytearray(binascii.a2b_base64(text))  # bytearray: values built on it stay writable
+    return bytearray(_b64decode(text))  # bytearray: values built on it stay writable
 
 
 def _encode(buf):
-    return base64.b64encode(buf).decode("ascii")
+    return _b64encode(buf).decode("ascii")
 
 
 def ex(ns, header_json, frames=None, inline_limit=0, tid=None):
@@ -354,7 +367,7 @@ def put(tid, index, offset, text=None):
     """Write one base64 chunk (argument, or request content when None) into an upload."""
     if text is None:
         text = _content_field()
-    data = binascii.a2b_base64(text)
+    data = _b64decode(text)
     _uploads[tid][index][offset : offset + len(data)] = data
 
 

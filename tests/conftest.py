@@ -1,0 +1,161 @@
+"""Shared fixtures: real ipykernel kernels, external kernels, and a leak check.
+
+Kernel fixtures are parametrized over TRANSPORTS; adding a transport (e.g.
+"comm") to that list runs every kernel-using test over it too.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List
+
+import psutil
+import pytest
+
+import kernelproxy
+from helpers import (
+    ExternalKernel,
+    cmdline,
+    kernel_children,
+    pid_running,
+    start_external_kernel,
+    stop_external_kernel,
+    wait_pid_gone,
+)
+
+# Every kernel fixture runs once per transport listed here.
+TRANSPORTS = ["execute"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Third-party warnings that filterwarnings=error would otherwise turn into failures go here,
+    # each as narrow as possible (message + category + module).
+    config.addinivalue_line(
+        "filterwarnings",
+        # jupyter_core warns once per process that it will move its paths to platformdirs.
+        "ignore:Jupyter is migrating its paths to use standard platformdirs:DeprecationWarning",
+    )
+
+
+@dataclass
+class StartedKernels:
+    """Pids of every kernel started with kernelproxy.start()/start_async() during the session."""
+
+    pids: List[int]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_kernel_left_behind() -> Iterator[StartedKernels]:
+    """At the end of the session no ipykernel child of ours may still run.
+
+    Also records every kernel started through kernelproxy.start()/start_async()
+    (by wrapping those functions, without changing what they do) and checks
+    each of those processes is gone too, even if it were not our child.
+    """
+    started = StartedKernels(pids=[])
+    original_start, original_start_async = kernelproxy.start, kernelproxy.start_async
+
+    @functools.wraps(original_start)
+    def start(*args, **kwargs):
+        k = original_start(*args, **kwargs)
+        started.pids.append(k.info.pid)
+        return k
+
+    @functools.wraps(original_start_async)
+    async def start_async(*args, **kwargs):
+        k = await original_start_async(*args, **kwargs)
+        started.pids.append(k.info.pid)
+        return k
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(kernelproxy, "start", start)
+    patch.setattr(kernelproxy, "start_async", start_async)
+    try:
+        yield started
+    finally:
+        patch.undo()
+
+    # Shutdowns are synchronous, but allow a moment for processes that were just told to exit.
+    deadline = time.monotonic() + 10
+    while kernel_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leftovers = kernel_children()
+    still_running = [pid for pid in started.pids if pid_running(pid)]
+    details = [f"{proc.pid}: {' '.join(cmdline(proc))}" for proc in leftovers]
+    for proc in leftovers:  # do not leak them past the session even though we fail
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    for pid in still_running:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    sys.stderr.write(f"\nkernelproxy.start()/start_async() started {len(started.pids)} kernels this session\n")
+    if leftovers or still_running:
+        pytest.fail(
+            "kernels left running at the end of the session: "
+            f"ipykernel children {details}; kernelproxy-started pids still running {still_running}",
+            pytrace=False,
+        )
+
+
+# ---------------------------------------------------------------------- kernels
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """The transport under test; parametrizes every kernel fixture."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def kernel(transport: str) -> Iterator[kernelproxy.Kernel]:
+    """A kernel shared by the tests of one module: do not break it (use fresh_kernel for that)."""
+    k = kernelproxy.start(transport=transport)
+    try:
+        yield k
+    finally:
+        _shutdown(k)
+
+
+@pytest.fixture
+def fresh_kernel(transport: str) -> Iterator[kernelproxy.Kernel]:
+    """A kernel of one's own, for tests that kill, restart or shut it down."""
+    k = kernelproxy.start(transport=transport)
+    try:
+        yield k
+    finally:
+        _shutdown(k)
+
+
+def _shutdown(k: kernelproxy.Kernel) -> None:
+    pid = k.info.pid
+    try:
+        k.shutdown()
+    finally:
+        if not wait_pid_gone(pid, 10):  # never leak a kernel, even if shutdown() is broken
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+# ---------------------------------------------------------------------- kernels started outside kernelproxy
+
+
+@pytest.fixture
+def external_kernel(tmp_path: Path) -> Iterator[ExternalKernel]:
+    """A running ipykernel that kernelproxy did not start; killed at teardown whatever happened."""
+    kernel = start_external_kernel(tmp_path)
+    try:
+        yield kernel
+    finally:
+        stop_external_kernel(kernel)
+
+

@@ -1,0 +1,113 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import psutil
+from jupyter_client.connect import write_connection_file
+
+KERNEL_MARKER = "ipykernel_launcher"
+
+
+# ---------------------------------------------------------------------- process bookkeeping
+
+
+def cmdline(proc: psutil.Process) -> List[str]:
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
+
+
+def kernel_children() -> List[psutil.Process]:
+    """Running (non-zombie) ipykernel processes descended from this pytest process."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        if any(KERNEL_MARKER in part for part in cmdline(proc)):
+            found.append(proc)
+    return found
+
+
+def kill_new_kernels(known_pids) -> List[int]:
+    """Kill ipykernel children not in ``known_pids`` (cleanup after a test that expects none); return their pids."""
+    killed = []
+    for proc in kernel_children():
+        if proc.pid not in known_pids:
+            try:
+                proc.kill()
+                proc.wait(10)
+                killed.append(proc.pid)
+            except psutil.NoSuchProcess:
+                pass
+    return killed
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_pid_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_running(pid):
+            return True
+        time.sleep(0.05)
+    return not pid_running(pid)
+
+
+
+@dataclass
+class ExternalKernel:
+    """An ipykernel started with `python -m ipykernel_launcher -f FILE`, not by kernelproxy."""
+
+    connection_file: Path
+    process: subprocess.Popen
+
+    @property
+    def fragment(self) -> str:
+        """A part of the file name that find_connection_file resolves."""
+        return self.connection_file.stem.replace("kernel-", "")
+
+
+def start_external_kernel(directory: Path) -> ExternalKernel:
+    path = directory / f"kernel-{uuid.uuid4().hex}.json"
+    write_connection_file(str(path), ip="127.0.0.1", key=uuid.uuid4().hex.encode("ascii"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", KERNEL_MARKER, "-f", str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=str(directory),
+    )
+    return ExternalKernel(path, process)
+
+
+def stop_external_kernel(kernel: ExternalKernel) -> None:
+    if kernel.process.poll() is None:
+        kernel.process.kill()
+    kernel.process.wait(10)
+
+
+
+def wait_for_file(path: os.PathLike, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
