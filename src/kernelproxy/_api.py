@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any, Dict, Optional
 
 import zmq.asyncio
@@ -76,19 +78,28 @@ async def start_async(
     call_options = CallOptions(timeout=timeout, output=output)
     spec_manager = _ThisPythonFirst()
     spec_manager.python = python
+    private_dir = None
+    if os.name == "posix" and "ip" not in options:
+        # IPC sockets in a directory only we can enter: no other user (or host) can reach the kernel.
+        private_dir = tempfile.mkdtemp(prefix="kernelproxy-")
+        options.update(transport="ipc", ip=os.path.join(private_dir, "kernel"))
     manager = AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=spec_manager, **options)
     kernel_env = {**os.environ, **(env or {})}
     try:
         await manager.start_kernel(cwd=os.fspath(cwd) if cwd is not None else None, env=kernel_env)
-    except NoSuchKernel as exc:
-        raise KernelStartError(
-            f"no kernelspec named {kernel_name!r} (see `jupyter kernelspec list`); "
-            "or pass python='/path/to/python' to start that interpreter's ipykernel"
-        ) from exc
-    except Exception as exc:
-        raise KernelStartError(f"could not start kernel {kernel_name!r}: {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
+        if isinstance(exc, NoSuchKernel):
+            raise KernelStartError(
+                f"no kernelspec named {kernel_name!r} (see `jupyter kernelspec list`); "
+                "or pass python='/path/to/python' to start that interpreter's ipykernel"
+            ) from exc
+        if isinstance(exc, Exception):
+            raise KernelStartError(f"could not start kernel {kernel_name!r}: {type(exc).__name__}: {exc}") from exc
+        raise
     client = manager.client(context=_zmq_context())
-    state = _KernelState(client, manager, manager.connection_file, transport)
+    state = _KernelState(client, manager, manager.connection_file, transport, private_dir=private_dir)
     try:
         await state.open(startup_timeout)
     except BaseException as exc:

@@ -12,6 +12,7 @@ import atexit
 import dataclasses
 import enum
 import functools
+import shutil
 import sys
 import weakref
 from typing import Any, Awaitable, Callable, Generic, Mapping, TypeVar
@@ -67,6 +68,8 @@ class _KernelState:
         manager: AsyncKernelManager | None,
         connection_file: str | None,
         transport: str,
+        *,
+        private_dir: str | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, not {transport!r}")
@@ -74,6 +77,7 @@ class _KernelState:
         self.manager = manager
         self.connection_file = connection_file
         self.requested_transport = transport
+        self.private_dir = private_dir  # holds the IPC sockets of a kernel we started; removed at close
         self.state = State.READY
         self.restarted = asyncio.Event()
         self.connection: KernelConnection = self._new_connection()
@@ -200,6 +204,11 @@ class _KernelState:
                     pass  # it is gone or going; nothing more we can do from here
         finally:
             await self.connection.close()
+            self._remove_private_dir()
+
+    def _remove_private_dir(self) -> None:
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
 
     def kill_now(self) -> None:
         """Kill our kernel process without an event loop (interpreter exit)."""
@@ -210,6 +219,7 @@ class _KernelState:
             process.wait()
         if self.manager is not None:
             self.manager.cleanup_connection_file()
+        self._remove_private_dir()
 
 
 _started_kernels: "weakref.WeakSet[_KernelState]" = weakref.WeakSet()

@@ -1,0 +1,861 @@
+#!/usr/bin/env python
+"""Benchmark kernelproxy: call latency and numpy transfers, against the alternatives.
+
+    python benchmarks/transfer.py                  # default: 256 MB (+ 64 MB for the seed comparison)
+    python benchmarks/transfer.py --sizes 64,256 --repeat 5
+    python benchmarks/transfer.py --quick          # ~30 s smoke run
+
+Everything compared is measured in the same run, on kernels started the same
+way (this interpreter's ipykernel, each with its own temporary IPYTHONDIR):
+
+1. latency of a trivial ``k.call(add, 1, 2)`` against raw jupyter_client round
+   trips (kernel_info_request, silent execute_request);
+2. push and pull of a float64 array: time, MB/s, and peak extra memory in the
+   kernel and on the host;
+3. the same with the "seed" approach (pickle + base64 pasted into cell code;
+   pulled back through user_expressions' text/plain repr), at <= 64 MB;
+4. ``arr.copy()`` in this process, as the physical limit.
+
+See benchmarks/README.md for what each column means and how memory is measured.
+This file is not a test (pytest does not collect it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import ctypes
+import gc
+import importlib.metadata
+import os
+import pickle
+import platform
+import queue
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from jupyter_client.manager import start_new_kernel
+
+import kernelproxy
+
+MB = 1024 * 1024  # sizes and throughputs are in MiB (2**20 bytes), printed as "MB"
+OP_TIMEOUT = 900.0  # seconds; the seed approach at 64 MB takes about a minute
+DEFAULT_SIZES = [256.0]
+DEFAULT_SEED_SIZE = 64.0
+SEED_SIZE_CAP = 64.0
+WARMUP_SIZE = 2.0  # MB; above kernelproxy's 1 MB inline limit, so the chunked path is warmed up too
+
+# Run in both processes before every memory baseline: collect garbage, and hand
+# freed heap back to the OS, so that VmRSS counts live memory, not glibc's cache.
+TRIM_SOURCE = """\
+import gc as _kpb_gc, ctypes as _kpb_ctypes
+_kpb_gc.collect()
+try:
+    _kpb_ctypes.CDLL("libc.so.6").malloc_trim(0)
+except Exception:
+    pass
+del _kpb_gc, _kpb_ctypes
+"""
+
+SEED_PULL_EXPRESSION = "__import__('base64').b64encode(__import__('pickle').dumps(arr)).decode()"
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def trim_memory() -> bool:
+    """gc.collect() and malloc_trim(0) in this process; True if malloc_trim was available."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except Exception:
+        return False
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+T0 = time.perf_counter()
+
+
+# ----------------------------------------------------------------------------- statistics and tables
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def p90(values: Sequence[float]) -> float:
+    """90th percentile, linear interpolation between closest ranks (numpy's default)."""
+    return float(np.percentile(np.asarray(values, dtype=float), 90))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Optional[Sequence[bool]] = None) -> str:
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    if right is None:
+        right = [i > 0 for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip()
+
+    out = [line(list(headers)), line(["-" * w for w in widths])]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def section(title: str) -> None:
+    print()
+    print(title)
+    print("=" * len(title))
+
+
+def fmt_size(mb: float) -> str:
+    return f"{mb:g} MB"
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def rss(pid: int) -> int:
+    try:
+        return _status_kb(pid, "VmRSS")
+    except (OSError, KeyError):
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
+
+
+class PeakProbe:
+    """Peak resident memory of one process during a block.
+
+    Preferred: write "5" to /proc/<pid>/clear_refs (resets the kernel's VmHWM
+    counter to the current RSS), then read VmHWM afterwards. Exact: the kernel
+    itself tracks the high-water mark, nothing is sampled.
+    Fallback: a thread samples the RSS with psutil every 5 ms (can miss short
+    peaks, and sampling the host from the host needs the GIL).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.method = self._pick_method()
+        self.before = 0
+        self._peak = 0
+        self._stop: Optional[threading.Event] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def _pick_method(self) -> str:
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as refs:
+                refs.write("5")
+            _status_kb(self.pid, "VmHWM")
+            return "clear_refs"
+        except (OSError, KeyError):
+            pass
+        try:
+            import psutil  # noqa: F401
+
+            return "psutil"
+        except ImportError:
+            return "none"
+
+    @property
+    def description(self) -> str:
+        return {
+            "clear_refs": "exact: clear_refs=5 resets VmHWM before, VmHWM read after",
+            "psutil": "approximate: psutil RSS sampled every 5 ms in a thread",
+            "none": "unavailable (no clear_refs, no psutil): memory columns are n/a",
+        }[self.method]
+
+    def begin(self) -> None:
+        if self.method == "clear_refs":
+            with open(f"/proc/{self.pid}/clear_refs", "w") as refs:
+                refs.write("5")
+            self.before = _status_kb(self.pid, "VmRSS")
+        elif self.method == "psutil":
+            import psutil
+
+            process = psutil.Process(self.pid)
+            self.before = self._peak = int(process.memory_info().rss)
+            self._stop = threading.Event()
+
+            def sample() -> None:
+                assert self._stop is not None
+                while not self._stop.wait(0.005):
+                    self._peak = max(self._peak, int(process.memory_info().rss))
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+
+    def end(self) -> Optional[int]:
+        """Peak RSS minus RSS before, in bytes (None when unavailable)."""
+        if self.method == "clear_refs":
+            return _status_kb(self.pid, "VmHWM") - self.before
+        if self.method == "psutil":
+            assert self._stop is not None and self._thread is not None
+            self._stop.set()
+            self._thread.join()
+            return self._peak - self.before
+        return None
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+class RawKernel:
+    """A kernel driven directly with jupyter_client's BlockingKernelClient."""
+
+    def __init__(self, ipython_dir: str) -> None:
+        env = {**os.environ, "IPYTHONDIR": ipython_dir}
+        self.km, self.kc = start_new_kernel(startup_timeout=60, kernel_name="python3", env=env)
+        self.pid = int(self.expr("__import__('os').getpid()"))
+        self.executable = self.expr("__import__('sys').executable")
+
+    def expr(self, expression: str) -> Any:
+        """Evaluate an expression silently and return its literal_eval'd text/plain repr."""
+        reply = self.kc.execute(
+            "", silent=True, store_history=False, user_expressions={"x": expression}, reply=True, timeout=OP_TIMEOUT
+        )
+        result = reply["content"]["user_expressions"]["x"]
+        if result.get("status") != "ok":
+            raise RuntimeError(f"{expression!r} failed in the raw kernel: {result.get('ename')}: {result.get('evalue')}")
+        return ast.literal_eval(result["data"]["text/plain"])
+
+    def run_silent(self, code: str) -> None:
+        reply = self.kc.execute(code, silent=True, store_history=False, reply=True, timeout=OP_TIMEOUT)
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"silent code failed in the raw kernel: {reply['content'].get('evalue')}")
+
+    def drain_iopub(self) -> None:
+        """Read every IOPub message already received (channel.get_msgs() would block forever)."""
+        while True:
+            try:
+                self.kc.iopub_channel.get_msg(timeout=0)
+            except queue.Empty:
+                return
+
+    def wait_shell_reply(self, msg_id: str) -> dict:
+        while True:
+            reply = self.kc.get_shell_msg(timeout=OP_TIMEOUT)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply
+
+    def wait_idle(self, msg_id: str) -> None:
+        while True:
+            msg = self.kc.get_iopub_msg(timeout=OP_TIMEOUT)
+            if (
+                msg["msg_type"] == "status"
+                and msg["parent_header"].get("msg_id") == msg_id
+                and msg["content"].get("execution_state") == "idle"
+            ):
+                return
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+# ----------------------------------------------------------------------------- 1. latency
+
+
+def measure_latency(
+    proxies: List[Tuple[str, "kernelproxy.Kernel"]], raw: RawKernel, calls: int, rounds: int = 10
+) -> Dict[str, List[float]]:
+    kc = raw.kc
+
+    def raw_kernel_info() -> None:
+        raw.wait_shell_reply(kc.kernel_info())
+
+    def raw_execute() -> None:
+        reply = raw.wait_shell_reply(kc.execute("1+2", silent=True, store_history=False))
+        assert reply["content"]["status"] == "ok", reply["content"]
+
+    def raw_execute_idle() -> None:
+        msg_id = kc.execute("1+2", silent=True, store_history=False)
+        reply = raw.wait_shell_reply(msg_id)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        raw.wait_idle(msg_id)
+
+    variants: Dict[str, Callable[[], Any]] = {}
+    for label, k in proxies:
+        quiet = k.options(output="discard")
+        variants[f"{label}: k.call(add, 1, 2)"] = lambda k=k: k.call(add, 1, 2)
+        variants[f"{label}: same, output='discard'"] = lambda quiet=quiet: quiet.call(add, 1, 2)
+    variants["raw: kernel_info_request"] = raw_kernel_info
+    variants["raw: execute '1+2' silent"] = raw_execute
+    variants["raw: same + wait IOPub idle"] = raw_execute_idle
+
+    for label, k in proxies:
+        assert k.call(add, 1, 2) == 3, "k.call(add, 1, 2) != 3"
+        assert k.options(output="discard").call(add, 1, 2) == 3
+
+    times: Dict[str, List[float]] = {name: [] for name in variants}
+    for fn in variants.values():  # warm-up
+        for _ in range(20):
+            fn()
+        raw.drain_iopub()
+    per_round = max(1, calls // rounds)
+    names = list(variants)
+    for round_index in range(rounds):
+        # interleaved, rotating order: drift (thermal, other load) hits every variant alike
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = variants[name]
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            raw.drain_iopub()
+    return times
+
+
+def print_latency(times: Dict[str, List[float]], proxy_labels: List[str]) -> None:
+    rows = []
+    for name, values in times.items():
+        ms = [v * 1000 for v in values]
+        rows.append([name, len(ms), f"{median(ms):.3f}", f"{p90(ms):.3f}", f"{min(ms):.3f}"])
+    print(table(["operation", "n", "median ms", "p90 ms", "min ms"], rows, right=[False, True, True, True, True]))
+    raw_names = [name for name in times if name.startswith("raw: ")]
+    proxy_names = [name for name in times if not name.startswith("raw: ")]
+    print()
+    print("Ratio of medians, kernelproxy / raw (how many raw round trips one call costs):")
+    rows = []
+    for name in proxy_names:
+        rows.append([name] + [f"{median(times[name]) / median(times[raw]):.2f}x" for raw in raw_names])
+    print(table(["kernelproxy \\ raw"] + [raw[5:] for raw in raw_names], rows))
+
+
+# ----------------------------------------------------------------------------- 2-4. transfers
+
+
+class Result:
+    """One method x operation x size: times and memory over repeats."""
+
+    def __init__(self, size_mb: float, op: str, method: str) -> None:
+        self.size_mb = size_mb
+        self.op = op
+        self.method = method
+        self.times: List[float] = []
+        # multiples of the payload, one value per repeat (None when unavailable)
+        self.mem: Dict[str, List[Optional[float]]] = {
+            key: [] for key in ("k_peak", "k_extra", "k_left", "h_peak", "h_extra", "h_left")
+        }
+
+    def add_time(self, seconds: float) -> None:
+        self.times.append(seconds)
+
+    @property
+    def mbps(self) -> float:
+        return self.size_mb / median(self.times)
+
+
+class Side:
+    """Memory bookkeeping for one process (kernel or host) around one transfer."""
+
+    def __init__(self, probe: Optional[PeakProbe], payload: int, keeps_payload: bool) -> None:
+        self.probe = probe
+        self.payload = payload
+        self.keeps = payload if keeps_payload else 0
+        self.peak: Optional[int] = None
+
+    def begin(self) -> None:
+        if self.probe:
+            self.probe.begin()
+
+    def end(self) -> None:
+        self.peak = self.probe.end() if self.probe else None
+
+    def record(self, result: Result, prefix: str) -> None:
+        if self.probe is None or self.peak is None:
+            for key in ("peak", "extra", "left"):
+                result.mem[f"{prefix}_{key}"].append(None)
+            return
+        left = rss(self.probe.pid) - self.probe.before - self.keeps
+        result.mem[f"{prefix}_peak"].append(self.peak / self.payload)
+        result.mem[f"{prefix}_extra"].append((self.peak - self.keeps) / self.payload)
+        result.mem[f"{prefix}_left"].append(left / self.payload)
+
+
+def measured(
+    result: Result,
+    fn: Callable[[], Any],
+    kernel_probe: Optional[PeakProbe],
+    host_probe: Optional[PeakProbe],
+    kernel_keeps: bool,
+    host_keeps: bool,
+    prepare: Callable[[], None],
+    settle: Callable[[], None],
+) -> Any:
+    """Time fn() with both processes' memory measured around it.
+
+    prepare(): gc + malloc_trim in both processes (before the baseline);
+    settle(): the same after the transfer (a round trip, so queued clean-up ran) before reading 'left'.
+    """
+    payload = int(result.size_mb * MB)
+    kernel = Side(kernel_probe, payload, kernel_keeps)
+    host = Side(host_probe, payload, host_keeps)
+    prepare()
+    kernel.begin()
+    host.begin()
+    start = time.perf_counter()
+    value = fn()
+    elapsed = time.perf_counter() - start
+    host.end()
+    kernel.end()
+    result.add_time(elapsed)
+    settle()
+    kernel.record(result, "k")
+    host.record(result, "h")
+    return value
+
+
+def check_equal(pulled: Any, original: np.ndarray, what: str) -> None:
+    ok = (
+        isinstance(pulled, np.ndarray)
+        and pulled.dtype == original.dtype
+        and pulled.shape == original.shape
+        and np.array_equal(pulled, original)
+    )
+    CHECKS.append((what, ok))
+    if not ok:
+        print(f"!! CORRECTNESS FAILURE: {what}: pulled value differs from the pushed array", file=sys.stderr)
+
+
+CHECKS: List[Tuple[str, bool]] = []
+
+
+def make_array(size_mb: float) -> np.ndarray:
+    return np.random.default_rng(int(size_mb * 1000)).random(int(size_mb * MB) // 8)
+
+
+def bench_memcpy(arrays: Dict[float, np.ndarray], repeat: int) -> Dict[float, Result]:
+    results = {}
+    for size_mb, arr in arrays.items():
+        result = Result(size_mb, "copy", "arr.copy() in-process")
+        for _ in range(max(repeat, 5)):
+            trim_memory()
+            start = time.perf_counter()
+            copy = arr.copy()
+            result.add_time(time.perf_counter() - start)
+            del copy
+        results[size_mb] = result
+    return results
+
+
+def bench_kernelproxy(
+    label: str, k: "kernelproxy.Kernel", arrays: Dict[float, np.ndarray], repeat: int, host_probe: PeakProbe
+) -> Tuple[List[Result], PeakProbe]:
+    kernel_probe = PeakProbe(k.info.pid)
+
+    def both_trimmed() -> None:
+        k.call(trim_memory)
+        trim_memory()
+
+    # warm-up: imports numpy in the kernel, first chunked transfer, etc.
+    warm = make_array(WARMUP_SIZE)
+    k.push(arr=warm)
+    check_equal(k.pull("arr"), warm, f"{label} warm-up")
+    del k["arr"]
+
+    results = []
+    for size_mb, arr in arrays.items():
+        push = Result(size_mb, "push", label)
+        pull = Result(size_mb, "pull", label)
+        for index in range(repeat):
+            log(f"{label}: {fmt_size(size_mb)} repeat {index + 1}/{repeat}")
+            measured(push, lambda: k.push(arr=arr), kernel_probe, host_probe, True, False, both_trimmed, both_trimmed)
+            pulled = measured(pull, lambda: k.pull("arr"), kernel_probe, host_probe, False, True, both_trimmed, both_trimmed)
+            check_equal(pulled, arr, f"{label} {fmt_size(size_mb)} repeat {index + 1}")
+            del pulled
+            del k["arr"]
+            gc.collect()
+        results += [push, pull]
+    return results, kernel_probe
+
+
+def seed_push(raw: RawKernel, arr: np.ndarray) -> None:
+    """How people push by hand: pickle, base64, pasted into cell code (history on, as in the seeds)."""
+    b64 = base64.b64encode(pickle.dumps(arr)).decode()
+    code = f"import pickle, base64; arr = pickle.loads(base64.b64decode('{b64}'))"
+    reply = raw.kc.execute(code, store_history=True, reply=True, timeout=OP_TIMEOUT)
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"seed push failed: {reply['content'].get('evalue')}")
+
+
+def seed_pull(raw: RawKernel) -> np.ndarray:
+    """How people pull by hand: user_expressions, text/plain repr, literal_eval, base64, unpickle."""
+    reply = raw.kc.execute("", user_expressions={"r": SEED_PULL_EXPRESSION}, reply=True, timeout=OP_TIMEOUT)
+    result = reply["content"]["user_expressions"]["r"]
+    if result.get("status") != "ok":
+        raise RuntimeError(f"seed pull failed: {result.get('ename')}: {result.get('evalue')}")
+    return pickle.loads(base64.b64decode(ast.literal_eval(result["data"]["text/plain"])))
+
+
+def history_size(raw: RawKernel) -> Tuple[str, Optional[int]]:
+    """Flush IPython's history cache in the kernel and return (history file, its size)."""
+    raw.run_silent("get_ipython().history_manager.writeout_cache()")
+    path = str(raw.expr("str(get_ipython().history_manager.hist_file)"))
+    try:
+        size = os.path.getsize(path)
+        for suffix in ("-wal", "-journal"):
+            if os.path.exists(path + suffix):
+                size += os.path.getsize(path + suffix)
+        return path, size
+    except OSError:
+        return path, None
+
+
+def bench_seed(
+    raw: RawKernel, size_mb: float, arr: np.ndarray, repeat: int, host_probe: PeakProbe
+) -> Tuple[List[Result], PeakProbe, dict]:
+    kernel_probe = PeakProbe(raw.pid)
+    label = "seed (pickle+b64 in cell code)"
+
+    def both_trimmed() -> None:
+        raw.run_silent(TRIM_SOURCE)
+        raw.drain_iopub()  # execute_input echoes the whole cell (the payload) on IOPub: read it, as a client would
+        trim_memory()
+
+    warm = make_array(WARMUP_SIZE)  # warm-up: imports numpy and pickle in the kernel
+    seed_push(raw, warm)
+    check_equal(seed_pull(raw), warm, "seed warm-up")
+    raw.run_silent("del arr")
+    raw.drain_iopub()
+
+    hist_path, hist_before = history_size(raw)
+    in_before = int(raw.expr("len(get_ipython().user_ns['In'])"))
+    push = Result(size_mb, "push", label)
+    pull = Result(size_mb, "pull", label)
+    for index in range(repeat):
+        log(f"seed: {fmt_size(size_mb)} repeat {index + 1}/{repeat} (slow)")
+        measured(push, lambda: seed_push(raw, arr), kernel_probe, host_probe, True, False, both_trimmed, both_trimmed)
+        pulled = measured(pull, lambda: seed_pull(raw), kernel_probe, host_probe, False, True, both_trimmed, both_trimmed)
+        check_equal(pulled, arr, f"seed {fmt_size(size_mb)} repeat {index + 1}")
+        del pulled
+        raw.run_silent("del arr")
+        gc.collect()
+    _, hist_after = history_size(raw)
+    history = {
+        "path": hist_path,
+        "before": hist_before,
+        "after": hist_after,
+        "pushes": repeat,
+        "payload": int(size_mb * MB),
+        "in_cells": int(raw.expr("len(get_ipython().user_ns['In'])")) - in_before,
+    }
+    return [push, pull], kernel_probe, history
+
+
+def fmt_mem(values: List[Optional[float]]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "n/a"
+    return f"{median(known):.2f}/{p90(known):.2f}"
+
+
+def print_transfers(results: List[Result], memcpy: Dict[float, Result]) -> None:
+    seed_by_key = {(r.size_mb, r.op): r for r in results if r.method.startswith("seed")}
+    rows = []
+    for r in sorted(results, key=lambda r: (r.size_mb, r.op, r.method.startswith("seed"), r.method)):
+        limit = memcpy[r.size_mb]
+        seed = seed_by_key.get((r.size_mb, r.op))
+        speedup = "" if seed is None or seed is r else f"{median(seed.times) / median(r.times):.1f}x"
+        rows.append(
+            [
+                fmt_size(r.size_mb),
+                r.op,
+                r.method,
+                len(r.times),
+                f"{median(r.times):.3f}",
+                f"{p90(r.times):.3f}",
+                f"{r.mbps:.1f}",
+                f"{r.size_mb / p90(r.times):.1f}",
+                f"{100 * r.mbps / limit.mbps:.2f}%",
+                speedup,
+            ]
+        )
+    for size_mb, r in sorted(memcpy.items()):
+        rows.append(
+            [
+                fmt_size(size_mb),
+                "copy",
+                r.method,
+                len(r.times),
+                f"{median(r.times):.3f}",
+                f"{p90(r.times):.3f}",
+                f"{r.mbps:.1f}",
+                f"{size_mb / p90(r.times):.1f}",
+                "100.00%",
+                "",
+            ]
+        )
+    headers = ["size", "op", "method", "n", "med s", "p90 s", "MB/s med", "MB/s p90", "of memcpy", "vs seed"]
+    print(table(headers, rows, right=[False, False, False] + [True] * 7))
+
+    print()
+    print("Memory, as multiples of the payload: median/p90 over repeats")
+    rows = []
+    for r in sorted(results, key=lambda r: (r.size_mb, r.op, r.method.startswith("seed"), r.method)):
+        m = r.mem
+        rows.append(
+            [fmt_size(r.size_mb), r.op, r.method]
+            + [fmt_mem(m[key]) for key in ("k_peak", "k_extra", "k_left", "h_peak", "h_extra", "h_left")]
+        )
+    headers = ["size", "op", "method", "kern dpeak", "kern extra", "kern left", "host dpeak", "host extra", "host left"]
+    print(table(headers, rows, right=[False, False, False] + [True] * 6))
+    print(
+        "  dpeak: peak RSS during the transfer minus RSS just before it (VmHWM - VmRSS).\n"
+        "  extra: dpeak minus the payload that side keeps afterwards (the kernel on push, the host on pull):\n"
+        "         the transient cost of the transfer itself.\n"
+        "  left:  RSS after the transfer (gc + malloc_trim, one more round trip) minus RSS before, minus the kept\n"
+        "         payload: memory the transfer leaves behind."
+    )
+
+
+def print_history(history: dict, size_mb: float) -> None:
+    rows = []
+    before, after = history["before"], history["after"]
+    if before is None or after is None:
+        rows.append([history["path"], "n/a", "n/a", "n/a", "n/a"])
+    else:
+        growth = (after - before) / max(history["pushes"], 1)
+        rows.append(
+            [
+                history["path"],
+                f"{before / MB:.1f}",
+                f"{after / MB:.1f}",
+                f"{growth / MB:.1f}",
+                f"{growth / history['payload']:.2f}x",
+            ]
+        )
+    print(table(["history.sqlite", "before MB", "after MB", "growth/push MB", "growth/payload"], rows))
+    print(
+        f"  ({history['pushes']} seed push(es) of {fmt_size(size_mb)}; the kernel's In list also grew by "
+        f"{history['in_cells']} cell(s), each holding the pasted code in memory for the kernel's lifetime)"
+    )
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> List[Tuple[str, str]]:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count() or 0
+    try:
+        ram = f"{_meminfo_total() / 1024**3:.1f} GiB"
+    except (OSError, KeyError, ValueError):
+        ram = "?"
+    import IPython
+    import zmq
+
+    source = Path(kernelproxy.__file__).resolve().parents[2]
+    revision = ""
+    if shutil.which("git") and (source / ".git").exists():
+        try:
+            head = subprocess.run(
+                ["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(source), "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            revision = f" (git {head}{', src modified' if dirty else ''})"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return [
+        ("cpu", f"{cpu}; {os.cpu_count()} logical cores, {affinity} usable"),
+        ("memory", ram),
+        ("os", platform.platform()),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("kernelproxy", f"{kernelproxy.__version__}{revision}"),
+        ("ipykernel", version("ipykernel")),
+        ("IPython", IPython.__version__),
+        ("jupyter_client", version("jupyter_client")),
+        ("pyzmq / libzmq", f"{zmq.__version__} / {zmq.zmq_version()}"),
+        ("cloudpickle", version("cloudpickle")),
+        ("numpy", np.__version__),
+    ]
+
+
+def _meminfo_total() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise KeyError("MemTotal")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", help="array sizes in MB (2**20 bytes), comma-separated (default: 256)")
+    parser.add_argument("--repeat", type=int, help="repeats of each kernelproxy transfer (default 3)")
+    parser.add_argument("--calls", type=int, help="timed calls per latency variant (default 300)")
+    parser.add_argument(
+        "--seed-size", type=float, help=f"size of the seed-approach transfers in MB (default {DEFAULT_SEED_SIZE:g}; 0: skip)"
+    )
+    parser.add_argument("--seed-repeat", type=int, help="repeats of the seed approach (default 1: ~1 min at 64 MB)")
+    parser.add_argument(
+        "--transport",
+        default="execute",
+        help="kernelproxy transport(s), comma-separated, each on its own kernel (default: execute)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small and fast: 64 MB, 2 repeats, seed at 16 MB")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.sizes = (
+        sorted({float(s) for s in args.sizes.split(",") if s.strip()}) if args.sizes else ([64.0] if quick else DEFAULT_SIZES)
+    )
+    args.repeat = args.repeat or (2 if quick else 3)
+    args.calls = args.calls or (60 if quick else 300)
+    args.seed_size = args.seed_size if args.seed_size is not None else (16.0 if quick else DEFAULT_SEED_SIZE)
+    args.seed_repeat = args.seed_repeat or 1
+    args.transports = [t.strip() for t in args.transport.split(",") if t.strip()]
+    if args.seed_size > SEED_SIZE_CAP:
+        print(
+            f"note: the seed approach runs at {args.seed_size:g} MB, above the usual {SEED_SIZE_CAP:g} MB cap; "
+            "it is superlinear and may take many minutes",
+            file=sys.stderr,
+        )
+    if any(s <= 0 for s in args.sizes) or args.repeat < 1 or args.calls < 10:
+        parser.error("sizes must be positive, --repeat >= 1, --calls >= 10")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM: still shut the kernels down
+    kp_sizes = sorted(set(args.sizes) | ({args.seed_size} if args.seed_size > 0 else set()))
+    print("kernelproxy benchmark: call latency and numpy transfers")
+    print(
+        f"options: sizes {', '.join(map(fmt_size, kp_sizes))} x {args.repeat} repeats (kernelproxy), "
+        f"seed approach {fmt_size(args.seed_size) + f' x {args.seed_repeat}' if args.seed_size > 0 else 'skipped'}, "
+        f"{args.calls} calls per latency variant, transport(s): {', '.join(args.transports)}"
+    )
+    section("Machine")
+    print(table(["", ""], machine_info(), right=[False, False]))
+
+    scratch = tempfile.mkdtemp(prefix="kernelproxy-bench-")
+    proxies: List[Tuple[str, kernelproxy.Kernel]] = []
+    raw: Optional[RawKernel] = None
+    try:
+        log("starting kernels")
+        for transport in args.transports:
+            ipython_dir = os.path.join(scratch, f"ipython-kp-{transport}")
+            k = kernelproxy.start(transport=transport, env={"IPYTHONDIR": ipython_dir})
+            proxies.append((f"kernelproxy[{k.info.transport}]", k))
+        raw = RawKernel(os.path.join(scratch, "ipython-raw"))
+        host_probe = PeakProbe(os.getpid())
+
+        section("Kernels")
+        rows = [[label, k.info.pid, k.info.executable, f"{k.info.implementation} {k.info.implementation_version}"]
+                for label, k in proxies]
+        rows.append(["raw jupyter_client (start_new_kernel)", raw.pid, raw.executable, "ipython"])
+        print(table(["kernel", "pid", "executable", "implementation"], rows, right=[False, True, False, False]))
+        print("Each kernel runs with its own temporary IPYTHONDIR (a fresh profile; the user's is untouched).")
+
+        # 1. latency
+        log("latency")
+        section("1. Trivial call latency (ms per round trip)")
+        times = measure_latency(proxies, raw, args.calls)
+        print_latency(times, [label for label, _ in proxies])
+        print(
+            "  'raw: execute' waits for the shell reply only; kernelproxy's default output='forward' also waits for\n"
+            "  the kernel's IOPub 'idle' (so no printed output is lost), hence the '+ wait IOPub idle' raw variant."
+        )
+
+        # host arrays: allocated before any memory is measured
+        log(f"allocating host arrays: {', '.join(map(fmt_size, kp_sizes))}")
+        arrays = {size: make_array(size) for size in kp_sizes}
+
+        # 4. memcpy limit
+        log("in-process copy")
+        memcpy = bench_memcpy(arrays, args.repeat)
+
+        # 2. kernelproxy transfers
+        results: List[Result] = []
+        probes: List[Tuple[str, PeakProbe]] = [("host", host_probe)]
+        for label, k in proxies:
+            kp_results, kernel_probe = bench_kernelproxy(label, k, arrays, args.repeat, host_probe)
+            results += kp_results
+            probes.append((f"{label} kernel", kernel_probe))
+            k.close()
+
+        # 3. the seed approach
+        history = None
+        if args.seed_size > 0:
+            seed_results, seed_probe, history = bench_seed(
+                raw, args.seed_size, arrays[args.seed_size], args.seed_repeat, host_probe
+            )
+            results += seed_results
+            probes.append(("seed kernel", seed_probe))
+
+        section("2-4. Push/pull of a float64 numpy array (MB = 2**20 bytes)")
+        print(table(["process", "memory measurement"], [[name, p.description] for name, p in probes], right=[False, False]))
+        print()
+        print_transfers(results, memcpy)
+        if history is not None:
+            print()
+            print(f"Seed approach ran at {fmt_size(args.seed_size)} only (no extrapolation); its kernel's history:")
+            print_history(history, args.seed_size)
+
+        section("Correctness")
+        failed = [what for what, ok in CHECKS if not ok]
+        print(f"{len(CHECKS) - len(failed)}/{len(CHECKS)} pulled arrays equal the pushed ones (dtype, shape, values)")
+        for what in failed:
+            print(f"  FAILED: {what}")
+        log("done")
+        return 1 if failed else 0
+    finally:
+        for _, k in proxies:
+            try:
+                k.close()
+            except Exception:
+                pass
+        if raw is not None:
+            raw.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Kernels in other environments: a virtualenv with ipykernel but without kernelproxy.
+
+The environments are built once and cached under ~/.cache/kernelproxy-tests/<python>-<cloudpickle>/
+(override with KERNELPROXY_TEST_CACHE). Building needs PyPI and takes about a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+import kernelproxy
+from helpers import kernel_children, kill_new_kernels
+from kernelproxy import EnvironmentMismatchError, KernelStartError
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first test may build the environments
+
+OLD_CLOUDPICKLE = "3.0.0"
+CACHE_ROOT = Path(os.environ.get("KERNELPROXY_TEST_CACHE", Path.home() / ".cache" / "kernelproxy-tests"))
+
+
+@dataclass(frozen=True)
+class Environments:
+    venv_python: Path  # ipykernel only: no kernelproxy, no cloudpickle
+    bare_python: Path  # no ipykernel at all
+    cloudpickle_same: Path  # --target dir with the host's cloudpickle version
+    cloudpickle_old: Path  # --target dir with cloudpickle OLD_CLOUDPICKLE
+
+
+def _run(args, what: str) -> None:
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"building the test environment failed at {what}:\n{proc.stdout}\n{proc.stderr}", pytrace=False)
+
+
+def _build_once(target: Path, build) -> Path:
+    """Build ``target`` unless a complete build is cached; a half-built one is thrown away."""
+    marker = target / ".kernelproxy-tests-complete"
+    if marker.exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    build(target)
+    marker.write_text(time.ctime())
+    return target
+
+
+def _pip(python: Path, *args) -> list:
+    return [python, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q", *args]
+
+
+@pytest.fixture(scope="session")
+def environments() -> Environments:
+    key = f"py{platform.python_version()}-cloudpickle{cloudpickle.__version__}"
+    root = CACHE_ROOT / key
+    root.mkdir(parents=True, exist_ok=True)
+
+    def build_venv(target: Path) -> None:
+        _run([sys.executable, "-m", "venv", target], "python -m venv")
+        _run(_pip(target / "bin" / "python", "install", "ipykernel"), "pip install ipykernel")
+
+    def build_bare(target: Path) -> None:
+        _run([sys.executable, "-m", "venv", "--without-pip", target], "python -m venv --without-pip")
+
+    def target_dir(version: str):
+        def build(target: Path) -> None:
+            _run(_pip(Path(sys.executable), "install", "--no-deps", "--target", target, f"cloudpickle=={version}"),
+                 f"pip install --target cloudpickle=={version}")
+
+        return build
+
+    venv = _build_once(root / "venv-ipykernel", build_venv)
+    bare = _build_once(root / "venv-bare", build_bare)
+    same = _build_once(root / f"cloudpickle-{cloudpickle.__version__}", target_dir(cloudpickle.__version__))
+    old = _build_once(root / f"cloudpickle-{OLD_CLOUDPICKLE}", target_dir(OLD_CLOUDPICKLE))
+    envs = Environments(venv / "bin" / "python", bare / "bin" / "python", same, old)
+
+    # The environments must really be what the tests assume, or the tests prove nothing.
+    probe = subprocess.run(
+        [str(envs.venv_python), "-c", "import ipykernel, importlib.util as u; "
+         "print(u.find_spec('cloudpickle') is None, u.find_spec('kernelproxy') is None)"],
+        capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert probe.stdout.split() == ["True", "True"], (probe.stdout, probe.stderr)
+    return envs
+
+
+@pytest.fixture
+def no_new_kernels():
+    """Fail if the test leaves a kernel process behind (and clean it up)."""
+    before = {proc.pid for proc in kernel_children()}
+    yield
+    deadline = time.monotonic() + 5
+    while {p.pid for p in kernel_children()} - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leaked = kill_new_kernels(before)
+    assert not leaked, f"kernel processes left behind: {leaked}"
+
+
+def find_spec_of(name: str):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def cloudpickle_location() -> str:
+    import cloudpickle as kernel_cloudpickle
+
+    return kernel_cloudpickle.__file__
+
+
+# ---------------------------------------------------------------------- a compatible venv
+
+
+def test_venv_kernel_with_cloudpickle_on_pythonpath(environments, tmp_path, transport, no_new_kernels):
+    with kernelproxy.start(
+        python=str(environments.venv_python),
+        env={"PYTHONPATH": str(environments.cloudpickle_same)},
+        cwd=tmp_path,
+        transport=transport,
+    ) as k:
+        assert k.info.executable == str(environments.venv_python)
+        assert k.info.cloudpickle == cloudpickle.__version__
+        assert k.info.pid != os.getpid()
+        assert k.call(lambda: sys.prefix) == str(environments.venv_python.parent.parent)
+        assert k.call(cloudpickle_location).startswith(str(environments.cloudpickle_same))
+
+        # kernelproxy needs no installation in the kernel
+        assert k.call(find_spec_of, "kernelproxy") is False
+        assert k.eval("'kernelproxy' in __import__('sys').modules") is False
+
+        # calls, push, pull, exec/eval, errors, chunked transfers
+        assert k.call(lambda a, b=1: a * b, 6, b=7) == 42
+        offset = 100
+        assert k.call(lambda x: x + offset, 1) == 101
+        k.push(venv_value={"a": [1, 2, 3]}, other=2)
+        assert k.pull("venv_value", "other") == ({"a": [1, 2, 3]}, 2)
+        k.exec("venv_total = sum(venv_value['a']) * other")
+        assert k["venv_total"] == 12
+        with pytest.raises(ZeroDivisionError) as info:
+            k.call(lambda: 1 / 0)
+        assert "1 / 0" in info.value.__cause__.traceback
+        blob = os.urandom(5 * 1024 * 1024)
+        assert k.call(lambda b: b[::-1], blob) == blob[::-1]
+        assert k.call(find_spec_of, "pybase64") is False  # the agent runs on its stdlib fallback here
+
+
+def test_venv_kernel_cannot_unpickle_host_only_package(environments, tmp_path, no_new_kernels):
+    numpy = pytest.importorskip("numpy")
+    with kernelproxy.start(
+        python=str(environments.venv_python), env={"PYTHONPATH": str(environments.cloudpickle_same)}, cwd=tmp_path
+    ) as k:
+        assert k.call(find_spec_of, "numpy") is False
+        with pytest.raises(kernelproxy.SerializationError, match="numpy"):
+            k.push(array=numpy.arange(3))
+        assert "array" not in k
+        assert k.call(lambda: "still usable") == "still usable"
+
+
+# ---------------------------------------------------------------------- incompatible environments
+
+
+def test_venv_without_cloudpickle(environments, tmp_path, no_new_kernels):
+    started = time.monotonic()
+    with pytest.raises(EnvironmentMismatchError) as info:
+        kernelproxy.start(python=str(environments.venv_python), env={"PYTHONPATH": ""}, cwd=tmp_path)
+    message = str(info.value)
+    assert "cloudpickle" in message
+    assert "install" in message.lower()
+    assert str(environments.venv_python) in message
+    assert cloudpickle.__version__ in message  # says which version to install
+    assert time.monotonic() - started < 60
+
+
+def test_venv_with_other_cloudpickle_version(environments, tmp_path, no_new_kernels):
+    if cloudpickle.__version__.split(".")[:2] == OLD_CLOUDPICKLE.split(".")[:2]:
+        pytest.skip(f"the host's cloudpickle {cloudpickle.__version__} is compatible with {OLD_CLOUDPICKLE}")
+    with pytest.raises(EnvironmentMismatchError) as info:
+        kernelproxy.start(
+            python=str(environments.venv_python), env={"PYTHONPATH": str(environments.cloudpickle_old)}, cwd=tmp_path
+        )
+    message = str(info.value)
+    assert OLD_CLOUDPICKLE in message
+    assert cloudpickle.__version__ in message
+    assert str(environments.venv_python) in message
+
+
+def test_python_without_ipykernel(environments, tmp_path, no_new_kernels):
+    started = time.monotonic()
+    with pytest.raises(KernelStartError) as info:
+        kernelproxy.start(python=str(environments.bare_python), cwd=tmp_path)
+    assert time.monotonic() - started < 20, "a kernel that exits at once must not wait for the startup timeout"
+    assert "ipykernel" in str(info.value)
+
+
+async def _start_async_mismatch(environments, tmp_path):
+    return await kernelproxy.start_async(python=str(environments.venv_python), env={"PYTHONPATH": ""}, cwd=tmp_path)
+
+
+def test_start_async_without_cloudpickle(environments, tmp_path, no_new_kernels):
+    with pytest.raises(EnvironmentMismatchError, match="cloudpickle"):
+        asyncio.run(_start_async_mismatch(environments, tmp_path))

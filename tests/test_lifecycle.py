@@ -1,0 +1,529 @@
+"""Lifecycle: timeouts, interrupts, a dying kernel, restart, shutdown, connect/close, start/connect failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import cloudpickle
+import pytest
+from jupyter_client.connect import write_connection_file
+
+import kernelproxy
+from helpers import kernel_children, kill_new_kernels, pid_running, wait_for_file, wait_pid_gone
+from kernelproxy import (
+    CallInterrupted,
+    CallTimeout,
+    ConnectionFileError,
+    KernelClosedError,
+    KernelDiedError,
+    KernelStartError,
+)
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+# Kernels started by the external_kernel fixture just now may need a moment before they answer.
+CONNECT_STARTUP = 30
+
+
+def sleep_after_marker(marker: str, seconds: float) -> str:
+    """Announce that the call is running (by creating ``marker``), then sleep."""
+    with open(marker, "w") as file:
+        file.write("running")
+    time.sleep(seconds)
+    return "slept"
+
+
+# ---------------------------------------------------------------------- timeout and interrupt
+# Timeout tests use their own kernel: if interrupting failed, the shared one would stay busy for the
+# rest of the module.
+
+
+def test_call_timeout_interrupts_and_kernel_stays_usable(fresh_kernel):
+    fresh_kernel.push(survivor={"kept": True})
+    started = time.monotonic()
+    with pytest.raises(CallTimeout) as info:
+        fresh_kernel.options(timeout=1).call(time.sleep, 30)
+    elapsed = time.monotonic() - started
+    assert 0.9 <= elapsed < 5, elapsed
+    assert isinstance(info.value, TimeoutError)
+    assert "1" in str(info.value)
+    # the next call is not stuck behind the 30 s sleep
+    started = time.monotonic()
+    assert fresh_kernel.call(lambda: "next") == "next"
+    assert time.monotonic() - started < 5
+    assert fresh_kernel.pull("survivor") == {"kept": True}
+    fresh_kernel.delete("survivor")
+
+
+def test_per_call_timeout_on_exec_and_eval(fresh_kernel):
+    started = time.monotonic()
+    with pytest.raises(CallTimeout):
+        fresh_kernel.exec("import time as _time\n_time.sleep(30)", timeout=1)
+    with pytest.raises(CallTimeout):
+        fresh_kernel.eval("__import__('time').sleep(30)", timeout=1)
+    assert time.monotonic() - started < 10
+    started = time.monotonic()
+    assert fresh_kernel.eval("1 + 1") == 2
+    assert time.monotonic() - started < 5, "the timed-out work was not interrupted"
+
+
+def test_timeout_view_does_not_limit_original(fresh_kernel):
+    fast = fresh_kernel.options(timeout=0.5)
+    with pytest.raises(CallTimeout):
+        fast.call(time.sleep, 10)
+    started = time.monotonic()
+    assert fresh_kernel.call(lambda: time.sleep(1.0) or "ok") == "ok"  # no timeout on the original
+    assert time.monotonic() - started < 5, "the timed-out work was not interrupted"
+
+
+def test_timeout_from_start_options(transport):
+    with kernelproxy.start(transport=transport, timeout=1) as k:
+        assert k.call_options.timeout == 1
+        started = time.monotonic()
+        with pytest.raises(CallTimeout):
+            k.call(time.sleep, 30)
+        assert time.monotonic() - started < 5
+        started = time.monotonic()
+        assert k.options(timeout=None).call(lambda: time.sleep(1.5) or 7) == 7
+        assert time.monotonic() - started < 6, "the timed-out work was not interrupted"
+
+
+def test_interrupt_from_another_thread(kernel, tmp_path):
+    marker = tmp_path / "running"
+    kernel.push(before_interrupt=1)
+    errors = []
+
+    def interrupter():
+        try:
+            wait_for_file(marker)
+            kernel.interrupt()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=interrupter)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(CallInterrupted):
+            kernel.call(sleep_after_marker, str(marker), 60)
+    finally:
+        thread.join(30)
+    assert not errors
+    assert time.monotonic() - started < 20
+    assert kernel.call(lambda: "after interrupt") == "after interrupt"
+    assert kernel.pull("before_interrupt") == 1
+    kernel.delete("before_interrupt")
+
+
+def test_interrupt_submitted_call(kernel, tmp_path):
+    marker = tmp_path / "running"
+    future = kernel.submit(sleep_after_marker, str(marker), 60)
+    wait_for_file(marker)
+    kernel.interrupt()
+    with pytest.raises(CallInterrupted):
+        future.result(timeout=20)
+    assert kernel.call(lambda: 5) == 5
+
+
+def test_interrupt_idle_kernel_is_harmless(kernel):
+    kernel.interrupt()
+    time.sleep(0.3)
+    assert kernel.call(lambda: "still fine") == "still fine"
+
+
+# ---------------------------------------------------------------------- a kernel that dies
+
+
+@pytest.mark.slow
+def test_sigkill_during_call_raises_kernel_died_quickly(fresh_kernel, tmp_path):
+    k = fresh_kernel
+    k.push(doomed=1)
+    pid = k.info.pid
+    marker = tmp_path / "running"
+    future = k.submit(sleep_after_marker, str(marker), 60)
+    wait_for_file(marker)
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(KernelDiedError):
+        future.result(timeout=30)
+    elapsed = time.monotonic() - killed_at
+    assert elapsed < 5, f"KernelDiedError took {elapsed:.1f} s"
+
+    # later calls fail immediately, whatever the verb
+    for action in (lambda: k.call(lambda: 1), lambda: k.pull("doomed"), lambda: k.push(x=1), lambda: k.eval("1")):
+        started = time.monotonic()
+        with pytest.raises(KernelDiedError):
+            action()
+        assert time.monotonic() - started < 1
+    assert k.is_alive() is False
+
+    k.restart()
+    assert k.is_alive() is True
+    assert k.info.pid != pid
+    assert k.call(os.getpid) == k.info.pid
+    assert "doomed" not in k
+    assert k.call(lambda a, b: a * b, 6, 7) == 42
+
+
+@pytest.mark.slow
+def test_sigkill_while_idle_then_call(fresh_kernel):
+    k = fresh_kernel
+    pid = k.info.pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while k.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert k.is_alive() is False
+    started = time.monotonic()
+    with pytest.raises(KernelDiedError):
+        k.call(lambda: 1)
+    assert time.monotonic() - started < 5
+    k.restart()
+    assert k.call(lambda: 2) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_fails_all_concurrent_calls(fresh_kernel, tmp_path):
+    k = fresh_kernel
+    marker = tmp_path / "running"
+    running = k.submit(sleep_after_marker, str(marker), 60)
+    queued = [k.submit(lambda i: i, i) for i in range(5)]
+    wait_for_file(marker)
+    os.kill(k.info.pid, signal.SIGKILL)
+    for future in [running, *queued]:
+        with pytest.raises(KernelDiedError):
+            future.result(timeout=10)
+
+
+def test_restart_healthy_kernel_clears_namespace(fresh_kernel):
+    k = fresh_kernel
+    old_pid = k.info.pid
+    k.push(before_restart=1)
+    k.exec("import json")
+    k.restart()
+    assert "before_restart" not in k
+    assert "json" not in k
+    assert k.info.pid != old_pid
+    assert wait_pid_gone(old_pid, 10)
+    assert k.call(os.getpid) == k.info.pid
+    assert k.eval("'_kernelproxy_agent_v1' in __import__('sys').modules") is True
+    k.push(after_restart=2)
+    assert k.pull("after_restart") == 2
+
+
+def test_restart_fails_running_call(fresh_kernel, tmp_path):
+    k = fresh_kernel
+    marker = tmp_path / "running"
+    future = k.submit(sleep_after_marker, str(marker), 60)
+    wait_for_file(marker)
+    k.restart()
+    with pytest.raises(KernelDiedError):
+        future.result(timeout=10)
+    assert k.call(lambda: "new") == "new"
+
+
+def test_options_view_follows_restart(fresh_kernel):
+    k = fresh_kernel
+    view = k.options(timeout=30)
+    k.restart()
+    assert view.info.pid == k.info.pid
+    assert view.call(os.getpid) == k.info.pid
+
+
+# ---------------------------------------------------------------------- shutdown and close
+
+
+def test_shutdown_then_use_raises_kernel_closed(fresh_kernel):
+    k = fresh_kernel
+    pid = k.info.pid
+    assert k.is_alive() is True
+    k.shutdown()
+    assert k.is_alive() is False
+    assert wait_pid_gone(pid, 10)
+    for action in (
+        lambda: k.call(lambda: 1),
+        lambda: k.push(a=1),
+        lambda: k.pull("a"),
+        lambda: k.exec("1"),
+        lambda: k.eval("1"),
+        lambda: k["a"],
+        lambda: "a" in k,
+        lambda: k.interrupt(),
+        lambda: k.submit(lambda: 1).result(timeout=10),
+        lambda: k.options(timeout=1).call(lambda: 1),
+    ):
+        with pytest.raises(KernelClosedError):
+            action()
+    k.shutdown()  # idempotent
+    k.close()
+
+
+def test_shutdown_fails_running_call(fresh_kernel, tmp_path):
+    k = fresh_kernel
+    marker = tmp_path / "running"
+    future = k.submit(sleep_after_marker, str(marker), 60)
+    wait_for_file(marker)
+    k.shutdown()
+    with pytest.raises((KernelClosedError, KernelDiedError)):
+        future.result(timeout=10)
+
+
+def test_restart_after_shutdown_raises(fresh_kernel):
+    fresh_kernel.shutdown()
+    with pytest.raises(KernelClosedError):
+        fresh_kernel.restart()
+
+
+def test_close_of_started_kernel_stops_it(fresh_kernel):
+    pid = fresh_kernel.info.pid
+    fresh_kernel.close()
+    assert wait_pid_gone(pid, 10)
+    with pytest.raises(KernelClosedError):
+        fresh_kernel.call(lambda: 1)
+
+
+# ---------------------------------------------------------------------- connect to a kernel started elsewhere
+
+
+def test_connect_by_full_path_close_leaves_it_running(external_kernel, transport):
+    path = external_kernel.connection_file
+    with kernelproxy.connect(path, transport=transport, startup_timeout=CONNECT_STARTUP) as k:
+        assert k.info.pid == external_kernel.process.pid
+        assert k.info.connection_file == str(path)
+        assert k.call(os.getpid) == external_kernel.process.pid
+        k.push(left_behind="still here")
+    # the with block closed the connection only
+    time.sleep(0.5)
+    assert external_kernel.process.poll() is None
+    with pytest.raises(KernelClosedError):
+        k.call(lambda: 1)
+    k2 = kernelproxy.connect(str(path), transport=transport, startup_timeout=CONNECT_STARTUP)
+    try:
+        assert k2.pull("left_behind") == "still here"
+        assert k2.is_alive()
+    finally:
+        k2.close()
+    assert external_kernel.process.poll() is None
+
+
+def test_connect_by_fragment(external_kernel, transport, monkeypatch, tmp_path):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(external_kernel.connection_file.parent))
+    monkeypatch.chdir(tmp_path / "..")  # the fragment is not a file in the working directory
+    fragment = external_kernel.fragment[:12]
+    assert not os.path.exists(fragment)
+    k = kernelproxy.connect(fragment, transport=transport, startup_timeout=CONNECT_STARTUP)
+    try:
+        assert k.call(os.getpid) == external_kernel.process.pid
+        assert os.path.samefile(k.info.connection_file, external_kernel.connection_file)
+    finally:
+        k.close()
+    assert external_kernel.process.poll() is None
+
+
+def test_connect_then_shutdown_stops_external_kernel(external_kernel, transport):
+    k = kernelproxy.connect(external_kernel.connection_file, transport=transport, startup_timeout=CONNECT_STARTUP)
+    assert k.call(lambda: 1) == 1
+    k.shutdown()
+    started = time.monotonic()
+    external_kernel.process.wait(10)
+    assert time.monotonic() - started < 10
+    assert k.is_alive() is False
+    with pytest.raises(KernelClosedError):
+        k.call(lambda: 1)
+
+
+def test_restart_of_connected_kernel_is_refused(external_kernel, transport):
+    k = kernelproxy.connect(external_kernel.connection_file, transport=transport, startup_timeout=CONNECT_STARTUP)
+    try:
+        with pytest.raises(kernelproxy.KernelProxyError, match="restart"):
+            k.restart()
+        assert k.call(lambda: "unharmed") == "unharmed"
+    finally:
+        k.close()
+    assert external_kernel.process.poll() is None
+
+
+def test_interrupt_connected_kernel(external_kernel, transport, tmp_path):
+    """Interrupting a kernel we did not start goes through the control channel."""
+    k = kernelproxy.connect(external_kernel.connection_file, transport=transport, startup_timeout=CONNECT_STARTUP)
+    try:
+        marker = tmp_path / "running"
+        future = k.submit(sleep_after_marker, str(marker), 60)
+        wait_for_file(marker)
+        k.interrupt()
+        with pytest.raises(CallInterrupted):
+            future.result(timeout=20)
+        assert k.call(lambda: 3) == 3
+    finally:
+        k.close()
+
+
+@pytest.mark.slow
+def test_connected_kernel_killed_raises_kernel_died(external_kernel, transport, tmp_path):
+    k = kernelproxy.connect(external_kernel.connection_file, transport=transport, startup_timeout=CONNECT_STARTUP)
+    try:
+        marker = tmp_path / "running"
+        future = k.submit(sleep_after_marker, str(marker), 60)
+        wait_for_file(marker)
+        killed_at = time.monotonic()
+        external_kernel.process.kill()
+        with pytest.raises(KernelDiedError):
+            future.result(timeout=30)
+        # no process to poll: the heartbeat notices within a few seconds
+        assert time.monotonic() - killed_at < 8
+        with pytest.raises(KernelDiedError):
+            k.call(lambda: 1)
+    finally:
+        k.close()
+
+
+# ---------------------------------------------------------------------- connection file errors
+
+
+def test_connect_missing_file(tmp_path):
+    with pytest.raises(ConnectionFileError):
+        kernelproxy.connect(tmp_path / "kernel-does-not-exist.json")
+
+
+def test_connect_unknown_fragment(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConnectionFileError, match="no-such-fragment"):
+        kernelproxy.connect("no-such-fragment-" + uuid.uuid4().hex)
+
+
+def test_connect_invalid_json(tmp_path):
+    path = tmp_path / "kernel-bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ConnectionFileError, match="JSON"):
+        kernelproxy.connect(path)
+
+
+def test_connect_json_not_an_object(tmp_path):
+    path = tmp_path / "kernel-list.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConnectionFileError):
+        kernelproxy.connect(path)
+
+
+def _valid_connection_info(tmp_path):
+    path = tmp_path / "kernel-template.json"
+    write_connection_file(str(path), ip="127.0.0.1", key=b"secret-key")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("missing", ["shell_port", "iopub_port", "control_port", "hb_port", "ip", "key"])
+def test_connect_missing_key(tmp_path, missing):
+    info = _valid_connection_info(tmp_path)
+    del info[missing]
+    path = tmp_path / "kernel-missing.json"
+    path.write_text(json.dumps(info))
+    with pytest.raises(ConnectionFileError, match=missing):
+        kernelproxy.connect(path)
+
+
+def test_connect_empty_key(tmp_path):
+    info = _valid_connection_info(tmp_path)
+    info["key"] = ""
+    path = tmp_path / "kernel-nokey.json"
+    path.write_text(json.dumps(info))
+    with pytest.raises(ConnectionFileError, match="empty key"):
+        kernelproxy.connect(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_connect_nobody_listening_raises_quickly(tmp_path):
+    info = _valid_connection_info(tmp_path)
+    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+        info[name] = _free_port()
+    path = tmp_path / "kernel-deaf.json"
+    path.write_text(json.dumps(info))
+    started = time.monotonic()
+    with pytest.raises(ConnectionFileError) as excinfo:
+        kernelproxy.connect(path, startup_timeout=2)
+    elapsed = time.monotonic() - started
+    assert elapsed < 6, elapsed
+    assert str(path) in str(excinfo.value)
+
+
+def test_connect_wrong_key_raises_connection_file_error(external_kernel, tmp_path):
+    info = json.loads(external_kernel.connection_file.read_text())
+    info["key"] = "not-the-right-key"
+    path = tmp_path / "kernel-wrongkey.json"
+    path.write_text(json.dumps(info))
+    # the kernel must be up first, so that a failure is the key's fault
+    with kernelproxy.connect(external_kernel.connection_file, startup_timeout=CONNECT_STARTUP) as good:
+        assert good.call(lambda: 1) == 1
+    started = time.monotonic()
+    with pytest.raises(ConnectionFileError):
+        kernelproxy.connect(path, startup_timeout=2)
+    assert time.monotonic() - started < 6
+    assert external_kernel.process.poll() is None
+
+
+# ---------------------------------------------------------------------- start errors
+
+
+def test_start_unknown_kernel_name():
+    before = {proc.pid for proc in kernel_children()}
+    with pytest.raises(KernelStartError, match="no-such-kernel-xyz"):
+        kernelproxy.start("no-such-kernel-xyz")
+    assert not kill_new_kernels(before)
+
+
+def test_start_nonexistent_python():
+    before = {proc.pid for proc in kernel_children()}
+    started = time.monotonic()
+    with pytest.raises(KernelStartError):
+        kernelproxy.start(python="/nonexistent/bin/python")
+    assert time.monotonic() - started < 10
+    assert not kill_new_kernels(before)
+
+
+def test_start_python_without_ipykernel(tmp_path):
+    """An interpreter that exists but cannot run ipykernel_launcher: reported quickly, nothing left."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S -c 'import sys; sys.exit(\"no ipykernel here\")'\n")
+    fake_python.chmod(0o755)
+    before = {proc.pid for proc in kernel_children()}
+    started = time.monotonic()
+    with pytest.raises(KernelStartError):
+        kernelproxy.start(python=str(fake_python), startup_timeout=30)
+    assert time.monotonic() - started < 10
+    assert not kill_new_kernels(before)
+
+
+def test_start_with_cwd_and_env(tmp_path, transport):
+    with kernelproxy.start(transport=transport, cwd=tmp_path, env={"KERNELPROXY_TEST_VAR": "hello"}) as k:
+        assert os.path.samefile(k.call(os.getcwd), tmp_path)
+        # (not os.environ.get: that bound method would carry the host's os.environ along by value)
+        assert k.call(lambda: os.environ.get("KERNELPROXY_TEST_VAR")) == "hello"
+    assert "KERNELPROXY_TEST_VAR" not in os.environ
+
+
+def test_kernel_process_exits_with_host():
+    """A kernel the host never shut down does not outlive the host process."""
+    code = (
+        "import kernelproxy, sys\n"
+        "k = kernelproxy.start()\n"
+        "print(k.info.pid, flush=True)\n"
+        "sys.exit(0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout.split()[0])
+    assert wait_pid_gone(pid, 10), f"kernel {pid} outlived its host"
+    assert not pid_running(pid)
