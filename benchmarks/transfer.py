@@ -89,6 +89,7 @@ def log(message: str) -> None:
 
 
 T0 = time.perf_counter()
+LOAD_AT_START = os.getloadavg()[0]
 
 
 # ----------------------------------------------------------------------------- statistics and tables
@@ -453,7 +454,8 @@ def bench_memcpy(arrays: Dict[float, np.ndarray], repeat: int) -> Dict[float, Re
     results = {}
     for size_mb, arr in arrays.items():
         result = Result(size_mb, "copy", "arr.copy() in-process")
-        for _ in range(max(repeat, 5)):
+        arr.copy()  # warm-up, not counted
+        for _ in range(max(repeat, 10)):
             trim_memory()
             start = time.perf_counter()
             copy = arr.copy()
@@ -574,13 +576,17 @@ def fmt_mem(values: List[Optional[float]]) -> str:
     return f"{median(known):.2f}/{p90(known):.2f}"
 
 
+def row_order(r: Result) -> tuple:
+    return (r.size_mb, {"copy": 0, "push": 1, "pull": 2}[r.op], r.method.startswith("seed"), r.method)
+
+
 def print_transfers(results: List[Result], memcpy: Dict[float, Result]) -> None:
     seed_by_key = {(r.size_mb, r.op): r for r in results if r.method.startswith("seed")}
     rows = []
-    for r in sorted(results, key=lambda r: (r.size_mb, r.op, r.method.startswith("seed"), r.method)):
+    for r in sorted(results + list(memcpy.values()), key=row_order):
         limit = memcpy[r.size_mb]
         seed = seed_by_key.get((r.size_mb, r.op))
-        speedup = "" if seed is None or seed is r else f"{median(seed.times) / median(r.times):.1f}x"
+        speedup = "" if seed is None or seed is r or r.op == "copy" else f"{median(seed.times) / median(r.times):.1f}x"
         rows.append(
             [
                 fmt_size(r.size_mb),
@@ -595,28 +601,13 @@ def print_transfers(results: List[Result], memcpy: Dict[float, Result]) -> None:
                 speedup,
             ]
         )
-    for size_mb, r in sorted(memcpy.items()):
-        rows.append(
-            [
-                fmt_size(size_mb),
-                "copy",
-                r.method,
-                len(r.times),
-                f"{median(r.times):.3f}",
-                f"{p90(r.times):.3f}",
-                f"{r.mbps:.1f}",
-                f"{size_mb / p90(r.times):.1f}",
-                "100.00%",
-                "",
-            ]
-        )
     headers = ["size", "op", "method", "n", "med s", "p90 s", "MB/s med", "MB/s p90", "of memcpy", "vs seed"]
     print(table(headers, rows, right=[False, False, False] + [True] * 7))
 
     print()
     print("Memory, as multiples of the payload: median/p90 over repeats")
     rows = []
-    for r in sorted(results, key=lambda r: (r.size_mb, r.op, r.method.startswith("seed"), r.method)):
+    for r in sorted(results, key=row_order):
         m = r.mem
         rows.append(
             [fmt_size(r.size_mb), r.op, r.method]
@@ -839,11 +830,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"Seed approach ran at {fmt_size(args.seed_size)} only (no extrapolation); its kernel's history:")
             print_history(history, args.seed_size)
 
-        section("Correctness")
+        section("Correctness and conditions")
         failed = [what for what, ok in CHECKS if not ok]
         print(f"{len(CHECKS) - len(failed)}/{len(CHECKS)} pulled arrays equal the pushed ones (dtype, shape, values)")
         for what in failed:
             print(f"  FAILED: {what}")
+        print(f"load average (1 min) at start {LOAD_AT_START:.2f}, at end {os.getloadavg()[0]:.2f} "
+              f"({os.cpu_count()} cores; other processes' load skews every number above)")
         log("done")
         return 1 if failed else 0
     finally:

@@ -83,6 +83,7 @@ async def start_async(
         # IPC sockets in a directory only we can enter: no other user (or host) can reach the kernel.
         private_dir = tempfile.mkdtemp(prefix="kernelproxy-")
         options.update(transport="ipc", ip=os.path.join(private_dir, "kernel"))
+        options.setdefault("connection_file", os.path.join(private_dir, "kernel.json"))
     manager = AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=spec_manager, **options)
     kernel_env = {**os.environ, **(env or {})}
     try:
@@ -130,7 +131,7 @@ async def connect_async(
     path = resolve_connection_file(connection_file)
     info = read_connection_file(path)
     client = AsyncKernelClient(context=_zmq_context())
-    client.load_connection_info(info)
+    client.load_connection_info(info)  # type: ignore[arg-type]
     state = _KernelState(client, None, path, transport)
     try:
         await state.open(startup_timeout)
@@ -160,7 +161,7 @@ def resolve_connection_file(connection_file: str | os.PathLike[str]) -> str:
         ) from None
 
 
-def read_connection_file(path: str) -> dict:
+def read_connection_file(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as file:
             info = json.load(file)

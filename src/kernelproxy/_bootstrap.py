@@ -13,8 +13,9 @@ import base64
 import platform
 import uuid
 from importlib import resources
+from typing import Any
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 
 from ._connection import KernelConnection
 from ._exceptions import EnvironmentMismatchError, ProtocolError
@@ -40,7 +41,7 @@ def install_expression(probe: str) -> str:
     )
 
 
-async def install_agent(connection: KernelConnection) -> dict:
+async def install_agent(connection: KernelConnection) -> dict[str, Any]:
     """Install the agent (idempotently) and return its hello() description of the kernel."""
     probe = uuid.uuid4().hex
     content = await connection.execute(
@@ -52,7 +53,7 @@ async def install_agent(connection: KernelConnection) -> dict:
     return hello
 
 
-def check_environment(hello: dict) -> None:
+def check_environment(hello: dict[str, Any]) -> None:
     """Raise EnvironmentMismatchError listing every difference that breaks pickles between the two sides."""
     executable = hello.get("executable") or "the kernel's python"
     host_cloudpickle = cloudpickle.__version__

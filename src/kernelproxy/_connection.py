@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Dict, cast
 
 import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
-from ._exceptions import KernelDiedError, ProtocolError
+from ._exceptions import KernelDiedError
 
 log = logging.getLogger("kernelproxy")
 
-IopubListener = Callable[[dict], None]
+IopubListener = Callable[[dict[str, Any]], None]
 ProcessCheck = Callable[[], Awaitable["int | None"]]  # exit code once the process is gone, else None
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats
@@ -40,7 +41,7 @@ class _Pending:
     """One request waiting for its reply (and, with a listener, its IOPub 'idle')."""
 
     msg_id: str
-    reply: asyncio.Future
+    reply: asyncio.Future[Any]
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     listener: IopubListener | None = None
     abandoned: bool = False  # cancelled by the host; interrupt it once it starts
@@ -62,8 +63,8 @@ class KernelConnection:
         self._interrupter = interrupter or self.interrupt_by_message
         self._pending: dict[str, _Pending] = {}
         self._running: str | None = None  # msg_id the kernel is executing, from IOPub status
-        self._tasks: list[asyncio.Task] = []
-        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._sockets: dict[str, Any] = {}  # zmq.asyncio sockets (jupyter_client types them as sync)
         self.dead: KernelDiedError | None = None
         self.rejected_messages = 0  # messages dropped for a bad signature or a bad format
 
@@ -118,8 +119,8 @@ class KernelConnection:
         content: dict[str, Any],
         *,
         listener: IopubListener | None = None,
-        buffers: list | None = None,
-    ) -> dict:
+        buffers: list[Any] | None = None,
+    ) -> dict[str, Any]:
         """Send one request and return its reply message.
 
         With a ``listener``, IOPub messages caused by the request are passed
@@ -143,7 +144,7 @@ class KernelConnection:
                     await asyncio.wait_for(pending.idle.wait(), IDLE_GRACE)
                 except asyncio.TimeoutError:
                     log.warning("no 'idle' status from the kernel for %s; some output may be missing", msg_type)
-            return reply
+            return cast(Dict[str, Any], reply)
         except asyncio.CancelledError:
             if not pending.reply.done():
                 await asyncio.shield(self._abandon(pending))
@@ -153,8 +154,8 @@ class KernelConnection:
                 self._pending.pop(msg_id, None)
 
     async def execute(
-        self, user_expressions: dict[str, str], *, extra: dict | None = None, listener: IopubListener | None = None
-    ) -> dict:
+        self, user_expressions: dict[str, str], *, extra: dict[str, Any] | None = None, listener: IopubListener | None = None
+    ) -> dict[str, Any]:
         """A silent execute_request that runs no cell code, only ``user_expressions``.
 
         Silent and history-free: no execution count, no ``Out``, no history
@@ -171,13 +172,13 @@ class KernelConnection:
         if extra:
             content.update(extra)
         reply = await self.request("shell", "execute_request", content, listener=listener)
-        return reply["content"]
+        return cast(Dict[str, Any], reply["content"])
 
-    async def kernel_info(self, timeout: float) -> dict:
+    async def kernel_info(self, timeout: float) -> dict[str, Any]:
         reply = await asyncio.wait_for(self.request("shell", "kernel_info_request", {}), timeout)
-        return reply["content"]
+        return cast(Dict[str, Any], reply["content"])
 
-    async def wait_ready(self, timeout: float) -> dict:
+    async def wait_ready(self, timeout: float) -> dict[str, Any]:
         """Wait until the kernel answers on shell and its IOPub messages reach us.
 
         A SUB socket misses messages published before its subscription has
@@ -197,7 +198,7 @@ class KernelConnection:
                 await self._sockets["shell"].send_multipart(self.session.serialize(msg))
                 reply = await asyncio.wait_for(asyncio.shield(pending.reply), min(remaining, 1.0))
                 await asyncio.wait_for(seen.wait(), min(max(deadline - loop.time(), 0.01), 0.5))
-                return reply["content"]
+                return cast(Dict[str, Any], reply["content"])
             except asyncio.TimeoutError:
                 if loop.time() >= deadline:
                     raise
@@ -226,10 +227,10 @@ class KernelConnection:
 
     # ------------------------------------------------------------------ readers
 
-    def _receive(self, frames: list) -> dict | None:
+    def _receive(self, frames: list[Any]) -> dict[str, Any] | None:
         try:
             _, msg_list = self.session.feed_identities(frames, copy=False)
-            return self.session.deserialize(msg_list, content=True, copy=False)
+            return cast(Dict[str, Any], self.session.deserialize(msg_list, content=True, copy=False))
         except Exception as exc:
             self.rejected_messages += 1
             log.warning("dropped a message from the kernel that failed verification: %s", exc)
@@ -304,8 +305,6 @@ class KernelConnection:
         finally:
             heartbeat.close()
 
-    def describe_unexpected(self, what: str, reply: dict) -> ProtocolError:
-        return ProtocolError(f"unexpected {what} from the kernel (protocol corruption or version mismatch?): {reply!r:.300}")
 
 
 class _Heartbeat:
@@ -313,7 +312,7 @@ class _Heartbeat:
 
     def __init__(self, client: AsyncKernelClient) -> None:
         self._client = client
-        self._sock: zmq.asyncio.Socket | None = None
+        self._sock: Any = None  # a zmq.asyncio REQ socket, typed as sync by jupyter_client
 
     async def beat(self, timeout: float) -> bool:
         if self._sock is None:

@@ -15,7 +15,8 @@ import functools
 import shutil
 import sys
 import weakref
-from typing import Any, Awaitable, Callable, Generic, Mapping, TypeVar
+from collections.abc import Awaitable, Mapping
+from typing import Any, Callable, TypeVar
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
@@ -34,7 +35,7 @@ from ._exceptions import (
     RemoteError,
     SerializationError,
 )
-from ._transports.base import AgentMissingError, Transport
+from ._transports.base import AgentMissingError, Message, Transport
 from ._transports.execute import ExecuteTransport
 from ._types import UNSET, CallOptions, KernelInfo, Output, Unset
 
@@ -134,7 +135,7 @@ class _KernelState:
         assert self.transport is not None
         return self.transport
 
-    async def request(self, header: dict, frames: list, listener: Callable[[dict], None] | None) -> tuple[dict, list]:
+    async def request(self, header: dict[str, Any], frames: list[Any], listener: Callable[[dict[str, Any]], None] | None) -> Message:
         transport = await self.usable_transport()
         try:
             return await transport.request(header, frames, listener=listener)
@@ -222,7 +223,7 @@ class _KernelState:
         self._remove_private_dir()
 
 
-_started_kernels: "weakref.WeakSet[_KernelState]" = weakref.WeakSet()
+_started_kernels: weakref.WeakSet[_KernelState] = weakref.WeakSet()
 
 
 @atexit.register
@@ -250,8 +251,12 @@ class AsyncKernel:
 
     def options(self, *, timeout: float | None | Unset = UNSET, output: Output | Unset = UNSET) -> AsyncKernel:
         """A view of the same kernel whose calls use other options (``timeout``, ``output``)."""
-        changes = {name: value for name, value in (("timeout", timeout), ("output", output)) if value is not UNSET}
-        return AsyncKernel(self._state, dataclasses.replace(self._options, **changes))
+        options = self._options
+        if not isinstance(timeout, Unset):
+            options = dataclasses.replace(options, timeout=timeout)
+        if not isinstance(output, Unset):
+            options = dataclasses.replace(options, output=output)
+        return AsyncKernel(self._state, options)
 
     @property
     def call_options(self) -> CallOptions:
@@ -275,7 +280,8 @@ class AsyncKernel:
         """Run ``fn(*args, **kwargs)`` in the kernel and return its result."""
         frames = serialization.dumps((fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs))
         header, out = await self._request({"op": "call"}, frames, self._options.timeout, f"call of {_name(fn)}")
-        return serialization.loads(out, what=f"the result of {_name(fn)}")
+        result: T = serialization.loads(out, what=f"the result of {_name(fn)}")
+        return result
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Task[T]:
         """Start ``call(fn, *args, **kwargs)`` as a task and return it."""
@@ -306,7 +312,7 @@ class AsyncKernel:
         if not names:
             raise TypeError("pull() needs at least one variable name")
         _check_names(names)
-        header, out = await self._request({"op": "pull", "names": list(names)}, [], timeout, f"pull of {', '.join(names)}")
+        header, out = await self._request({"op": "pull", "names": list[Any](names)}, [], timeout, f"pull of {', '.join(names)}")
         values = serialization.loads(out, what=f"the value of {', '.join(names)}")
         return values[0] if len(names) == 1 else values
 
@@ -322,7 +328,7 @@ class AsyncKernel:
     async def delete(self, *names: str, timeout: float | None = None) -> None:
         """Delete variables from the kernel's namespace (KeyError if one is missing)."""
         _check_names(names)
-        await self._request({"op": "delete", "names": list(names)}, [], timeout, "delete()")
+        await self._request({"op": "delete", "names": list[Any](names)}, [], timeout, "delete()")
 
     async def contains(self, name: str, *, timeout: float | None = None) -> bool:
         """Whether the kernel's namespace has a variable ``name``."""
@@ -330,7 +336,7 @@ class AsyncKernel:
         header, _ = await self._request({"op": "contains", "name": name}, [], timeout, "contains()")
         return bool(header["result"])
 
-    async def _request(self, header: dict, frames: list, timeout: float | None, what: str) -> tuple[dict, list]:
+    async def _request(self, header: dict[str, Any], frames: list[Any], timeout: float | None, what: str) -> Message:
         timeout = self._options.timeout if timeout is None else timeout
         listener = _forward_output if self._options.output == "forward" else None
         request = self._state.request(header, frames, listener)
@@ -376,7 +382,7 @@ class AsyncKernel:
 # ---------------------------------------------------------------------- helpers
 
 
-def _forward_output(msg: dict) -> None:
+def _forward_output(msg: dict[str, Any]) -> None:
     if msg["msg_type"] == "stream":
         stream = sys.stderr if msg["content"].get("name") == "stderr" else sys.stdout
         if stream is not None:
@@ -384,7 +390,7 @@ def _forward_output(msg: dict) -> None:
             stream.flush()
 
 
-def _reply_error(reply: dict, frames: list, what: str) -> BaseException:
+def _reply_error(reply: dict[str, Any], frames: list[Any], what: str) -> BaseException:
     """The exception a failed reply stands for."""
     kind = reply.get("kind")
     ename, evalue, tb = reply.get("ename", "?"), reply.get("evalue", ""), reply.get("traceback", "")
@@ -412,7 +418,7 @@ def _reply_error(reply: dict, frames: list, what: str) -> BaseException:
     return ProtocolError(f"{what} failed in kernelproxy's agent: {ename}: {evalue}")
 
 
-def _check_names(names: tuple) -> None:
+def _check_names(names: tuple[Any, ...]) -> None:
     bad = [name for name in names if not isinstance(name, str)]
     if bad:
         raise TypeError(f"variable names must be strings, got {bad!r}")

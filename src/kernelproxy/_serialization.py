@@ -10,9 +10,10 @@ does not pickle, so the error can say ``args[1]['conn']: cannot pickle
 from __future__ import annotations
 
 import pickle
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 
 from ._exceptions import SerializationError
 
@@ -43,7 +44,7 @@ def dumps(value: Any, *, parts: Mapping[str, Any] | None = None) -> list[memoryv
     return [memoryview(main), *buffers]
 
 
-def call_parts(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+def call_parts(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Name the parts of a call the way a user reads them, for error messages."""
     named: dict[str, Any] = {"the function": fn}
     named.update({f"args[{i}]": arg for i, arg in enumerate(args)})
@@ -51,7 +52,7 @@ def call_parts(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     return named
 
 
-def loads(frames: list, *, what: str = "the kernel's reply") -> Any:
+def loads(frames: list[Any], *, what: str = "the kernel's reply") -> Any:
     """Unpickle frames produced by the agent's dumps()."""
     try:
         return pickle.loads(frames[0], buffers=frames[1:])

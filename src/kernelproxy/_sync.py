@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, TypeVar
 
 from ._kernel import AsyncKernel
 from ._portal import Portal
@@ -55,7 +56,7 @@ class Kernel:
         return self._portal.run(self._core.call(fn, *args, **kwargs))
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
-        """Start ``call(fn, *args, **kwargs)`` and return a concurrent.futures.Future."""
+        """Start ``call(fn, *args, **kwargs)`` and return a concurrent.futures.Future[Any]."""
         return self._portal.submit(self._core.call(fn, *args, **kwargs))
 
     def remote(self, fn: Callable[..., T]) -> Callable[..., T]:

@@ -8,13 +8,13 @@ serialization, errors, timeouts, works the same over any transport.
 from __future__ import annotations
 
 import abc
-from typing import Callable, ClassVar, List, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Tuple
 
 from .._exceptions import ProtocolError
 
 # A request or reply: the JSON-able header and the binary frames (see agent/_agent.py).
-Message = Tuple[dict, List]
-IopubListener = Callable[[dict], None]
+Message = Tuple[Dict[str, Any], List[Any]]
+IopubListener = Callable[[dict[str, Any]], None]
 
 
 class AgentMissingError(ProtocolError):
@@ -27,7 +27,7 @@ class Transport(abc.ABC):
     name: ClassVar[str]
 
     @abc.abstractmethod
-    async def request(self, header: dict, frames: list, *, listener: IopubListener | None = None) -> Message:
+    async def request(self, header: dict[str, Any], frames: list[Any], *, listener: IopubListener | None = None) -> Message:
         """Send one request; return the agent's reply header and frames.
 
         ``listener`` receives the IOPub messages (stream output...) the request causes.

@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable
+from typing import Any, Callable
 
 import pybase64
 
@@ -61,7 +62,7 @@ class ExecuteTransport(Transport):
     def mode(self) -> str:
         return "content" if self._content_frames else "literal"
 
-    async def request(self, header: dict, frames: list, *, listener: IopubListener | None = None) -> Message:
+    async def request(self, header: dict[str, Any], frames: list[Any], *, listener: IopubListener | None = None) -> Message:
         tid = uuid.uuid4().hex
         header_literal = repr(json.dumps(header))
         sizes = [memoryview(frame).nbytes for frame in frames]
@@ -79,7 +80,6 @@ class ExecuteTransport(Transport):
             reply = await self.expression(expression, extra=extra, listener=listener)
             if "tid" in reply:
                 out = await self._download(tid, reply.pop("sizes"))
-                self._forget(tid)
             else:
                 out = [_unb64(text) for text in reply.pop("frames")]
             return reply, out
@@ -87,14 +87,14 @@ class ExecuteTransport(Transport):
             self._forget(tid)
             raise
 
-    async def expression(self, expression: str, *, extra: dict | None = None, listener: IopubListener | None = None) -> Any:
+    async def expression(self, expression: str, *, extra: dict[str, Any] | None = None, listener: IopubListener | None = None) -> Any:
         """Evaluate one agent expression; return the payload of its display bundle (or None)."""
         content = await self._conn.execute({EXPRESSION_KEY: expression}, extra=extra, listener=listener)
         return read_expression_result(content)
 
     # ------------------------------------------------------------------ chunking
 
-    async def _upload(self, tid: str, frames: list, sizes: list[int]) -> None:
+    async def _upload(self, tid: str, frames: list[Any], sizes: list[int]) -> None:
         await self.expression(f"{AGENT}.alloc({tid!r}, {sizes!r})")
 
         def chunk_sender(index: int, offset: int, view: memoryview) -> Callable[[], Awaitable[Any]]:
@@ -116,25 +116,26 @@ class ExecuteTransport(Transport):
     async def _download(self, tid: str, sizes: list[int]) -> list[bytearray]:
         frames = [bytearray(size) for size in sizes]
 
-        def chunk_fetcher(index: int, offset: int, size: int) -> Callable[[], Awaitable[None]]:
+        def chunk_fetcher(index: int, offset: int, size: int, last: bool) -> Callable[[], Awaitable[None]]:
             async def fetch() -> None:
-                reply = await self.expression(f"{AGENT}.get({tid!r}, {index}, {offset}, {size})")
+                reply = await self.expression(f"{AGENT}.get({tid!r}, {index}, {offset}, {size}, {last})")
                 data = pybase64.b64decode(reply["data"], validate=True)
                 frames[index][offset : offset + len(data)] = data
 
             return fetch
 
-        fetchers = [
-            chunk_fetcher(index, offset, min(self._chunk_size, size - offset))
+        chunks = [
+            (index, offset, min(self._chunk_size, size - offset))
             for index, size in enumerate(sizes)
             for offset in range(0, size, self._chunk_size)
         ]
-        await self._pipelined(fetchers)
+        # The kernel runs requests in order, so the last get() may free the parked reply.
+        await self._pipelined([chunk_fetcher(*chunk, last=chunk is chunks[-1]) for chunk in chunks])
         return frames
 
     async def _pipelined(self, steps: list[Callable[[], Awaitable[Any]]]) -> None:
         """Run steps in order with at most ``window`` in flight (the kernel runs them one by one)."""
-        in_flight: list[asyncio.Future] = []
+        in_flight: list[asyncio.Future[Any]] = []
         try:
             for step in steps:
                 if len(in_flight) >= self._window:
@@ -153,7 +154,7 @@ class ExecuteTransport(Transport):
             task.add_done_callback(_ignore_result)
 
 
-def read_expression_result(content: dict) -> Any:
+def read_expression_result(content: dict[str, Any]) -> Any:
     """Extract the agent's payload from an execute_reply; raise ProtocolError if there is none."""
     if content.get("status") != "ok":
         raise ProtocolError(
@@ -182,6 +183,6 @@ def _unb64(text: str) -> bytearray:
     return bytearray(pybase64.b64decode(text, validate=True))  # bytearray: values built on it stay writable
 
 
-def _ignore_result(task: asyncio.Future) -> None:
+def _ignore_result(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()

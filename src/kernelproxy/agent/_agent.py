@@ -295,7 +295,7 @@ def hello(probe=None):
 # --------------------------------------------------------------------- execute transport
 
 
-class Bundle(object):
+class Bundle:
     """A reply as a display bundle: IPython formats user_expressions results through it."""
 
     __slots__ = ("payload",)
@@ -371,9 +371,12 @@ def put(tid, index, offset, text=None):
     _uploads[tid][index][offset : offset + len(data)] = data
 
 
-def get(tid, index, offset, size):
-    """Fetch one chunk of a parked reply as base64."""
-    return Bundle({"data": _encode(_outbox[tid][index][offset : offset + size])})
+def get(tid, index, offset, size, last=False):
+    """Fetch one chunk of a parked reply as base64; the host's last get() frees the reply."""
+    data = _encode(_outbox[tid][index][offset : offset + size])
+    if last:
+        free(tid)
+    return Bundle({"data": data})
 
 
 def free(tid):
