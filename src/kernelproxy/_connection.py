@@ -192,7 +192,7 @@ class KernelConnection:
             if remaining <= 0:
                 raise asyncio.TimeoutError
             msg = self.session.msg("kernel_info_request", {})
-            pending = _Pending(msg["header"]["msg_id"], loop.create_future(), listener=lambda m: seen.set())
+            pending = _Pending(msg["header"]["msg_id"], loop.create_future(), listener=_setter(seen))
             self._pending[pending.msg_id] = pending
             try:
                 await self._sockets["shell"].send_multipart(self.session.serialize(msg))
@@ -305,6 +305,10 @@ class KernelConnection:
         finally:
             heartbeat.close()
 
+
+
+def _setter(event: asyncio.Event) -> IopubListener:
+    return lambda _msg: event.set()
 
 
 class _Heartbeat:

@@ -279,7 +279,7 @@ class AsyncKernel:
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` in the kernel and return its result."""
         frames = serialization.dumps((fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs))
-        header, out = await self._request({"op": "call"}, frames, self._options.timeout, f"call of {_name(fn)}")
+        _, out = await self._request({"op": "call"}, frames, self._options.timeout, f"call of {_name(fn)}")
         result: T = serialization.loads(out, what=f"the result of {_name(fn)}")
         return result
 
@@ -312,7 +312,7 @@ class AsyncKernel:
         if not names:
             raise TypeError("pull() needs at least one variable name")
         _check_names(names)
-        header, out = await self._request({"op": "pull", "names": list[Any](names)}, [], timeout, f"pull of {', '.join(names)}")
+        _, out = await self._request({"op": "pull", "names": list[Any](names)}, [], timeout, f"pull of {', '.join(names)}")
         values = serialization.loads(out, what=f"the value of {', '.join(names)}")
         return values[0] if len(names) == 1 else values
 
@@ -322,7 +322,7 @@ class AsyncKernel:
 
     async def eval(self, expression: str, *, timeout: float | None = None) -> Any:
         """Evaluate a Python expression in the kernel's user namespace and return its value."""
-        header, out = await self._request({"op": "eval", "expr": expression}, [], timeout, "eval()")
+        _, out = await self._request({"op": "eval", "expr": expression}, [], timeout, "eval()")
         return serialization.loads(out, what=f"the value of {expression!r}")
 
     async def delete(self, *names: str, timeout: float | None = None) -> None:
