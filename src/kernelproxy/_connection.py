@@ -45,6 +45,7 @@ class _Pending:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     listener: IopubListener | None = None
     abandoned: bool = False  # cancelled by the host; interrupt it once it starts
+    comm_id: str | None = None  # the reply is this comm's next IOPub message, not a shell reply
 
 
 class KernelConnection:
@@ -120,12 +121,15 @@ class KernelConnection:
         *,
         listener: IopubListener | None = None,
         buffers: list[Any] | None = None,
+        comm_id: str | None = None,
     ) -> dict[str, Any]:
         """Send one request and return its reply message.
 
         With a ``listener``, IOPub messages caused by the request are passed
         to it until the kernel reports 'idle', and the reply is returned only
         after that, so no output is lost behind it.
+        With a ``comm_id``, the reply is the comm_msg (or comm_close) the
+        request causes on that comm, as comm messages have no shell reply.
         If the caller is cancelled, the request is abandoned: interrupted if the
         kernel is running it, or as soon as it starts.
         """
@@ -133,7 +137,7 @@ class KernelConnection:
             raise self.dead
         msg = self.session.msg(msg_type, content)
         msg_id = msg["header"]["msg_id"]
-        pending = _Pending(msg_id, asyncio.get_running_loop().create_future(), listener=listener)
+        pending = _Pending(msg_id, asyncio.get_running_loop().create_future(), listener=listener, comm_id=comm_id)
         self._pending[msg_id] = pending
         frames = self.session.serialize(msg)
         try:
@@ -152,6 +156,10 @@ class KernelConnection:
         finally:
             if not pending.abandoned:
                 self._pending.pop(msg_id, None)
+
+    async def send(self, channel: str, msg_type: str, content: dict[str, Any]) -> None:
+        """Send a message that has no reply (comm_close...)."""
+        await self._sockets[channel].send_multipart(self.session.serialize(self.session.msg(msg_type, content)))
 
     async def execute(
         self, user_expressions: dict[str, str], *, extra: dict[str, Any] | None = None, listener: IopubListener | None = None
@@ -266,6 +274,16 @@ class KernelConnection:
                 continue
             if pending.abandoned and self._running == parent_id and not pending.reply.done():
                 asyncio.ensure_future(self._interrupt_and_wait(pending))
+            if (
+                pending.comm_id is not None
+                and msg["msg_type"] in ("comm_msg", "comm_close")
+                and msg["content"].get("comm_id") == pending.comm_id
+                and not pending.reply.done()
+            ):
+                pending.reply.set_result(msg)
+                if pending.abandoned:
+                    self._pending.pop(pending.msg_id, None)
+                continue
             if pending.listener is not None:
                 try:
                     pending.listener(msg)

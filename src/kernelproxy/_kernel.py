@@ -12,6 +12,7 @@ import atexit
 import dataclasses
 import enum
 import functools
+import logging
 import shutil
 import sys
 import weakref
@@ -36,11 +37,13 @@ from ._exceptions import (
     SerializationError,
 )
 from ._transports.base import AgentMissingError, Message, Transport
+from ._transports.comm import CommTransport
 from ._transports.execute import ExecuteTransport
 from ._types import UNSET, CallOptions, KernelInfo, Output, Unset
 
 T = TypeVar("T")
-TRANSPORTS = ("auto", "execute")
+TRANSPORTS = ("auto", "comm", "execute")
+log = logging.getLogger("kernelproxy")
 
 
 class State(enum.Enum):
@@ -108,7 +111,7 @@ class _KernelState:
         kernel_info = await self.connection.wait_ready(ready_timeout)
         hello = await install_agent(self.connection)
         check_environment(hello)
-        transport = ExecuteTransport(self.connection, content_frames=bool(hello.get("parent_access")))
+        transport = await self._negotiate_transport(hello)
         self.transport = transport
         self.info = KernelInfo(
             implementation=kernel_info.get("implementation", "?"),
@@ -118,10 +121,23 @@ class _KernelState:
             pid=hello["pid"],
             executable=hello["executable"],
             hostname=hello["hostname"],
-            transport=f"{transport.name} ({transport.mode})",
+            transport=transport.description,
             connection_file=self.connection_file,
             agent_protocol=hello["protocol"],
         )
+
+    async def _negotiate_transport(self, hello: dict[str, Any]) -> Transport:
+        """The comm transport where the kernel supports it (unless execute was asked for), else execute."""
+        if self.requested_transport in ("auto", "comm"):
+            try:
+                if not hello.get("comms"):
+                    raise ProtocolError("the kernel has no comm manager (not an ipykernel?)")
+                return await CommTransport.open(self.connection)
+            except ProtocolError as exc:
+                if self.requested_transport == "comm":
+                    raise ProtocolError(f"transport='comm' is not possible with this kernel: {exc}") from exc
+                log.info("comm transport unavailable (%s); using the execute transport", exc)
+        return ExecuteTransport(self.connection, content_frames=bool(hello.get("parent_access")))
 
     async def usable_transport(self) -> Transport:
         """The transport, once the kernel can take requests; else raise why it cannot."""
@@ -196,6 +212,8 @@ class _KernelState:
         _started_kernels.discard(self)
         self.connection.fail_all(KernelClosedError("the kernel was shut down while this call was running"))
         try:
+            if self.transport is not None:
+                await self.transport.close()
             if self.manager is not None:
                 await self.manager.shutdown_kernel(now=self.connection.dead is not None)
             elif shutdown and self.connection.dead is None:

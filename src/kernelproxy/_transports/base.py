@@ -26,6 +26,11 @@ class Transport(abc.ABC):
 
     name: ClassVar[str]
 
+    @property
+    def description(self) -> str:
+        """How this transport carries data, for ``Kernel.info.transport``."""
+        return self.name
+
     @abc.abstractmethod
     async def request(self, header: dict[str, Any], frames: list[Any], *, listener: IopubListener | None = None) -> Message:
         """Send one request; return the agent's reply header and frames.

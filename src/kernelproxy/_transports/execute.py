@@ -59,8 +59,8 @@ class ExecuteTransport(Transport):
         self._inline_limit = inline_limit
 
     @property
-    def mode(self) -> str:
-        return "content" if self._content_frames else "literal"
+    def description(self) -> str:
+        return f"execute (base64 frames as {'request content' if self._content_frames else 'literals'})"
 
     async def request(self, header: dict[str, Any], frames: list[Any], *, listener: IopubListener | None = None) -> Message:
         tid = uuid.uuid4().hex

@@ -28,6 +28,7 @@ exec       code: str                   (none)
 eval       expr: str                   (none)
 delete     names: [str]                (none)
 contains   name: str                   (none)
+echo       (none)                      any; returned as they came
 =========  ==========================  ======================================
 
 Reply headers:
@@ -44,6 +45,15 @@ Reply headers:
 The execute transport reaches this module through ``user_expressions`` and
 moves frames as base64 text (``ex``, ``alloc``, ``put``, ``get``, ``free``);
 replies come back as a display bundle under ``MIME``, never as text/plain.
+
+The comm transport opens a comm on target ``COMM_TARGET`` (registered by
+``listen()``). The agent answers the comm_open with ``{"opened": ALGORITHM}``,
+the buffer-digest algorithm it picked from the host's offer. Each request is
+a comm_msg with data ``{"header": ..., "digest": ...}`` and the frames as
+binary buffers, zero-copy; the reply comes back the same way on IOPub.
+Jupyter's HMAC signature covers the data, not the buffers, so ``digest``
+(the hash of all buffers, in order) is what makes buffers tamper-evident: a
+request whose buffers do not match is refused, never unpickled.
 """
 
 import binascii
@@ -78,6 +88,8 @@ except ImportError:
     def _b64encode(data):
         return binascii.b2a_base64(data, newline=False)
 
+
+COMM_TARGET = "kernelproxy.v%d" % PROTOCOL
 
 _exec_counter = [0]
 _uploads = {}  # transfer id -> list of bytearray frames being filled by put()
@@ -232,6 +244,11 @@ def _op_contains(header, frames, ns):
     return _ok(result=header["name"] in ns)
 
 
+def _op_echo(header, frames, ns):
+    """Return the frames as received: transports use it to prove binary buffers survive the path."""
+    return _ok()[0], list(frames)
+
+
 HANDLERS = {
     "call": _op_call,
     "push": _op_push,
@@ -240,6 +257,7 @@ HANDLERS = {
     "eval": _op_eval,
     "delete": _op_delete,
     "contains": _op_contains,
+    "echo": _op_echo,
 }
 
 
@@ -288,6 +306,7 @@ def hello(probe=None):
             # The host sent `probe` inside the request content too; if we can read it back
             # from the parent message, frames may travel there instead of as literals.
             "parent_access": probe is not None and _content_field() == probe,
+            "comms": listen(),
         }
     )
 
@@ -383,3 +402,70 @@ def free(tid):
     """Forget a transfer (finished, abandoned or failed)."""
     _uploads.pop(tid, None)
     _outbox.pop(tid, None)
+
+
+# --------------------------------------------------------------------- comm transport
+
+
+def _blake3(frames):
+    import blake3
+
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for frame in frames:
+        hasher.update(frame)
+    return hasher.hexdigest()
+
+
+def _sha256(frames):
+    import hashlib
+
+    hasher = hashlib.sha256()
+    for frame in frames:
+        hasher.update(frame)
+    return hasher.hexdigest()
+
+
+DIGESTS = {"blake3": _blake3, "sha256": _sha256}
+
+
+def _digest_available(name):
+    if name == "blake3":
+        try:
+            import blake3  # noqa: F401 - optional, a fast multi-threaded hash
+        except ImportError:
+            return False
+    return name in DIGESTS
+
+
+def listen():
+    """Register the comm target (idempotent); return True if this kernel has comms."""
+    try:
+        kernel = sys.modules["IPython"].get_ipython().kernel
+        kernel.comm_manager.register_target(COMM_TARGET, _on_comm_open)
+        return True
+    except Exception:
+        return False
+
+
+def _on_comm_open(comm, open_msg):
+    offered = open_msg["content"]["data"].get("digests", [])
+    algorithm = next((name for name in offered if _digest_available(name)), None)
+    if algorithm is None:
+        comm.close({"error": "no common digest algorithm among %r" % (offered,)})
+        return
+    digest = DIGESTS[algorithm]
+
+    def on_msg(msg):
+        data = msg["content"]["data"]
+        frames = msg.get("buffers") or []
+        if not isinstance(data, dict) or data.get("digest") != digest(frames):
+            reply, out = _error(
+                "protocol", "ProtocolError", "the request's binary buffers do not match its signed digest; refused"
+            )
+        else:
+            user_ns = sys.modules["IPython"].get_ipython().user_ns
+            reply, out = dispatch(data.get("header"), frames, user_ns)
+        comm.send({"header": reply, "digest": digest(out)}, buffers=out)
+
+    comm.on_msg(on_msg)
+    comm.send({"opened": algorithm})
