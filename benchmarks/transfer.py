@@ -28,6 +28,7 @@ import base64
 import ctypes
 import gc
 import importlib.metadata
+import json
 import os
 import pickle
 import platform
@@ -40,11 +41,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable
 
 import numpy as np
-from jupyter_client.manager import start_new_kernel
+from jupyter_client.manager import KernelManager, start_new_kernel
 
 import kernelproxy
 
@@ -80,7 +82,7 @@ def trim_memory() -> bool:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         return True
-    except Exception:
+    except (OSError, AttributeError):  # not glibc
         return False
 
 
@@ -104,7 +106,7 @@ def p90(values: Sequence[float]) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), 90))
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Optional[Sequence[bool]] = None) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool] | None = None) -> str:
     cells = [[str(cell) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
     if right is None:
@@ -163,8 +165,8 @@ class PeakProbe:
         self.method = self._pick_method()
         self.before = 0
         self._peak = 0
-        self._stop: Optional[threading.Event] = None
-        self._thread: Optional[threading.Thread] = None
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
 
     def _pick_method(self) -> str:
         try:
@@ -209,7 +211,7 @@ class PeakProbe:
             self._thread = threading.Thread(target=sample, daemon=True)
             self._thread.start()
 
-    def end(self) -> Optional[int]:
+    def end(self) -> int | None:
         """Peak RSS minus RSS before, in bytes (None when unavailable)."""
         if self.method == "clear_refs":
             return _status_kb(self.pid, "VmHWM") - self.before
@@ -227,11 +229,22 @@ class PeakProbe:
 class RawKernel:
     """A kernel driven directly with jupyter_client's BlockingKernelClient."""
 
-    def __init__(self, ipython_dir: str) -> None:
+    def __init__(self, ipython_dir: str, zmq_transport: str, scratch: str) -> None:
         env = {**os.environ, "IPYTHONDIR": ipython_dir}
-        self.km, self.kc = start_new_kernel(startup_timeout=60, kernel_name="python3", env=env)
+        self.zmq_transport = zmq_transport
+        if zmq_transport == "tcp":
+            self.km, self.kc = start_new_kernel(startup_timeout=60, kernel_name="python3", env=env)
+        else:
+            # start_new_kernel()'s own body, with IPC sockets as kernelproxy uses for the kernels it starts
+            self.km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(scratch, "raw-ipc"))
+            self.km.start_kernel(env=env)
+            self.kc = self.km.client()
+            self.kc.start_channels()
+            self.kc.wait_for_ready(timeout=60)
         self.pid = int(self.expr("__import__('os').getpid()"))
         self.executable = self.expr("__import__('sys').executable")
+        info = self.wait_shell_reply(self.kc.kernel_info())["content"]
+        self.implementation = f"{info.get('implementation', '?')} {info.get('implementation_version', '?')}"
 
     def expr(self, expression: str) -> Any:
         """Evaluate an expression silently and return its literal_eval'd text/plain repr."""
@@ -240,7 +253,9 @@ class RawKernel:
         )
         result = reply["content"]["user_expressions"]["x"]
         if result.get("status") != "ok":
-            raise RuntimeError(f"{expression!r} failed in the raw kernel: {result.get('ename')}: {result.get('evalue')}")
+            raise RuntimeError(
+                f"{expression!r} failed in the raw kernel: {result.get('ename')}: {result.get('evalue')}"
+            )
         return ast.literal_eval(result["data"]["text/plain"])
 
     def run_silent(self, code: str) -> None:
@@ -281,8 +296,8 @@ class RawKernel:
 
 
 def measure_latency(
-    proxies: List[Tuple[str, "kernelproxy.Kernel"]], raw: RawKernel, calls: int, rounds: int = 10
-) -> Dict[str, List[float]]:
+    proxies: list[tuple[str, kernelproxy.Kernel]], raw: RawKernel, calls: int, rounds: int = 10
+) -> dict[str, list[float]]:
     kc = raw.kc
 
     def raw_kernel_info() -> None:
@@ -298,7 +313,7 @@ def measure_latency(
         assert reply["content"]["status"] == "ok", reply["content"]
         raw.wait_idle(msg_id)
 
-    variants: Dict[str, Callable[[], Any]] = {}
+    variants: dict[str, Callable[[], Any]] = {}
     for label, k in proxies:
         quiet = k.options(output="discard")
         variants[f"{label}: k.call(add, 1, 2)"] = lambda k=k: k.call(add, 1, 2)
@@ -311,7 +326,7 @@ def measure_latency(
         assert k.call(add, 1, 2) == 3, "k.call(add, 1, 2) != 3"
         assert k.options(output="discard").call(add, 1, 2) == 3
 
-    times: Dict[str, List[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for fn in variants.values():  # warm-up
         for _ in range(20):
             fn()
@@ -331,7 +346,7 @@ def measure_latency(
     return times
 
 
-def print_latency(times: Dict[str, List[float]], proxy_labels: List[str]) -> None:
+def print_latency(times: dict[str, list[float]], proxy_labels: list[str]) -> None:
     rows = []
     for name, values in times.items():
         ms = [v * 1000 for v in values]
@@ -357,9 +372,9 @@ class Result:
         self.size_mb = size_mb
         self.op = op
         self.method = method
-        self.times: List[float] = []
-        # multiples of the payload, one value per repeat (None when unavailable)
-        self.mem: Dict[str, List[Optional[float]]] = {
+        self.times: list[float] = []
+        # bytes, one value per repeat (None when unavailable)
+        self.mem: dict[str, list[int | None]] = {
             key: [] for key in ("k_peak", "k_extra", "k_left", "h_peak", "h_extra", "h_left")
         }
 
@@ -374,11 +389,11 @@ class Result:
 class Side:
     """Memory bookkeeping for one process (kernel or host) around one transfer."""
 
-    def __init__(self, probe: Optional[PeakProbe], payload: int, keeps_payload: bool) -> None:
+    def __init__(self, probe: PeakProbe | None, payload: int, keeps_payload: bool) -> None:
         self.probe = probe
         self.payload = payload
         self.keeps = payload if keeps_payload else 0
-        self.peak: Optional[int] = None
+        self.peak: int | None = None
 
     def begin(self) -> None:
         if self.probe:
@@ -393,16 +408,16 @@ class Side:
                 result.mem[f"{prefix}_{key}"].append(None)
             return
         left = rss(self.probe.pid) - self.probe.before - self.keeps
-        result.mem[f"{prefix}_peak"].append(self.peak / self.payload)
-        result.mem[f"{prefix}_extra"].append((self.peak - self.keeps) / self.payload)
-        result.mem[f"{prefix}_left"].append(left / self.payload)
+        result.mem[f"{prefix}_peak"].append(self.peak)
+        result.mem[f"{prefix}_extra"].append(self.peak - self.keeps)
+        result.mem[f"{prefix}_left"].append(left)
 
 
 def measured(
     result: Result,
     fn: Callable[[], Any],
-    kernel_probe: Optional[PeakProbe],
-    host_probe: Optional[PeakProbe],
+    kernel_probe: PeakProbe | None,
+    host_probe: PeakProbe | None,
     kernel_keeps: bool,
     host_keeps: bool,
     prepare: Callable[[], None],
@@ -411,7 +426,7 @@ def measured(
     """Time fn() with both processes' memory measured around it.
 
     prepare(): gc + malloc_trim in both processes (before the baseline);
-    settle(): the same after the transfer (a round trip, so queued clean-up ran) before reading 'left'.
+    settle(): the same after the transfer (round trips, so queued clean-up ran) before reading "left".
     """
     payload = int(result.size_mb * MB)
     kernel = Side(kernel_probe, payload, kernel_keeps)
@@ -443,14 +458,14 @@ def check_equal(pulled: Any, original: np.ndarray, what: str) -> None:
         print(f"!! CORRECTNESS FAILURE: {what}: pulled value differs from the pushed array", file=sys.stderr)
 
 
-CHECKS: List[Tuple[str, bool]] = []
+CHECKS: list[tuple[str, bool]] = []
 
 
 def make_array(size_mb: float) -> np.ndarray:
     return np.random.default_rng(int(size_mb * 1000)).random(int(size_mb * MB) // 8)
 
 
-def bench_memcpy(arrays: Dict[float, np.ndarray], repeat: int) -> Dict[float, Result]:
+def bench_memcpy(arrays: dict[float, np.ndarray], repeat: int) -> dict[float, Result]:
     results = {}
     for size_mb, arr in arrays.items():
         result = Result(size_mb, "copy", "arr.copy() in-process")
@@ -466,11 +481,13 @@ def bench_memcpy(arrays: Dict[float, np.ndarray], repeat: int) -> Dict[float, Re
 
 
 def bench_kernelproxy(
-    label: str, k: "kernelproxy.Kernel", arrays: Dict[float, np.ndarray], repeat: int, host_probe: PeakProbe
-) -> Tuple[List[Result], PeakProbe]:
+    label: str, k: kernelproxy.Kernel, arrays: dict[float, np.ndarray], repeat: int, host_probe: PeakProbe
+) -> tuple[list[Result], PeakProbe]:
     kernel_probe = PeakProbe(k.info.pid)
 
     def both_trimmed() -> None:
+        # two round trips: the kernel also lets go of the previous request message it keeps as 'parent'
+        k.call(trim_memory)
         k.call(trim_memory)
         trim_memory()
 
@@ -486,8 +503,12 @@ def bench_kernelproxy(
         pull = Result(size_mb, "pull", label)
         for index in range(repeat):
             log(f"{label}: {fmt_size(size_mb)} repeat {index + 1}/{repeat}")
-            measured(push, lambda: k.push(arr=arr), kernel_probe, host_probe, True, False, both_trimmed, both_trimmed)
-            pulled = measured(pull, lambda: k.pull("arr"), kernel_probe, host_probe, False, True, both_trimmed, both_trimmed)
+            measured(
+                push, lambda arr=arr: k.push(arr=arr), kernel_probe, host_probe, True, False, both_trimmed, both_trimmed
+            )
+            pulled = measured(
+                pull, lambda: k.pull("arr"), kernel_probe, host_probe, False, True, both_trimmed, both_trimmed
+            )
             check_equal(pulled, arr, f"{label} {fmt_size(size_mb)} repeat {index + 1}")
             del pulled
             del k["arr"]
@@ -514,7 +535,7 @@ def seed_pull(raw: RawKernel) -> np.ndarray:
     return pickle.loads(base64.b64decode(ast.literal_eval(result["data"]["text/plain"])))
 
 
-def history_size(raw: RawKernel) -> Tuple[str, Optional[int]]:
+def history_size(raw: RawKernel) -> tuple[str, int | None]:
     """Flush IPython's history cache in the kernel and return (history file, its size)."""
     raw.run_silent("get_ipython().history_manager.writeout_cache()")
     path = str(raw.expr("str(get_ipython().history_manager.hist_file)"))
@@ -530,11 +551,12 @@ def history_size(raw: RawKernel) -> Tuple[str, Optional[int]]:
 
 def bench_seed(
     raw: RawKernel, size_mb: float, arr: np.ndarray, repeat: int, host_probe: PeakProbe
-) -> Tuple[List[Result], PeakProbe, dict]:
+) -> tuple[list[Result], PeakProbe, dict]:
     kernel_probe = PeakProbe(raw.pid)
     label = "seed (pickle+b64 in cell code)"
 
     def both_trimmed() -> None:
+        raw.run_silent(TRIM_SOURCE)
         raw.run_silent(TRIM_SOURCE)
         raw.drain_iopub()  # execute_input echoes the whole cell (the payload) on IOPub: read it, as a client would
         trim_memory()
@@ -552,7 +574,9 @@ def bench_seed(
     for index in range(repeat):
         log(f"seed: {fmt_size(size_mb)} repeat {index + 1}/{repeat} (slow)")
         measured(push, lambda: seed_push(raw, arr), kernel_probe, host_probe, True, False, both_trimmed, both_trimmed)
-        pulled = measured(pull, lambda: seed_pull(raw), kernel_probe, host_probe, False, True, both_trimmed, both_trimmed)
+        pulled = measured(
+            pull, lambda: seed_pull(raw), kernel_probe, host_probe, False, True, both_trimmed, both_trimmed
+        )
         check_equal(pulled, arr, f"seed {fmt_size(size_mb)} repeat {index + 1}")
         del pulled
         raw.run_silent("del arr")
@@ -569,18 +593,23 @@ def bench_seed(
     return [push, pull], kernel_probe, history
 
 
-def fmt_mem(values: List[Optional[float]]) -> str:
-    known = [v for v in values if v is not None]
-    if not known:
-        return "n/a"
-    return f"{median(known):.2f}/{p90(known):.2f}"
+def fmt_multiple(values: list[int | None], payload: int) -> str:
+    """median/p90 as multiples of the payload"""
+    known = [v / payload for v in values if v is not None]
+    return f"{median(known):.2f}/{p90(known):.2f}" if known else "n/a"
+
+
+def fmt_mb(values: list[int | None]) -> str:
+    """median in MB"""
+    known = [v / MB for v in values if v is not None]
+    return f"{median(known):.0f}" if known else "n/a"
 
 
 def row_order(r: Result) -> tuple:
     return (r.size_mb, {"copy": 0, "push": 1, "pull": 2}[r.op], r.method.startswith("seed"), r.method)
 
 
-def print_transfers(results: List[Result], memcpy: Dict[float, Result]) -> None:
+def print_transfers(results: list[Result], memcpy: dict[float, Result]) -> None:
     seed_by_key = {(r.size_mb, r.op): r for r in results if r.method.startswith("seed")}
     rows = []
     for r in sorted(results + list(memcpy.values()), key=row_order):
@@ -605,22 +634,26 @@ def print_transfers(results: List[Result], memcpy: Dict[float, Result]) -> None:
     print(table(headers, rows, right=[False, False, False] + [True] * 7))
 
     print()
-    print("Memory, as multiples of the payload: median/p90 over repeats")
+    print("Memory: x columns are multiples of the payload (median/p90 over repeats); MB columns are medians")
     rows = []
     for r in sorted(results, key=row_order):
-        m = r.mem
+        m, payload = r.mem, int(r.size_mb * MB)
         rows.append(
             [fmt_size(r.size_mb), r.op, r.method]
-            + [fmt_mem(m[key]) for key in ("k_peak", "k_extra", "k_left", "h_peak", "h_extra", "h_left")]
+            + [fmt_multiple(m["k_peak"], payload), fmt_multiple(m["k_extra"], payload), fmt_mb(m["k_extra"])]
+            + [fmt_mb(m["k_left"])]
+            + [fmt_multiple(m["h_peak"], payload), fmt_multiple(m["h_extra"], payload), fmt_mb(m["h_extra"])]
+            + [fmt_mb(m["h_left"])]
         )
-    headers = ["size", "op", "method", "kern dpeak", "kern extra", "kern left", "host dpeak", "host extra", "host left"]
-    print(table(headers, rows, right=[False, False, False] + [True] * 6))
+    headers = ["size", "op", "method", "kern dpeak x", "kern extra x", "MB", "left MB"]
+    headers += ["host dpeak x", "host extra x", "MB", "left MB"]
+    print(table(headers, rows, right=[False, False, False] + [True] * 8))
     print(
-        "  dpeak: peak RSS during the transfer minus RSS just before it (VmHWM - VmRSS).\n"
-        "  extra: dpeak minus the payload that side keeps afterwards (the kernel on push, the host on pull):\n"
-        "         the transient cost of the transfer itself.\n"
-        "  left:  RSS after the transfer (gc + malloc_trim, one more round trip) minus RSS before, minus the kept\n"
-        "         payload: memory the transfer leaves behind."
+        "  dpeak: peak RSS during the transfer minus RSS just before it (VmHWM - VmRSS); the receiving side's\n"
+        "         dpeak includes the 1.00x payload it keeps (the kernel on push, the host on pull).\n"
+        "  extra: dpeak minus that kept payload: the transient cost of the transfer itself (also in MB).\n"
+        "  left:  RSS after the transfer (two more round trips, gc + malloc_trim on both sides) minus RSS before,\n"
+        "         minus the kept payload: memory the transfer leaves behind (negative: it freed earlier leftovers)."
     )
 
 
@@ -657,7 +690,7 @@ def version(dist: str) -> str:
         return "not installed"
 
 
-def machine_info() -> List[Tuple[str, str]]:
+def machine_info() -> list[tuple[str, str]]:
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as info:
@@ -683,10 +716,18 @@ def machine_info() -> List[Tuple[str, str]]:
     if shutil.which("git") and (source / ".git").exists():
         try:
             head = subprocess.run(
-                ["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+                ["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
             ).stdout.strip()
             dirty = subprocess.run(
-                ["git", "-C", str(source), "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=10
+                ["git", "-C", str(source), "status", "--porcelain", "--", "src"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
             ).stdout.strip()
             revision = f" (git {head}{', src modified' if dirty else ''})"
         except (OSError, subprocess.SubprocessError):
@@ -703,6 +744,7 @@ def machine_info() -> List[Tuple[str, str]]:
         ("pyzmq / libzmq", f"{zmq.__version__} / {zmq.zmq_version()}"),
         ("cloudpickle", version("cloudpickle")),
         ("numpy", np.__version__),
+        ("pybase64 / orjson", f"{version('pybase64')} / {version('orjson')}"),
     ]
 
 
@@ -717,13 +759,15 @@ def _meminfo_total() -> int:
 # ----------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", help="array sizes in MB (2**20 bytes), comma-separated (default: 256)")
     parser.add_argument("--repeat", type=int, help="repeats of each kernelproxy transfer (default 3)")
     parser.add_argument("--calls", type=int, help="timed calls per latency variant (default 300)")
     parser.add_argument(
-        "--seed-size", type=float, help=f"size of the seed-approach transfers in MB (default {DEFAULT_SEED_SIZE:g}; 0: skip)"
+        "--seed-size",
+        type=float,
+        help=f"size of the seed-approach transfers in MB (default {DEFAULT_SEED_SIZE:g}; 0: skip)",
     )
     parser.add_argument("--seed-repeat", type=int, help="repeats of the seed approach (default 1: ~1 min at 64 MB)")
     parser.add_argument(
@@ -731,11 +775,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default="execute",
         help="kernelproxy transport(s), comma-separated, each on its own kernel (default: execute)",
     )
+    parser.add_argument(
+        "--raw-sockets",
+        choices=["match", "tcp", "ipc"],
+        default="match",
+        help="zmq transport of the raw jupyter_client kernel; 'match' (default): the same as kernelproxy's kernel",
+    )
     parser.add_argument("--quick", action="store_true", help="small and fast: 64 MB, 2 repeats, seed at 16 MB")
     args = parser.parse_args(argv)
     quick = args.quick
     args.sizes = (
-        sorted({float(s) for s in args.sizes.split(",") if s.strip()}) if args.sizes else ([64.0] if quick else DEFAULT_SIZES)
+        sorted({float(s) for s in args.sizes.split(",") if s.strip()})
+        if args.sizes
+        else ([64.0] if quick else DEFAULT_SIZES)
     )
     args.repeat = args.repeat or (2 if quick else 3)
     args.calls = args.calls or (60 if quick else 300)
@@ -753,7 +805,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def zmq_transport_of(k: kernelproxy.Kernel) -> str:
+    """ "tcp" or "ipc": the sockets kernelproxy's kernel listens on (from its connection file)."""
+    try:
+        with open(k.info.connection_file or "") as file:
+            return str(json.load(file).get("transport", "tcp"))
+    except (OSError, ValueError):
+        return "?"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM: still shut the kernels down
     kp_sizes = sorted(set(args.sizes) | ({args.seed_size} if args.seed_size > 0 else set()))
@@ -767,22 +828,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table(["", ""], machine_info(), right=[False, False]))
 
     scratch = tempfile.mkdtemp(prefix="kernelproxy-bench-")
-    proxies: List[Tuple[str, kernelproxy.Kernel]] = []
-    raw: Optional[RawKernel] = None
+    proxies: list[tuple[str, kernelproxy.Kernel]] = []
+    raw: RawKernel | None = None
     try:
         log("starting kernels")
         for transport in args.transports:
             ipython_dir = os.path.join(scratch, f"ipython-kp-{transport}")
             k = kernelproxy.start(transport=transport, env={"IPYTHONDIR": ipython_dir})
             proxies.append((f"kernelproxy[{k.info.transport}]", k))
-        raw = RawKernel(os.path.join(scratch, "ipython-raw"))
+        sockets = {label: zmq_transport_of(k) for label, k in proxies}
+        raw_sockets = args.raw_sockets
+        if raw_sockets == "match":
+            raw_sockets = next(iter(sockets.values()), "tcp")
+            raw_sockets = raw_sockets if raw_sockets in ("tcp", "ipc") else "tcp"
+        raw = RawKernel(os.path.join(scratch, "ipython-raw"), raw_sockets, scratch)
         host_probe = PeakProbe(os.getpid())
 
         section("Kernels")
-        rows = [[label, k.info.pid, k.info.executable, f"{k.info.implementation} {k.info.implementation_version}"]
-                for label, k in proxies]
-        rows.append(["raw jupyter_client (start_new_kernel)", raw.pid, raw.executable, "ipython"])
-        print(table(["kernel", "pid", "executable", "implementation"], rows, right=[False, True, False, False]))
+        rows = [
+            [
+                label,
+                k.info.pid,
+                sockets[label],
+                k.info.executable,
+                f"{k.info.implementation} {k.info.implementation_version}",
+            ]
+            for label, k in proxies
+        ]
+        how = "start_new_kernel" if raw.zmq_transport == "tcp" else "start_new_kernel's steps, ipc"
+        rows.append([f"raw jupyter_client ({how})", raw.pid, raw.zmq_transport, raw.executable, raw.implementation])
+        headers = ["kernel", "pid", "sockets", "executable", "implementation"]
+        print(table(headers, rows, right=[False, True, False, False, False]))
         print("Each kernel runs with its own temporary IPYTHONDIR (a fresh profile; the user's is untouched).")
 
         # 1. latency
@@ -804,8 +880,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         memcpy = bench_memcpy(arrays, args.repeat)
 
         # 2. kernelproxy transfers
-        results: List[Result] = []
-        probes: List[Tuple[str, PeakProbe]] = [("host", host_probe)]
+        results: list[Result] = []
+        probes: list[tuple[str, PeakProbe]] = [("host", host_probe)]
         for label, k in proxies:
             kp_results, kernel_probe = bench_kernelproxy(label, k, arrays, args.repeat, host_probe)
             results += kp_results
@@ -822,7 +898,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             probes.append(("seed kernel", seed_probe))
 
         section("2-4. Push/pull of a float64 numpy array (MB = 2**20 bytes)")
-        print(table(["process", "memory measurement"], [[name, p.description] for name, p in probes], right=[False, False]))
+        print(
+            table(
+                ["process", "memory measurement"], [[name, p.description] for name, p in probes], right=[False, False]
+            )
+        )
         print()
         print_transfers(results, memcpy)
         if history is not None:
@@ -835,16 +915,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{len(CHECKS) - len(failed)}/{len(CHECKS)} pulled arrays equal the pushed ones (dtype, shape, values)")
         for what in failed:
             print(f"  FAILED: {what}")
-        print(f"load average (1 min) at start {LOAD_AT_START:.2f}, at end {os.getloadavg()[0]:.2f} "
-              f"({os.cpu_count()} cores; other processes' load skews every number above)")
+        print(
+            f"load average (1 min) at start {LOAD_AT_START:.2f}, at end {os.getloadavg()[0]:.2f} "
+            f"({os.cpu_count()} cores; other processes' load skews every number above)"
+        )
         log("done")
         return 1 if failed else 0
     finally:
-        for _, k in proxies:
+        for label, k in proxies:
             try:
                 k.close()
-            except Exception:
-                pass
+            except Exception as exc:  # noqa: BLE001 - still close the others and the raw kernel
+                print(f"closing {label} failed: {exc!r}", file=sys.stderr)
         if raw is not None:
             raw.close()
         shutil.rmtree(scratch, ignore_errors=True)
