@@ -9,14 +9,12 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
 
 import psutil
 import pytest
-
-import kernelproxy
 from helpers import (
     ExternalKernel,
     cmdline,
@@ -27,25 +25,17 @@ from helpers import (
     wait_pid_gone,
 )
 
+import kernelproxy
+
 # Every kernel fixture runs once per transport listed here.
-TRANSPORTS = ["execute"]
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # Third-party warnings that filterwarnings=error would otherwise turn into failures go here,
-    # each as narrow as possible (message + category + module).
-    config.addinivalue_line(
-        "filterwarnings",
-        # jupyter_core warns once per process that it will move its paths to platformdirs.
-        "ignore:Jupyter is migrating its paths to use standard platformdirs:DeprecationWarning",
-    )
+TRANSPORTS = ["comm", "execute"]
 
 
 @dataclass
 class StartedKernels:
     """Pids of every kernel started with kernelproxy.start()/start_async() during the session."""
 
-    pids: List[int]
+    pids: list[int]
 
 
 @pytest.fixture(scope="session", autouse=True)

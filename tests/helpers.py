@@ -9,7 +9,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 import psutil
 from jupyter_client.connect import write_connection_file
@@ -20,14 +19,14 @@ KERNEL_MARKER = "ipykernel_launcher"
 # ---------------------------------------------------------------------- process bookkeeping
 
 
-def cmdline(proc: psutil.Process) -> List[str]:
+def cmdline(proc: psutil.Process) -> list[str]:
     try:
         return proc.cmdline()
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return []
 
 
-def kernel_children() -> List[psutil.Process]:
+def kernel_children() -> list[psutil.Process]:
     """Running (non-zombie) ipykernel processes descended from this pytest process."""
     found = []
     for proc in psutil.Process().children(recursive=True):
@@ -41,7 +40,7 @@ def kernel_children() -> List[psutil.Process]:
     return found
 
 
-def kill_new_kernels(known_pids) -> List[int]:
+def kill_new_kernels(known_pids) -> list[int]:
     """Kill ipykernel children not in ``known_pids`` (cleanup after a test that expects none); return their pids."""
     killed = []
     for proc in kernel_children():
@@ -94,6 +93,7 @@ def start_external_kernel(directory: Path) -> ExternalKernel:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=str(directory),
+        start_new_session=True,  # like a kernel launched by Jupyter: its own process group
     )
     return ExternalKernel(path, process)
 

@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import decimal
 import fractions
+import math
 import os
 import platform
 import sys
@@ -17,9 +18,9 @@ import cloudpickle
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import kernel_children, kill_new_kernels, wait_pid_gone
 
 import kernelproxy
-from helpers import kernel_children, kill_new_kernels, wait_pid_gone
 
 # Functions and classes of this module travel by value: the kernel cannot import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -175,14 +176,14 @@ def test_defaultdict_and_self_reference_round_trip(kernel):
     counts = defaultdict(int, {"a": 1})
     loop: list = [1]
     loop.append(loop)
-    back_counts, back_loop = kernel.call(lambda c, l: (c, l), counts, loop)
+    back_counts, back_loop = kernel.call(lambda c, lst: (c, lst), counts, loop)
     assert back_counts["missing"] == 0  # still a defaultdict(int)
     assert back_loop[1] is back_loop
 
 
 def test_nan_survives(kernel):
     back = kernel.call(lambda: float("nan"))
-    assert back != back
+    assert math.isnan(back)
 
 
 # ---------------------------------------------------------------------- numpy and pandas
@@ -202,7 +203,10 @@ def test_nan_survives(kernel):
         np.empty((0, 3), dtype=np.int8),
         np.array([{"a": 1}, None, "s"], dtype=object),
     ],
-    ids=["int64-2d", "float32", "complex", "bool", "datetime64", "structured", "fortran-big", "strided", "empty", "object"],
+    ids=[
+        "int64-2d", "float32", "complex", "bool", "datetime64",
+        "structured", "fortran-big", "strided", "empty", "object",
+    ],
 )
 def test_numpy_round_trip(kernel, array):
     back = kernel.call(lambda a: a, array)
@@ -260,7 +264,8 @@ def test_big_array_round_trip_chunked(kernel):
     assert np.array_equal(back, big)
     assert back.flags.writeable
     # the kernel really received all of it, not just the beginning
-    assert kernel.call(lambda a: (a.shape, float(a[-1]), float(a.sum())), big) == (big.shape, float(big[-1]), float(big.sum()))
+    summary = kernel.call(lambda a: (a.shape, float(a[-1]), float(a.sum())), big)
+    assert summary == (big.shape, float(big[-1]), float(big.sum()))
 
 
 def test_big_bytes_round_trip(kernel):
@@ -612,11 +617,17 @@ def test_invalid_options_raise_valueerror(kernel, bad):
         kernel.options(**bad)
 
 
-def test_invalid_start_options_raise_valueerror():
-    with pytest.raises(ValueError):
-        kernelproxy.start(timeout=-5)
-    with pytest.raises(ValueError):
-        kernelproxy.start(output="loud")
+def test_invalid_start_options_raise_valueerror_and_start_nothing():
+    before = {proc.pid for proc in kernel_children()}
+    try:
+        with pytest.raises(ValueError):
+            kernelproxy.start(timeout=-5)
+        with pytest.raises(ValueError):
+            kernelproxy.start(output="loud")
+        time.sleep(0.5)
+        assert not [proc for proc in kernel_children() if proc.pid not in before]
+    finally:
+        kill_new_kernels(before)
 
 
 def test_invalid_transport_raises_valueerror_and_starts_nothing():

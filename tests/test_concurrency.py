@@ -12,9 +12,9 @@ import time
 import cloudpickle
 import numpy as np
 import pytest
+from helpers import wait_pid_gone
 
 import kernelproxy
-from helpers import wait_pid_gone
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

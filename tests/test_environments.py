@@ -18,9 +18,9 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from helpers import kernel_children, kill_new_kernels
 
 import kernelproxy
-from helpers import kernel_children, kill_new_kernels
 from kernelproxy import EnvironmentMismatchError, KernelStartError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -40,7 +40,7 @@ class Environments:
 
 
 def _run(args, what: str) -> None:
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    proc = subprocess.run([str(a) for a in args], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.fail(f"building the test environment failed at {what}:\n{proc.stdout}\n{proc.stderr}", pytrace=False)
 
@@ -75,8 +75,10 @@ def environments() -> Environments:
 
     def target_dir(version: str):
         def build(target: Path) -> None:
-            _run(_pip(Path(sys.executable), "install", "--no-deps", "--target", target, f"cloudpickle=={version}"),
-                 f"pip install --target cloudpickle=={version}")
+            _run(
+                _pip(Path(sys.executable), "install", "--no-deps", "--target", target, f"cloudpickle=={version}"),
+                f"pip install --target cloudpickle=={version}",
+            )
 
         return build
 
@@ -87,10 +89,16 @@ def environments() -> Environments:
     envs = Environments(venv / "bin" / "python", bare / "bin" / "python", same, old)
 
     # The environments must really be what the tests assume, or the tests prove nothing.
+    probe_code = (
+        "import ipykernel, importlib.util as u; "
+        "print(u.find_spec('cloudpickle') is None, u.find_spec('kernelproxy') is None)"
+    )
     probe = subprocess.run(
-        [str(envs.venv_python), "-c", "import ipykernel, importlib.util as u; "
-         "print(u.find_spec('cloudpickle') is None, u.find_spec('kernelproxy') is None)"],
-        capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        [str(envs.venv_python), "-c", probe_code],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert probe.stdout.split() == ["True", "True"], (probe.stdout, probe.stderr)
     return envs

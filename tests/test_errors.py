@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import threading
+import time
 
 import cloudpickle
 import pytest
@@ -188,6 +189,15 @@ def test_keyboard_interrupt_raised_by_user_code_is_not_raised_on_host(kernel):
     alive(kernel)
 
 
+def test_input_in_kernel_fails_fast_instead_of_hanging(kernel):
+    started = time.monotonic()
+    with pytest.raises(Exception) as info:
+        kernel.call(input, "prompt> ")
+    assert time.monotonic() - started < 5
+    assert isinstance(info.value, (EOFError,)) or "stdin" in type(info.value).__name__.lower()
+    alive(kernel)
+
+
 # ---------------------------------------------------------------------- pickling arguments on the host
 
 
@@ -296,7 +306,9 @@ def test_result_of_class_only_in_the_kernel(kernel):
 
 
 def test_result_of_class_defined_in_kernel_main_arrives_by_value(kernel):
-    kernel.exec("class MainOnly:\n    def hello(self):\n        return 'hi from ' + type(self).__name__\nmain_only = MainOnly()")
+    kernel.exec(
+        "class MainOnly:\n    def hello(self):\n        return 'hi from ' + type(self).__name__\nmain_only = MainOnly()"
+    )
     value = kernel.pull("main_only")
     assert type(value).__name__ == "MainOnly"
     assert value.hello() == "hi from MainOnly"

@@ -8,16 +8,18 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import cloudpickle
 import pytest
+from helpers import kernel_children, kill_new_kernels, pid_running, wait_for_file, wait_pid_gone
 from jupyter_client.connect import write_connection_file
 
 import kernelproxy
-from helpers import kernel_children, kill_new_kernels, pid_running, wait_for_file, wait_pid_gone
 from kernelproxy import (
     CallInterrupted,
     CallTimeout,
@@ -66,9 +68,9 @@ def test_call_timeout_interrupts_and_kernel_stays_usable(fresh_kernel):
 def test_per_call_timeout_on_exec_and_eval(fresh_kernel):
     started = time.monotonic()
     with pytest.raises(CallTimeout):
-        fresh_kernel.exec("import time as _time\n_time.sleep(30)", timeout=1)
+        fresh_kernel.exec("import time as _time\n_time.sleep(15)", timeout=1)
     with pytest.raises(CallTimeout):
-        fresh_kernel.eval("__import__('time').sleep(30)", timeout=1)
+        fresh_kernel.eval("__import__('time').sleep(15)", timeout=1)
     assert time.monotonic() - started < 10
     started = time.monotonic()
     assert fresh_kernel.eval("1 + 1") == 2
@@ -89,11 +91,61 @@ def test_timeout_from_start_options(transport):
         assert k.call_options.timeout == 1
         started = time.monotonic()
         with pytest.raises(CallTimeout):
-            k.call(time.sleep, 30)
+            k.call(time.sleep, 15)
         assert time.monotonic() - started < 5
         started = time.monotonic()
         assert k.options(timeout=None).call(lambda: time.sleep(1.5) or 7) == 7
         assert time.monotonic() - started < 6, "the timed-out work was not interrupted"
+
+
+def test_timed_out_queued_call_does_not_disturb_running_call(fresh_kernel, tmp_path):
+    """A call that times out while still queued must not interrupt the call the kernel is running."""
+    k = fresh_kernel
+    marker = tmp_path / "running"
+    running = k.submit(sleep_after_marker, str(marker), 3)
+    wait_for_file(marker)
+    with pytest.raises(CallTimeout):
+        k.options(timeout=0.5).call(lambda: "queued")
+    assert running.result(timeout=30) == "slept"
+    assert k.call(lambda: "after") == "after"
+
+
+def test_keyboard_interrupt_in_host_interrupts_remote_work(tmp_path):
+    """Ctrl-C in a blocking call cancels it *and* its remote work, and the kernel stays usable."""
+    marker = tmp_path / "running"
+    script = tmp_path / "host.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time, kernelproxy
+            with kernelproxy.start() as k:
+                print("pid", k.info.pid, flush=True)
+                try:
+                    k.call(lambda: (open({str(marker)!r}, "w").close(), time.sleep(20)))
+                except KeyboardInterrupt:
+                    print("host got KeyboardInterrupt", flush=True)
+                started = time.monotonic()
+                assert k.call(lambda: "after") == "after"
+                print("next call took", round(time.monotonic() - started, 1), flush=True)
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(marker, timeout=60)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "host got KeyboardInterrupt" in out, (out, err)
+    assert proc.returncode == 0, err
+    took = float(out.split("next call took")[1].split()[0])
+    assert took < 5, f"the next call waited {took} s: the remote work was not interrupted"
+    kernel_pid = int(out.split()[1])
+    assert wait_pid_gone(kernel_pid, 10)
 
 
 def test_interrupt_from_another_thread(kernel, tmp_path):
@@ -105,7 +157,7 @@ def test_interrupt_from_another_thread(kernel, tmp_path):
         try:
             wait_for_file(marker)
             kernel.interrupt()
-        except BaseException as exc:  # reported by the main thread
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
     thread = threading.Thread(target=interrupter)
@@ -274,6 +326,32 @@ def test_shutdown_fails_running_call(fresh_kernel, tmp_path):
     k.shutdown()
     with pytest.raises((KernelClosedError, KernelDiedError)):
         future.result(timeout=10)
+
+
+def test_shutdown_leaves_no_files(fresh_kernel):
+    connection_file = fresh_kernel.info.connection_file
+    info = json.loads(Path(connection_file).read_text())
+    socket_dir = os.path.dirname(info["ip"]) if info["transport"] == "ipc" else None
+    fresh_kernel.shutdown()
+    assert not os.path.exists(connection_file)
+    if socket_dir is not None:
+        leftovers = [name for name in os.listdir(socket_dir)] if os.path.isdir(socket_dir) else []
+        assert not leftovers, f"IPC socket files left in {socket_dir}: {leftovers}"
+
+
+def test_started_kernel_is_reachable_only_locally(kernel):
+    """The kernel's sockets are private: IPC in an owner-only directory, or TCP on loopback."""
+    info = json.loads(Path(kernel.info.connection_file).read_text())
+    if info["transport"] == "ipc":
+        socket_dir = os.path.dirname(info["ip"])
+        mode = os.stat(socket_dir).st_mode
+        assert mode & 0o077 == 0, f"{socket_dir} is accessible by others: {oct(mode)}"
+        assert os.stat(socket_dir).st_uid == os.getuid()
+    else:
+        assert info["ip"] in ("127.0.0.1", "localhost", "::1")
+    assert info["key"], "the kernel accepts unsigned messages"
+    mode = os.stat(kernel.info.connection_file).st_mode
+    assert mode & 0o077 == 0, f"the connection file (holding the key) is readable by others: {oct(mode)}"
 
 
 def test_restart_after_shutdown_raises(fresh_kernel):
@@ -522,7 +600,7 @@ def test_kernel_process_exits_with_host():
         "print(k.info.pid, flush=True)\n"
         "sys.exit(0)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr
     pid = int(proc.stdout.split()[0])
     assert wait_pid_gone(pid, 10), f"kernel {pid} outlived its host"

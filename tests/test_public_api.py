@@ -137,7 +137,8 @@ def _module_level_imports(tree: ast.Module):
         if caught is None:
             return True
         elements = caught.elts if isinstance(caught, ast.Tuple) else [caught]
-        return any(isinstance(e, ast.Name) and e.id in ("ImportError", "ModuleNotFoundError", "Exception") for e in elements)
+        broad = ("ImportError", "ModuleNotFoundError", "Exception")
+        return any(isinstance(e, ast.Name) and e.id in broad for e in elements)
 
     for node in tree.body:  # module level only: cloudpickle is imported lazily inside a function
         if isinstance(node, ast.Try) and any(catches_import_error(h) for h in node.handlers):
@@ -189,6 +190,7 @@ print(json.dumps({
 def run_agent_isolated(blocked=()) -> dict:
     proc = subprocess.run(
         [sys.executable, "-I", "-c", ISOLATED_AGENT, json.dumps(sorted(blocked))],
+        check=False,
         input=agent_source(),
         capture_output=True,
         text=True,
@@ -231,7 +233,12 @@ payload = bundle._repr_mimebundle_()[module.MIME]
 print(json.dumps(payload))
 """
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", code], input=agent_source(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-I", "-c", code],
+        check=False,
+        input=agent_source(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)

@@ -17,7 +17,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 from jupyter_client.manager import AsyncKernelManager
 
 from ._exceptions import ConnectionFileError, KernelDiedError, KernelStartError
-from ._kernel import AsyncKernel, _KernelState
+from ._kernel import AsyncKernel, _KernelState, check_transport_name
 from ._portal import get_portal
 from ._sync import Kernel
 from ._types import CallOptions, Output
@@ -76,6 +76,7 @@ async def start_async(
 ) -> AsyncKernel:
     """Start a local kernel and return an AsyncKernel for it (see ``start``)."""
     call_options = CallOptions(timeout=timeout, output=output)
+    check_transport_name(transport)  # before anything starts
     spec_manager = _ThisPythonFirst()
     spec_manager.python = python
     private_dir = None
@@ -128,6 +129,7 @@ async def connect_async(
 ) -> AsyncKernel:
     """Connect to a running kernel by its connection file (see ``connect``)."""
     call_options = CallOptions(timeout=timeout, output=output)
+    check_transport_name(transport)
     path = resolve_connection_file(connection_file)
     info = read_connection_file(path)
     client = AsyncKernelClient(context=_zmq_context())

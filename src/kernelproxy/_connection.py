@@ -142,7 +142,8 @@ class KernelConnection:
         frames = self.session.serialize(msg)
         try:
             await self._sockets[channel].send_multipart([*frames, *(buffers or [])], copy=False)
-            reply = await pending.reply
+            # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits
+            reply = await asyncio.shield(pending.reply)
             if listener is not None:
                 try:
                     await asyncio.wait_for(pending.idle.wait(), IDLE_GRACE)

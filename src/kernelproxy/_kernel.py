@@ -46,6 +46,11 @@ TRANSPORTS = ("auto", "comm", "execute")
 log = logging.getLogger("kernelproxy")
 
 
+def check_transport_name(transport: str) -> None:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, not {transport!r}")
+
+
 class State(enum.Enum):
     READY = "ready"
     RESTARTING = "restarting"
@@ -75,8 +80,7 @@ class _KernelState:
         *,
         private_dir: str | None = None,
     ) -> None:
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, not {transport!r}")
+        check_transport_name(transport)
         self.client = client
         self.manager = manager
         self.connection_file = connection_file
