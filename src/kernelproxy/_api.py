@@ -80,7 +80,8 @@ async def start_async(
     spec_manager = _ThisPythonFirst()
     spec_manager.python = python
     private_dir = None
-    if os.name == "posix" and "ip" not in options:
+    is_ipykernel = python is not None or kernel_name == "python3"  # other kernels may not support IPC
+    if os.name == "posix" and is_ipykernel and "ip" not in options:
         # IPC sockets in a directory only we can enter: no other user (or host) can reach the kernel.
         private_dir = tempfile.mkdtemp(prefix="kernelproxy-")
         options.update(transport="ipc", ip=os.path.join(private_dir, "kernel"))
@@ -111,10 +112,8 @@ async def start_async(
             raise KernelStartError(f"the kernel did not become ready within {startup_timeout} s") from None
         if isinstance(exc, KernelDiedError) or dead is not None:
             argv = manager.kernel_spec.argv if manager.kernel_spec else "?"
-            raise KernelStartError(
-                f"the kernel exited while starting ({dead or exc}); command: {argv}. "
-                "Is ipykernel installed for that Python?"
-            ) from None
+            hint = " Is ipykernel installed for that Python?" if is_ipykernel else " See the kernel's output above."
+            raise KernelStartError(f"the kernel exited while starting ({dead or exc}); command: {argv}.{hint}") from None
         raise
     return AsyncKernel(state, call_options)
 

@@ -138,6 +138,7 @@ class KernelConnection:
         msg = self.session.msg(msg_type, content)
         msg_id = msg["header"]["msg_id"]
         pending = _Pending(msg_id, asyncio.get_running_loop().create_future(), listener=listener, comm_id=comm_id)
+        pending.reply.add_done_callback(_consume_outcome)  # an abandoned request's failure is nobody's error
         self._pending[msg_id] = pending
         frames = self.session.serialize(msg)
         try:
@@ -237,13 +238,19 @@ class KernelConnection:
     # ------------------------------------------------------------------ readers
 
     def _receive(self, frames: list[Any]) -> dict[str, Any] | None:
+        """Verify and parse a message; None (counted in rejected_messages) if it is not one we can use."""
         try:
             _, msg_list = self.session.feed_identities(frames, copy=False)
-            return cast(Dict[str, Any], self.session.deserialize(msg_list, content=True, copy=False))
+            msg = cast(Dict[str, Any], self.session.deserialize(msg_list, content=True, copy=False))
         except Exception as exc:
             self.rejected_messages += 1
             log.warning("dropped a message from the kernel that failed verification: %s", exc)
             return None
+        # Some kernels send null parents (xeus-python's 'starting' status); readers expect dicts.
+        for part in ("parent_header", "content"):
+            if not isinstance(msg.get(part), dict):
+                msg[part] = {}
+        return msg
 
     async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -324,6 +331,11 @@ class KernelConnection:
         finally:
             heartbeat.close()
 
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _setter(event: asyncio.Event) -> IopubListener:

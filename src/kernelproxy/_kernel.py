@@ -365,9 +365,13 @@ class AsyncKernel:
         try:
             reply, out = await (asyncio.wait_for(request, timeout) if timeout is not None else request)
         except asyncio.TimeoutError:
-            raise CallTimeout(
-                f"{what} did not finish within {timeout} s; its remote work was interrupted and the kernel is usable"
-            ) from None
+            dead = self._state.connection.dead
+            aftermath = (
+                f"interrupting the kernel ended it ({dead}); call restart() for a fresh one"
+                if dead is not None
+                else "its remote work was interrupted and the kernel is usable"
+            )
+            raise CallTimeout(f"{what} did not finish within {timeout} s; {aftermath}") from None
         if reply.get("status") == "ok":
             return reply, out
         raise _reply_error(reply, out, what)

@@ -15,7 +15,8 @@ Where frames travel:
   the expression; compiling a large literal is slow (~70 MB/s here).
 
 Large frames are chunked (``chunk_size``) with at most ``window`` chunks in
-flight, so neither side ever holds more than the payload plus a few chunks.
+flight (one in literal mode), so neither side ever holds more than the
+payload plus a few chunks.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class ExecuteTransport(Transport):
         self._conn = connection
         self._content_frames = content_frames
         self._chunk_size = chunk_size
-        self._window = window
+        # Pipelining only where proven safe: xeus-python 0.19 stops answering when a large request
+        # arrives while it runs another, so kernels without parent access get one chunk at a time.
+        self._window = window if content_frames else 1
         self._inline_limit = inline_limit
 
     @property
