@@ -18,8 +18,10 @@ from ._exceptions import (
     ProtocolError,
     RemoteError,
     SerializationError,
+    StaleRefError,
 )
 from ._kernel import AsyncKernel
+from ._refs import RemoteRef
 from ._sync import Kernel
 from ._types import CallOptions, KernelInfo
 
@@ -40,7 +42,9 @@ __all__ = [
     "KernelStartError",
     "ProtocolError",
     "RemoteError",
+    "RemoteRef",
     "SerializationError",
+    "StaleRefError",
     "__version__",
     "connect",
     "connect_async",

@@ -12,6 +12,7 @@ The tree::
     ├── KernelStartError         a kernel process could not be started or never became ready
     ├── KernelDiedError          the kernel died or stopped answering
     ├── KernelClosedError        (also RuntimeError) the Kernel was shut down and used again
+    ├── StaleRefError            a RemoteRef was used after its kernel restarted
     └── ProtocolError            a reply kernelproxy cannot read: corruption or a version mismatch
 
 Exceptions raised by *your* code in the kernel are raised here as their own
@@ -33,6 +34,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "SerializationError",
+    "StaleRefError",
 ]
 
 
@@ -105,6 +107,10 @@ class KernelDiedError(KernelProxyError):
 
 class KernelClosedError(KernelProxyError, RuntimeError):
     """Raised when a Kernel is used after ``shutdown()`` or ``close()``."""
+
+
+class StaleRefError(KernelProxyError):
+    """Raised when a RemoteRef is used after its kernel restarted: the object it pointed to is gone."""
 
 
 class ProtocolError(KernelProxyError):

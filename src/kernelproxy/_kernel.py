@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import dataclasses
 import enum
 import functools
@@ -17,7 +18,7 @@ import shutil
 import sys
 import weakref
 from collections.abc import Awaitable, Mapping
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
@@ -36,10 +37,14 @@ from ._exceptions import (
     RemoteError,
     SerializationError,
 )
+from ._refs import RemoteRef, _Root, check_fresh, pickling_for
 from ._transports.base import AgentMissingError, Message, Transport
 from ._transports.comm import CommTransport
 from ._transports.execute import ExecuteTransport
 from ._types import UNSET, CallOptions, KernelInfo, Output, Unset
+
+if TYPE_CHECKING:
+    from ._portal import Portal
 
 T = TypeVar("T")
 TRANSPORTS = ("auto", "comm", "execute")
@@ -88,6 +93,10 @@ class _KernelState:
         self.private_dir = private_dir  # holds the IPC sockets of a kernel we started; removed at close
         self.state = State.READY
         self.restarted = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        self.generation = 0  # counts restarts: refs from an older generation are stale
+        self._releases: collections.deque[tuple[int, int]] = collections.deque()
+        self._release_task: asyncio.Future[Any] | None = None
         self.connection: KernelConnection = self._new_connection()
         self.transport: Transport | None = None
         self.info: KernelInfo | None = None
@@ -179,6 +188,7 @@ class _KernelState:
                 await self.manager.restart_kernel(now=True)
             except Exception as exc:
                 raise KernelStartError(f"could not restart the kernel: {exc}") from exc
+            self.generation += 1
             self.connection = self._new_connection()
             await self.open(ready_timeout)
             self.state = State.READY
@@ -187,6 +197,32 @@ class _KernelState:
             raise
         finally:
             self.restarted.set()
+
+    def release_later(self, object_id: int, generation: int) -> None:
+        """Queue a kept object's release (called by finalizers, from any thread: no I/O here)."""
+        self._releases.append((object_id, generation))
+        try:
+            self.loop.call_soon_threadsafe(self._schedule_release)
+        except RuntimeError:
+            pass  # the loop is closed: the kernel is gone or going
+
+    def _schedule_release(self) -> None:
+        if self._release_task is None or self._release_task.done():
+            self._release_task = asyncio.ensure_future(self._flush_releases())
+
+    async def _flush_releases(self) -> None:
+        """Send every queued release in one request."""
+        await asyncio.sleep(0)  # let finalizers of one collection queue together
+        ids = []
+        while self._releases:
+            object_id, generation = self._releases.popleft()
+            if generation == self.generation:
+                ids.append(object_id)
+        if ids and self.state is State.READY and self.connection.dead is None:
+            try:
+                await self.request({"op": "release", "ids": ids}, [], None)
+            except Exception as exc:  # the kernel went away: its objects went with it
+                log.debug("releasing kept objects failed: %r", exc)
 
     async def usable_transport_or_dead(self) -> None:
         """Like usable_transport(), but a dead kernel is fine (restart is how one recovers)."""
@@ -265,9 +301,10 @@ class AsyncKernel:
     Every method is a coroutine except ``submit``, ``remote`` and ``options``.
     """
 
-    def __init__(self, state: _KernelState, options: CallOptions) -> None:
+    def __init__(self, state: _KernelState, options: CallOptions, portal: Portal | None = None) -> None:
         self._state = state
         self._options = options
+        self._portal = portal  # set for the blocking Kernel's view: its RemoteRefs then block too
 
     # ------------------------------------------------------------------ views and info
 
@@ -278,7 +315,7 @@ class AsyncKernel:
             options = dataclasses.replace(options, timeout=timeout)
         if not isinstance(output, Unset):
             options = dataclasses.replace(options, output=output)
-        return AsyncKernel(self._state, options)
+        return AsyncKernel(self._state, options, self._portal)
 
     @property
     def call_options(self) -> CallOptions:
@@ -300,10 +337,41 @@ class AsyncKernel:
 
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` in the kernel and return its result."""
-        frames = serialization.dumps((fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs))
-        _, out = await self._request({"op": "call"}, frames, self._options.timeout, f"call of {_name(fn)}")
+        _, out = await self._call(fn, args, kwargs, keep=False)
         result: T = serialization.loads(out, what=f"the result of {_name(fn)}")
         return result
+
+    async def call_ref(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteRef:
+        """Run ``fn(*args, **kwargs)`` in the kernel and keep the result there: return a RemoteRef to it."""
+        reply, _ = await self._call(fn, args, kwargs, keep=True)
+        return self._new_ref(reply)
+
+    async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], keep: bool) -> Message:
+        with pickling_for(self._state):
+            frames = serialization.dumps((fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs))
+        header = {"op": "call", "keep": keep}
+        return await self._request(header, frames, self._options.timeout, f"call of {_name(fn)}")
+
+    async def ref(self, name: str, *, timeout: float | None = None) -> RemoteRef:
+        """A RemoteRef to the object a kernel variable names now (KeyError if there is none)."""
+        _check_names((name,))
+        reply, _ = await self._request({"op": "ref_name", "name": name}, [], timeout, f"ref({name!r})")
+        return self._new_ref(reply)
+
+    def _new_ref(self, reply: dict[str, Any]) -> RemoteRef:
+        return RemoteRef(self, _Root(self._state, reply["ref"]), (), self._portal)
+
+    async def _ref_eval(self, root: _Root, path: tuple[Any, ...], keep: bool, portal: Portal | None) -> Any:
+        """Evaluate a RemoteRef's path in one round trip: its value, or (keep) a new RemoteRef."""
+        check_fresh(root)
+        with pickling_for(self._state):
+            frames = serialization.dumps(path, parts={"the ref's arguments": path}) if path else []
+        header = {"op": "ref_eval", "root": root.id, "keep": keep}
+        what = f"RemoteRef #{root.id}"
+        reply, out = await self._request(header, frames, self._options.timeout, what)
+        if keep:
+            return RemoteRef(self, _Root(self._state, reply["ref"]), (), portal)
+        return serialization.loads(out, what=f"the value of {what}")
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Task[T]:
         """Start ``call(fn, *args, **kwargs)`` as a task and return it."""
@@ -326,7 +394,8 @@ class AsyncKernel:
             raise ValueError(f"push() needs variable names that are identifiers, got {bad!r}")
         if not merged:
             return
-        frames = serialization.dumps(merged, parts=merged)
+        with pickling_for(self._state):
+            frames = serialization.dumps(merged, parts=merged)
         await self._request({"op": "push"}, frames, self._options.timeout, f"push of {', '.join(merged)}")
 
     async def pull(self, *names: str, timeout: float | None = None) -> Any:

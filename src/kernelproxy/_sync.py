@@ -13,6 +13,7 @@ from typing import Any, Callable, TypeVar
 
 from ._kernel import AsyncKernel
 from ._portal import Portal
+from ._refs import RemoteRef
 from ._types import UNSET, CallOptions, KernelInfo, Output, Unset
 
 T = TypeVar("T")
@@ -28,7 +29,7 @@ class Kernel:
     """
 
     def __init__(self, core: AsyncKernel, portal: Portal) -> None:
-        self._core = core
+        self._core = AsyncKernel(core._state, core.call_options, portal)  # a view whose RemoteRefs block
         self._portal = portal
 
     @property
@@ -54,6 +55,14 @@ class Kernel:
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` in the kernel and return its result."""
         return self._portal.run(self._core.call(fn, *args, **kwargs))
+
+    def call_ref(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteRef:
+        """Run ``fn(*args, **kwargs)`` in the kernel, keep the result there, return a RemoteRef to it."""
+        return self._portal.run(self._core.call_ref(fn, *args, **kwargs))
+
+    def ref(self, name: str, *, timeout: float | None = None) -> RemoteRef:
+        """A RemoteRef to the object a kernel variable names now."""
+        return self._portal.run(self._core.ref(name, timeout=timeout))
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         """Start ``call(fn, *args, **kwargs)`` and return a concurrent.futures.Future[Any]."""

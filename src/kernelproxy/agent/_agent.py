@@ -29,7 +29,17 @@ eval       expr: str                   (none)
 delete     names: [str]                (none)
 contains   name: str                   (none)
 echo       (none)                      any; returned as they came
+ref_name   name: str                   (none)
+ref_eval   root: int, keep: bool       pickle of the path (tuple of steps)
+release    ids: [int]                  (none)
 =========  ==========================  ======================================
+
+``call`` with ``keep: true`` keeps the result here instead of returning it.
+Kept objects live in ``_objects`` under an id, until the host releases them;
+a reply that keeps one carries ``ref: {"id", "type", "repr"}``. A path step is
+``("getattr", name)``, ``("getitem", key)``, ``("call", args, kwargs)`` or
+``("op", operator_name, args)``; a RemoteRef inside arguments unpickles here
+as ``resolve(id, path)``: the kernel's own object.
 
 Reply headers:
 
@@ -205,7 +215,8 @@ def _compile(source, mode):
 
 def _op_call(header, frames, ns):
     fn, args, kwargs = _load_request(frames)
-    return _value_reply(fn(*args, **kwargs))
+    result = fn(*args, **kwargs)
+    return _keep(result) if header.get("keep") else _value_reply(result)
 
 
 def _op_push(header, frames, ns):
@@ -244,6 +255,65 @@ def _op_contains(header, frames, ns):
     return _ok(result=header["name"] in ns)
 
 
+_objects = {}  # id -> object the host holds a RemoteRef to
+_next_object_id = [0]
+
+
+def _keep(value):
+    """Keep ``value`` for the host; return the reply describing the new reference."""
+    _next_object_id[0] += 1
+    _objects[_next_object_id[0]] = value
+    try:
+        text = repr(value)
+    except BaseException as exc:
+        text = "<repr failed: %s>" % type(exc).__name__
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return _ok(ref={"id": _next_object_id[0], "type": _type_name(value), "repr": text})
+
+
+def resolve(object_id, path=()):
+    """The object a RemoteRef stands for: its kept root, then each step of its path."""
+    try:
+        target = _objects[object_id]
+    except KeyError:
+        raise LookupError("no kept object %d in this kernel: it was released, or the kernel restarted" % object_id)
+    import operator
+
+    for step in path:
+        kind = step[0]
+        if kind == "getattr":
+            target = getattr(target, step[1])
+        elif kind == "getitem":
+            target = target[step[1]]
+        elif kind == "call":
+            target = target(*step[1], **step[2])
+        elif kind == "op":  # an operator module function, or len
+            function = len if step[1] == "len" else getattr(operator, step[1])
+            target = function(target, *step[2])
+        else:
+            raise ValueError("unknown path step %r (protocol corruption or version mismatch?)" % (kind,))
+    return target
+
+
+def _op_ref_name(header, frames, ns):
+    name = header["name"]
+    if name not in ns:
+        raise KeyError("not defined in the kernel: %s" % name)
+    return _keep(ns[name])
+
+
+def _op_ref_eval(header, frames, ns):
+    value = resolve(header["root"], _load_request(frames) if frames else ())
+    return _keep(value) if header.get("keep") else _value_reply(value)
+
+
+def _op_release(header, frames, ns):
+    for object_id in header["ids"]:
+        _objects.pop(object_id, None)
+    return _ok(alive=len(_objects))
+
+
 def _op_echo(header, frames, ns):
     """Return the frames as received: transports use it to prove binary buffers survive the path."""
     return _ok()[0], list(frames)
@@ -258,6 +328,9 @@ HANDLERS = {
     "delete": _op_delete,
     "contains": _op_contains,
     "echo": _op_echo,
+    "ref_name": _op_ref_name,
+    "ref_eval": _op_ref_eval,
+    "release": _op_release,
 }
 
 
