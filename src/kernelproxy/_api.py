@@ -79,13 +79,7 @@ async def start_async(
     check_transport_name(transport)  # before anything starts
     spec_manager = _ThisPythonFirst()
     spec_manager.python = python
-    private_dir = None
-    is_ipykernel = python is not None or kernel_name == "python3"  # other kernels may not support IPC
-    if os.name == "posix" and is_ipykernel and "ip" not in options:
-        # IPC sockets in a directory only we can enter: no other user (or host) can reach the kernel.
-        private_dir = tempfile.mkdtemp(prefix="kernelproxy-")
-        options.update(transport="ipc", ip=os.path.join(private_dir, "kernel"))
-        options.setdefault("connection_file", os.path.join(private_dir, "kernel.json"))
+    private_dir = _private_sockets(kernel_name, python, options)
     manager = AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=spec_manager, **options)
     kernel_env = {**os.environ, **(env or {})}
     try:
@@ -93,14 +87,56 @@ async def start_async(
     except BaseException as exc:
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
-        if isinstance(exc, NoSuchKernel):
-            raise KernelStartError(
-                f"no kernelspec named {kernel_name!r} (see `jupyter kernelspec list`); "
-                "or pass python='/path/to/python' to start that interpreter's ipykernel"
-            ) from exc
-        if isinstance(exc, Exception):
-            raise KernelStartError(f"could not start kernel {kernel_name!r}: {type(exc).__name__}: {exc}") from exc
-        raise
+        error = _start_error(exc, kernel_name)
+        if error is None:
+            raise
+        raise error from exc
+    is_ipykernel = python is not None or kernel_name == "python3"
+    return await _kernel_from_manager(
+        manager, transport, call_options, startup_timeout, private_dir, is_ipykernel=is_ipykernel
+    )
+
+
+def _private_sockets(kernel_name: str, python: str | None, options: dict[str, Any]) -> str | None:
+    """Put an ipykernel's sockets in a fresh private directory (returned), unless the caller chose an ip.
+
+    IPC sockets in a directory only we can enter: no other user (or host) can
+    reach the kernel. Adds the manager options for it to ``options``.
+    """
+    is_ipykernel = python is not None or kernel_name == "python3"  # other kernels may not support IPC
+    if os.name != "posix" or not is_ipykernel or "ip" in options:
+        return None
+    private_dir = tempfile.mkdtemp(prefix="kernelproxy-")
+    options.update(transport="ipc", ip=os.path.join(private_dir, "kernel"))
+    options.setdefault("connection_file", os.path.join(private_dir, "kernel.json"))
+    return private_dir
+
+
+def _start_error(exc: BaseException, kernel_name: str) -> KernelStartError | None:
+    """What to raise when a kernel manager's start_kernel() raised ``exc`` (None: re-raise it)."""
+    if isinstance(exc, NoSuchKernel):
+        return KernelStartError(
+            f"no kernelspec named {kernel_name!r} (see `jupyter kernelspec list`); "
+            "or pass python='/path/to/python' to start that interpreter's ipykernel"
+        )
+    if isinstance(exc, Exception):
+        return KernelStartError(f"could not start kernel {kernel_name!r}: {type(exc).__name__}: {exc}")
+    return None
+
+
+async def _kernel_from_manager(
+    manager: AsyncKernelManager,
+    transport: str,
+    call_options: CallOptions,
+    startup_timeout: float,
+    private_dir: str | None,
+    *,
+    is_ipykernel: bool,
+) -> AsyncKernel:
+    """An AsyncKernel for the kernel ``manager`` has just started (start_async, KernelPool).
+
+    On failure the kernel is shut down and ``private_dir`` removed.
+    """
     client = manager.client(context=_zmq_context())
     state = _KernelState(client, manager, manager.connection_file, transport, private_dir=private_dir)
     try:

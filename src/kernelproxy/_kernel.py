@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 TRANSPORTS = ("auto", "comm", "execute")
 log = logging.getLogger("kernelproxy")
+RELEASE_TIMEOUT = 60.0  # seconds a batch of releases may wait behind other requests
 
 
 def check_transport_name(transport: str) -> None:
@@ -211,17 +212,19 @@ class _KernelState:
             self._release_task = asyncio.ensure_future(self._flush_releases())
 
     async def _flush_releases(self) -> None:
-        """Send every queued release in one request."""
+        """Send the queued releases, a batch per request, until none are left."""
         await asyncio.sleep(0)  # let finalizers of one collection queue together
-        ids = []
-        while self._releases:
-            object_id, generation = self._releases.popleft()
-            if generation == self.generation:
-                ids.append(object_id)
-        if ids and self.state is State.READY and self.connection.dead is None:
+        while self._releases:  # releases queued during a request go in the next batch
+            ids = []
+            while self._releases:
+                object_id, generation = self._releases.popleft()
+                if generation == self.generation:
+                    ids.append(object_id)
+            if not ids or self.state is not State.READY or self.connection.dead is not None:
+                continue
             try:
-                await self.request({"op": "release", "ids": ids}, [], None)
-            except Exception as exc:  # the kernel went away: its objects went with it
+                await asyncio.wait_for(self.request({"op": "release", "ids": ids}, [], None), RELEASE_TIMEOUT)
+            except Exception as exc:  # the kernel went away (its objects with it) or is busy for long
                 log.debug("releasing kept objects failed: %r", exc)
 
     async def usable_transport_or_dead(self) -> None:
@@ -427,9 +430,31 @@ class AsyncKernel:
         header, _ = await self._request({"op": "contains", "name": name}, [], timeout, "contains()")
         return bool(header["result"])
 
-    async def _request(self, header: dict[str, Any], frames: list[Any], timeout: float | None, what: str) -> Message:
+    async def _call_frames(
+        self, frames: list[Any], what: str, timeout: float | None, listener: Callable[[dict[str, Any]], None] | None
+    ) -> Any:
+        """Run a call pickled beforehand (frames of ``(fn, args, kwargs)``); IOPub output goes to ``listener``.
+
+        For KernelPool, which pickles on the caller's thread and labels each task's output.
+        """
+        _, out = await self._request({"op": "call"}, frames, timeout, f"call of {what}", listener)
+        return serialization.loads(out, what=f"the result of {what}")
+
+    async def _push_frames(self, frames: list[Any], names: list[str]) -> None:
+        """Push values pickled beforehand (frames of ``{name: value}``): KernelPool pickles once for all kernels."""
+        await self._request({"op": "push"}, frames, self._options.timeout, f"push of {', '.join(names)}")
+
+    async def _request(
+        self,
+        header: dict[str, Any],
+        frames: list[Any],
+        timeout: float | None,
+        what: str,
+        listener: Callable[[dict[str, Any]], None] | None | Unset = UNSET,
+    ) -> Message:
         timeout = self._options.timeout if timeout is None else timeout
-        listener = _forward_output if self._options.output == "forward" else None
+        if isinstance(listener, Unset):
+            listener = _forward_output if self._options.output == "forward" else None
         request = self._state.request(header, frames, listener)
         try:
             reply, out = await (asyncio.wait_for(request, timeout) if timeout is not None else request)

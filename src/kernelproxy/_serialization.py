@@ -15,7 +15,7 @@ from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
 
-from ._exceptions import SerializationError
+from ._exceptions import KernelProxyError, SerializationError
 
 # Buffers smaller than this stay in-band (must match the agent's OUT_OF_BAND_MIN).
 OUT_OF_BAND_MIN = 64 * 1024
@@ -39,6 +39,8 @@ def dumps(value: Any, *, parts: Mapping[str, Any] | None = None) -> list[memoryv
 
     try:
         main = cloudpickle.dumps(value, protocol=5, buffer_callback=keep_large_out_of_band)
+    except KernelProxyError:
+        raise  # a RemoteRef that may not travel says why itself (stale, or another kernel's)
     except Exception as exc:
         raise SerializationError(_describe_pickling_failure(parts or {"the value": value}, exc)) from exc
     return [memoryview(main), *buffers]
