@@ -14,6 +14,7 @@ from ._exceptions import (
     KernelClosedError,
     KernelDiedError,
     KernelProxyError,
+    KernelRestartedWarning,
     KernelStartError,
     ProtocolError,
     RemoteError,
@@ -21,6 +22,7 @@ from ._exceptions import (
     StaleRefError,
 )
 from ._kernel import AsyncKernel
+from ._pool import AsyncKernelPool, KernelPool
 from ._refs import RemoteRef
 from ._sync import Kernel
 from ._types import CallOptions, KernelInfo
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncKernel",
+    "AsyncKernelPool",
     "CallInterrupted",
     "CallOptions",
     "CallTimeout",
@@ -38,7 +41,9 @@ __all__ = [
     "KernelClosedError",
     "KernelDiedError",
     "KernelInfo",
+    "KernelPool",
     "KernelProxyError",
+    "KernelRestartedWarning",
     "KernelStartError",
     "ProtocolError",
     "RemoteError",

@@ -34,6 +34,7 @@ HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats
 HEARTBEAT_MISSES = 3  # consecutive missed beats before the kernel is declared dead
 PROCESS_POLL_INTERVAL = 0.1  # seconds between exit checks of a local kernel process
 IDLE_GRACE = 5.0  # seconds to wait, after a reply, for the output that precedes 'idle' on IOPub
+INTERRUPT_GRACE = 2.0  # seconds an interrupted request has to answer before we say the kernel ignored it
 
 
 @dataclass(eq=False)
@@ -68,6 +69,8 @@ class KernelConnection:
         self._sockets: dict[str, Any] = {}  # zmq.asyncio sockets (jupyter_client types them as sync)
         self.dead: KernelDiedError | None = None
         self.rejected_messages = 0  # messages dropped for a bad signature or a bad format
+        self.interrupt_ignored = False  # the last abandoned request did not answer its interrupt in time
+        self.abandoned_while_queued = False  # the last abandoned request had not started yet
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -222,18 +225,23 @@ class KernelConnection:
     async def _abandon(self, pending: _Pending) -> None:
         """The caller gave up on ``pending``: stop its remote work, leave the kernel usable."""
         pending.abandoned = True
-        if self._running == pending.msg_id:
+        self.interrupt_ignored = False
+        self.abandoned_while_queued = self._running != pending.msg_id
+        if not self.abandoned_while_queued:
             await self._interrupt_and_wait(pending)
         # Otherwise it is still queued; _read_iopub interrupts it when it starts.
 
     async def _interrupt_and_wait(self, pending: _Pending) -> None:
         try:
             await self._interrupter()
-            await asyncio.wait_for(asyncio.shield(pending.reply), 5)
-        except Exception as exc:  # the reply will be dropped when it comes
+            await asyncio.wait_for(asyncio.shield(pending.reply), INTERRUPT_GRACE)
+        except asyncio.TimeoutError:
+            self.interrupt_ignored = True  # stuck in code that ignores SIGINT; its reply is dropped if it comes
+        except Exception as exc:
             log.debug("interrupting an abandoned request: %r", exc)
         finally:
-            self._pending.pop(pending.msg_id, None)
+            if pending.reply.done() or self.dead is not None:
+                self._pending.pop(pending.msg_id, None)
 
     # ------------------------------------------------------------------ readers
 
@@ -302,6 +310,14 @@ class KernelConnection:
 
     # ------------------------------------------------------------------ liveness
 
+    async def check_process(self) -> bool:
+        """For a local kernel: declare it dead if its process has exited (one waitpid). Say if it is dead."""
+        if self.dead is None and self._process_check is not None:
+            code = await self._process_check()
+            if code is not None:
+                self.declare_dead(KernelDiedError(f"the kernel process exited (exit code {code})"))
+        return self.dead is not None
+
     async def _monitor(self) -> None:
         """Declare the kernel dead when its process exits or its heartbeat stops."""
         heartbeat = _Heartbeat(self._client)
@@ -310,11 +326,8 @@ class KernelConnection:
         next_beat = loop.time()
         try:
             while self.dead is None:
-                if self._process_check is not None:
-                    code = await self._process_check()
-                    if code is not None:
-                        self.declare_dead(KernelDiedError(f"the kernel process exited (exit code {code})"))
-                        return
+                if await self.check_process():
+                    return
                 if loop.time() >= next_beat:
                     next_beat = loop.time() + HEARTBEAT_INTERVAL
                     misses = 0 if await heartbeat.beat(HEARTBEAT_INTERVAL) else misses + 1

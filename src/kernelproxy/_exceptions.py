@@ -15,6 +15,8 @@ The tree::
     ├── StaleRefError            a RemoteRef was used after its kernel restarted
     └── ProtocolError            a reply kernelproxy cannot read: corruption or a version mismatch
 
+    KernelRestartedWarning (UserWarning)  auto_restart replaced a dead kernel with a fresh one
+
 Exceptions raised by *your* code in the kernel are raised here as their own
 type (``ValueError`` stays ``ValueError``) with the remote traceback attached
 as ``__cause__``; ``RemoteError`` is only the fallback.
@@ -30,6 +32,7 @@ __all__ = [
     "KernelClosedError",
     "KernelDiedError",
     "KernelProxyError",
+    "KernelRestartedWarning",
     "KernelStartError",
     "ProtocolError",
     "RemoteError",
@@ -115,3 +118,7 @@ class StaleRefError(KernelProxyError):
 
 class ProtocolError(KernelProxyError):
     """Raised when a reply cannot be understood: message corruption or a version mismatch."""
+
+
+class KernelRestartedWarning(UserWarning):
+    """Warned when ``start(..., auto_restart=True)`` replaced a dead kernel: its namespace is empty."""

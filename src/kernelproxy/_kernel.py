@@ -16,6 +16,7 @@ import functools
 import logging
 import shutil
 import sys
+import warnings
 import weakref
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
@@ -32,6 +33,7 @@ from ._exceptions import (
     KernelClosedError,
     KernelDiedError,
     KernelProxyError,
+    KernelRestartedWarning,
     KernelStartError,
     ProtocolError,
     RemoteError,
@@ -41,7 +43,7 @@ from ._refs import RemoteRef, _Root, check_fresh, pickling_for
 from ._transports.base import AgentMissingError, Message, Transport
 from ._transports.comm import CommTransport
 from ._transports.execute import ExecuteTransport
-from ._types import UNSET, CallOptions, KernelInfo, Output, Unset
+from ._types import UNSET, CallOptions, KernelInfo, OnTimeout, Output, Unset
 
 if TYPE_CHECKING:
     from ._portal import Portal
@@ -85,6 +87,8 @@ class _KernelState:
         transport: str,
         *,
         private_dir: str | None = None,
+        auto_restart: bool = False,
+        ready_timeout: float = 60.0,
     ) -> None:
         check_transport_name(transport)
         self.client = client
@@ -92,6 +96,10 @@ class _KernelState:
         self.connection_file = connection_file
         self.requested_transport = transport
         self.private_dir = private_dir  # holds the IPC sockets of a kernel we started; removed at close
+        if auto_restart and manager is None:
+            raise ValueError("auto_restart needs a kernel that kernelproxy starts; connect() cannot restart one")
+        self.auto_restart = auto_restart
+        self.ready_timeout = ready_timeout
         self.state = State.READY
         self.restarted = asyncio.Event()
         self.loop = asyncio.get_running_loop()
@@ -159,9 +167,18 @@ class _KernelState:
             await self.restarted.wait()
         if self.state is State.CLOSED:
             raise KernelClosedError("this kernel was shut down; start a new one with kernelproxy.start()")
-        if self.connection.dead is not None:
+        if await self.connection.check_process():  # do not send into a kernel the monitor has not buried yet
+            cause = self.connection.dead
+            if self.auto_restart:
+                if await self.restart(self.ready_timeout, only_if_dead=True):
+                    warnings.warn(
+                        f"the kernel died ({cause}); auto_restart started a fresh one, with an empty namespace",
+                        KernelRestartedWarning,
+                        stacklevel=2,
+                    )
+                return await self.usable_transport()
             advice = "call restart() for a fresh one" if self.owned else "start or connect to another kernel"
-            raise KernelDiedError(f"{self.connection.dead} earlier; {advice}")
+            raise KernelDiedError(f"{cause} earlier; {advice}")
         assert self.transport is not None
         return self.transport
 
@@ -173,13 +190,19 @@ class _KernelState:
             await install_agent(self.connection)
             return await transport.request(header, frames, listener=listener)
 
-    async def restart(self, ready_timeout: float) -> None:
+    async def restart(self, ready_timeout: float, *, only_if_dead: bool = False) -> bool:
+        """Restart the kernel; with ``only_if_dead``, only if no one restarted it meanwhile. Say if it did."""
         if self.manager is None:
             raise KernelProxyError(
                 "restart() needs a kernel that kernelproxy started; this one was connected to with connect(), "
                 "so restart it where it was started"
             )
-        await self.usable_transport_or_dead()
+        while self.state is State.RESTARTING:
+            await self.restarted.wait()
+        if self.state is State.CLOSED:
+            raise KernelClosedError("this kernel was shut down; start a new one with kernelproxy.start()")
+        if only_if_dead and self.connection.dead is None:
+            return False
         self.state = State.RESTARTING
         self.restarted.clear()
         try:
@@ -193,6 +216,7 @@ class _KernelState:
             self.connection = self._new_connection()
             await self.open(ready_timeout)
             self.state = State.READY
+            return True
         except BaseException:
             self.state = State.READY  # calls now report the dead connection instead of waiting
             raise
@@ -227,13 +251,6 @@ class _KernelState:
             except Exception as exc:  # the kernel went away (its objects with it) or is busy for long
                 log.debug("releasing kept objects failed: %r", exc)
 
-    async def usable_transport_or_dead(self) -> None:
-        """Like usable_transport(), but a dead kernel is fine (restart is how one recovers)."""
-        try:
-            await self.usable_transport()
-        except KernelDiedError:
-            pass
-
     async def interrupt(self) -> None:
         await self.usable_transport()
         if self.manager is not None:
@@ -242,11 +259,10 @@ class _KernelState:
             await self.connection.interrupt_by_message()
 
     async def is_alive(self) -> bool:
-        if self.state is State.CLOSED or self.connection.dead is not None:
+        if self.state is State.CLOSED:
             return False
-        if self.manager is not None:
-            return bool(await self.manager.is_alive())
-        return True  # the heartbeat monitor declares a silent kernel dead within seconds
+        # A kernel we started is checked now; others by the heartbeat monitor, which declares a silent one dead.
+        return not await self.connection.check_process()
 
     async def close(self, shutdown: bool) -> None:
         if self.state is State.CLOSED:
@@ -311,13 +327,21 @@ class AsyncKernel:
 
     # ------------------------------------------------------------------ views and info
 
-    def options(self, *, timeout: float | None | Unset = UNSET, output: Output | Unset = UNSET) -> AsyncKernel:
-        """A view of the same kernel whose calls use other options (``timeout``, ``output``)."""
+    def options(
+        self,
+        *,
+        timeout: float | None | Unset = UNSET,
+        output: Output | Unset = UNSET,
+        on_timeout: OnTimeout | Unset = UNSET,
+    ) -> AsyncKernel:
+        """A view of the same kernel whose calls use other options (``timeout``, ``output``, ``on_timeout``)."""
         options = self._options
         if not isinstance(timeout, Unset):
             options = dataclasses.replace(options, timeout=timeout)
         if not isinstance(output, Unset):
             options = dataclasses.replace(options, output=output)
+        if not isinstance(on_timeout, Unset):
+            options = dataclasses.replace(options, on_timeout=on_timeout)
         return AsyncKernel(self._state, options, self._portal)
 
     @property
@@ -459,16 +483,31 @@ class AsyncKernel:
         try:
             reply, out = await (asyncio.wait_for(request, timeout) if timeout is not None else request)
         except asyncio.TimeoutError:
-            dead = self._state.connection.dead
-            aftermath = (
-                f"interrupting the kernel ended it ({dead}); call restart() for a fresh one"
-                if dead is not None
-                else "its remote work was interrupted and the kernel is usable"
-            )
+            aftermath = await self._after_timeout()
             raise CallTimeout(f"{what} did not finish within {timeout} s; {aftermath}") from None
         if reply.get("status") == "ok":
             return reply, out
         raise _reply_error(reply, out, what)
+
+    async def _after_timeout(self) -> str:
+        """Escalate after a timed-out call (its request was already interrupted); say what happened."""
+        connection = self._state.connection
+        if connection.dead is not None:
+            return f"interrupting the kernel ended it ({connection.dead}); call restart() for a fresh one"
+        if connection.abandoned_while_queued:
+            return (
+                "it was still queued behind other work in the kernel (which runs one request at a time); "
+                "it is interrupted as soon as it starts"
+            )
+        if not connection.interrupt_ignored:
+            return "its remote work was interrupted and the kernel is usable"
+        if self._options.on_timeout == "restart" and self._state.owned:
+            await self._state.restart(self._state.ready_timeout)
+            return "the kernel ignored the interrupt, so it was restarted (on_timeout='restart'): its namespace is empty"
+        return (
+            "the kernel ignored the interrupt (stuck in code that blocks SIGINT?) and is still busy: "
+            "call restart(), or use on_timeout='restart' to have timeouts do it"
+        )
 
     # ------------------------------------------------------------------ lifecycle
 

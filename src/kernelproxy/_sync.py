@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 from ._kernel import AsyncKernel
 from ._portal import Portal
 from ._refs import RemoteRef
-from ._types import UNSET, CallOptions, KernelInfo, Output, Unset
+from ._types import UNSET, CallOptions, KernelInfo, OnTimeout, Output, Unset
 
 T = TypeVar("T")
 
@@ -37,9 +37,15 @@ class Kernel:
         """The AsyncKernel behind this Kernel (bound to kernelproxy's IO thread)."""
         return self._core
 
-    def options(self, *, timeout: float | None | Unset = UNSET, output: Output | Unset = UNSET) -> Kernel:
+    def options(
+        self,
+        *,
+        timeout: float | None | Unset = UNSET,
+        output: Output | Unset = UNSET,
+        on_timeout: OnTimeout | Unset = UNSET,
+    ) -> Kernel:
         """A view of the same kernel with other call options: ``k.options(timeout=2).call(f)``."""
-        return Kernel(self._core.options(timeout=timeout, output=output), self._portal)
+        return Kernel(self._core.options(timeout=timeout, output=output, on_timeout=on_timeout), self._portal)
 
     @property
     def call_options(self) -> CallOptions:

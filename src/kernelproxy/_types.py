@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 Output = Literal["forward", "discard"]
+OnTimeout = Literal["interrupt", "restart"]
 
 
 class Unset(enum.Enum):
@@ -25,16 +26,23 @@ class CallOptions:
     timeout: seconds a call may take before CallTimeout (None: no limit).
     output: "forward" writes the kernel's stdout/stderr to this process's
         sys.stdout/sys.stderr as it arrives; "discard" drops it.
+    on_timeout: what a timeout does. "interrupt" interrupts the kernel; if the
+        kernel ignores the interrupt (stuck in C code), CallTimeout says so and
+        the kernel stays busy. "restart" then also restarts the kernel (one
+        kernelproxy started), emptying its namespace.
     """
 
     timeout: Optional[float] = None
     output: Output = "forward"
+    on_timeout: OnTimeout = "interrupt"
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds or None, not {self.timeout!r}")
         if self.output not in ("forward", "discard"):
             raise ValueError(f"output must be 'forward' or 'discard', not {self.output!r}")
+        if self.on_timeout not in ("interrupt", "restart"):
+            raise ValueError(f"on_timeout must be 'interrupt' or 'restart', not {self.on_timeout!r}")
 
 
 @dataclass(frozen=True)
