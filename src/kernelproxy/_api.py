@@ -20,7 +20,7 @@ from ._exceptions import ConnectionFileError, KernelDiedError, KernelStartError
 from ._kernel import AsyncKernel, _KernelState, check_transport_name
 from ._portal import get_portal
 from ._sync import Kernel
-from ._types import CallOptions, Output
+from ._types import CallOptions, OnTimeout, Output
 
 DEFAULT_STARTUP_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -72,10 +72,12 @@ async def start_async(
     transport: str = "auto",
     timeout: float | None = None,
     output: Output = "forward",
+    on_timeout: OnTimeout = "interrupt",
+    auto_restart: bool = False,
     **options: Any,
 ) -> AsyncKernel:
     """Start a local kernel and return an AsyncKernel for it (see ``start``)."""
-    call_options = CallOptions(timeout=timeout, output=output)
+    call_options = CallOptions(timeout=timeout, output=output, on_timeout=on_timeout)
     check_transport_name(transport)  # before anything starts
     spec_manager = _ThisPythonFirst()
     spec_manager.python = python
@@ -93,7 +95,13 @@ async def start_async(
         raise error from exc
     is_ipykernel = python is not None or kernel_name == "python3"
     return await _kernel_from_manager(
-        manager, transport, call_options, startup_timeout, private_dir, is_ipykernel=is_ipykernel
+        manager,
+        transport,
+        call_options,
+        startup_timeout,
+        private_dir,
+        is_ipykernel=is_ipykernel,
+        auto_restart=auto_restart,
     )
 
 
@@ -132,13 +140,22 @@ async def _kernel_from_manager(
     private_dir: str | None,
     *,
     is_ipykernel: bool,
+    auto_restart: bool = False,
 ) -> AsyncKernel:
     """An AsyncKernel for the kernel ``manager`` has just started (start_async, KernelPool).
 
     On failure the kernel is shut down and ``private_dir`` removed.
     """
     client = manager.client(context=_zmq_context())
-    state = _KernelState(client, manager, manager.connection_file, transport, private_dir=private_dir)
+    state = _KernelState(
+        client,
+        manager,
+        manager.connection_file,
+        transport,
+        private_dir=private_dir,
+        auto_restart=auto_restart,
+        ready_timeout=startup_timeout,
+    )
     try:
         await state.open(startup_timeout)
     except BaseException as exc:
@@ -161,9 +178,10 @@ async def connect_async(
     transport: str = "auto",
     timeout: float | None = None,
     output: Output = "forward",
+    on_timeout: OnTimeout = "interrupt",
 ) -> AsyncKernel:
     """Connect to a running kernel by its connection file (see ``connect``)."""
-    call_options = CallOptions(timeout=timeout, output=output)
+    call_options = CallOptions(timeout=timeout, output=output, on_timeout=on_timeout)
     check_transport_name(transport)
     path = resolve_connection_file(connection_file)
     info = read_connection_file(path)
@@ -229,6 +247,8 @@ def start(
     transport: str = "auto",
     timeout: float | None = None,
     output: Output = "forward",
+    on_timeout: OnTimeout = "interrupt",
+    auto_restart: bool = False,
     **options: Any,
 ) -> Kernel:
     """Start a local kernel and return a Kernel for it.
@@ -240,8 +260,10 @@ def start(
     cwd, env: the kernel's working directory, and variables added to this
         process's environment for it.
     startup_timeout: seconds to wait for the kernel to answer.
-    transport: "auto" or "execute".
-    timeout, output: default call options (see ``Kernel.options``).
+    transport: "auto" (comm where the kernel supports it, else execute), "comm" or "execute".
+    timeout, output, on_timeout: default call options (see ``CallOptions``).
+    auto_restart: when the kernel dies, the next call starts a fresh one
+        (with a KernelRestartedWarning) instead of raising KernelDiedError.
     options: passed to jupyter_client's AsyncKernelManager.
     """
     portal = get_portal()
@@ -255,6 +277,8 @@ def start(
             transport=transport,
             timeout=timeout,
             output=output,
+            on_timeout=on_timeout,
+            auto_restart=auto_restart,
             **options,
         )
     )
@@ -268,6 +292,7 @@ def connect(
     transport: str = "auto",
     timeout: float | None = None,
     output: Output = "forward",
+    on_timeout: OnTimeout = "interrupt",
 ) -> Kernel:
     """Connect to a running kernel by connection file: a path, or a fragment such as "kernel-1234".
 
@@ -277,7 +302,12 @@ def connect(
     portal = get_portal()
     core = portal.run(
         connect_async(
-            connection_file, startup_timeout=startup_timeout, transport=transport, timeout=timeout, output=output
+            connection_file,
+            startup_timeout=startup_timeout,
+            transport=transport,
+            timeout=timeout,
+            output=output,
+            on_timeout=on_timeout,
         )
     )
     return Kernel(core, portal)
