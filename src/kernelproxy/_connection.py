@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
-from ._exceptions import KernelDiedError
+from ._exceptions import KernelDiedError, SerializationError
 
 log = logging.getLogger("kernelproxy")
 
@@ -34,6 +34,7 @@ HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats
 HEARTBEAT_MISSES = 3  # consecutive missed beats before the kernel is declared dead
 PROCESS_POLL_INTERVAL = 0.1  # seconds between exit checks of a local kernel process
 IDLE_GRACE = 5.0  # seconds to wait, after a reply, for the output that precedes 'idle' on IOPub
+DIGEST_HISTORY_SIZE = 4096
 INTERRUPT_GRACE = 2.0  # seconds an interrupted request has to answer before we say the kernel ignored it
 
 
@@ -61,6 +62,9 @@ class KernelConnection:
     ) -> None:
         self._client = client
         self.session = client.session
+        # jupyter_client remembers every signature it verified (replay protection), up to 65,536 per
+        # session: ~12 MB. Replies that match no pending request are dropped anyway, so keep fewer.
+        self.session.digest_history_size = DIGEST_HISTORY_SIZE
         self._process_check = process_check
         self._interrupter = interrupter or self.interrupt_by_message
         self._pending: dict[str, _Pending] = {}
@@ -139,11 +143,14 @@ class KernelConnection:
         if self.dead is not None:
             raise self.dead
         msg = self.session.msg(msg_type, content)
+        try:
+            frames = self.session.serialize(msg)  # before registering: a request that cannot be sent leaves no trace
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError included: a lone surrogate in a name...
+            raise SerializationError(f"cannot encode the {msg_type} (its JSON part): {exc}") from exc
         msg_id = msg["header"]["msg_id"]
         pending = _Pending(msg_id, asyncio.get_running_loop().create_future(), listener=listener, comm_id=comm_id)
         pending.reply.add_done_callback(_consume_outcome)  # an abandoned request's failure is nobody's error
         self._pending[msg_id] = pending
-        frames = self.session.serialize(msg)
         try:
             await self._sockets[channel].send_multipart([*frames, *(buffers or [])], copy=False)
             # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits

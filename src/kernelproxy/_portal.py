@@ -47,21 +47,47 @@ class Portal:
         On KeyboardInterrupt the call is cancelled (which interrupts its remote
         work) before the KeyboardInterrupt propagates, so the kernel stays consistent.
         """
-        finished = threading.Event()
+        done = threading.Lock()
+        done.acquire()
+        outcome: list[Any] = []
 
-        async def run_and_signal() -> T:
+        def signal_done() -> None:
             try:
-                return await coro
+                done.release()
+            except RuntimeError:  # already released: cancelled just as it started
+                pass
+
+        async def run_and_signal() -> None:
+            outcome.append(None)  # marks "started": from here on, finally signals
+            try:
+                outcome[0] = await coro
+            except BaseException as exc:
+                outcome[0] = _Failure(exc)
             finally:
-                finished.set()
+                signal_done()
 
         future = self.submit(run_and_signal())
+        future.add_done_callback(lambda _: None if outcome else signal_done())  # cancelled before it ran
         try:
-            return future.result()
+            # Wait in slices on a private lock: signals and _thread.interrupt_main() get through at once,
+            # and a KeyboardInterrupt cannot land inside a lock another thread needs.
+            while not done.acquire(timeout=0.1):
+                pass
         except KeyboardInterrupt:
             future.cancel()
-            finished.wait(CANCEL_GRACE)  # the cancelled call interrupts its remote work meanwhile
+            done.acquire(timeout=CANCEL_GRACE)  # the cancelled call interrupts its remote work meanwhile
             raise
+        result: Any = outcome[0]
+        if isinstance(result, _Failure):
+            raise result.exception
+        return result  # type: ignore[no-any-return]
+
+
+class _Failure:
+    """A coroutine's exception, carried back to the waiting thread."""
+
+    def __init__(self, exception: BaseException) -> None:
+        self.exception = exception
 
 
 _portal: Portal | None = None

@@ -277,7 +277,9 @@ def resolve(object_id, path=()):
     try:
         target = _objects[object_id]
     except KeyError:
-        raise LookupError("no kept object %d in this kernel: it was released, or the kernel restarted" % object_id)
+        raise LookupError(
+            "no kept object %d in this kernel: it was released, or the kernel restarted" % object_id
+        ) from None
     import operator
 
     for step in path:
@@ -334,18 +336,44 @@ HANDLERS = {
 }
 
 
+# Header fields each op needs, and their types: a request that lacks them is malformed, not a user error.
+# A field's spec is a type, or (list, item type).
+_FIELDS = {
+    "pull": {"names": (list, str)},
+    "exec": {"code": str},
+    "eval": {"expr": str},
+    "delete": {"names": (list, str)},
+    "contains": {"name": str},
+    "ref_name": {"name": str},
+    "ref_eval": {"root": int},
+    "release": {"ids": (list, int)},
+}
+
+
+def _conforms(value, spec):
+    if isinstance(spec, tuple):
+        return isinstance(value, spec[0]) and all(isinstance(item, spec[1]) for item in value)
+    return isinstance(value, spec)
+
+
+def _malformed(header):
+    """Why ``header`` is not a request this agent understands, or None if it is one."""
+    if not isinstance(header, dict) or not isinstance(header.get("op"), str) or header["op"] not in HANDLERS:
+        op = header.get("op") if isinstance(header, dict) else header
+        return "unknown request %r (protocol corruption or version mismatch? agent protocol %d)" % (op, PROTOCOL)
+    for field, spec in _FIELDS.get(header["op"], {}).items():
+        if not _conforms(header.get(field), spec):
+            return "request %r has no valid field %r" % (header["op"], field)
+    return None
+
+
 def dispatch(header, frames, ns):
     """Run one request; always return a reply, never raise (the kernel must survive any input)."""
     try:
-        handler = HANDLERS.get(header.get("op")) if isinstance(header, dict) else None
-        if handler is None:
-            return _error(
-                "protocol",
-                "ProtocolError",
-                "unknown request %r (protocol corruption or version mismatch? agent protocol %d)"
-                % (header if not isinstance(header, dict) else header.get("op"), PROTOCOL),
-            )
-        return handler(header, frames, ns)
+        problem = _malformed(header)
+        if problem is not None:
+            return _error("protocol", "ProtocolError", problem)
+        return HANDLERS[header["op"]](header, frames, ns)
     except _RequestUnpicklingError as exc:
         return _error("deserialize", "SerializationError", str(exc), _user_traceback(exc))
     except KeyboardInterrupt as exc:
@@ -460,7 +488,10 @@ def put(tid, index, offset, text=None):
     if text is None:
         text = _content_field()
     data = _b64decode(text)
-    _uploads[tid][index][offset : offset + len(data)] = data
+    frame = _uploads[tid][index]
+    if offset < 0 or offset + len(data) > len(frame):
+        raise ValueError("chunk [%d, %d) outside frame %d of %d bytes" % (offset, offset + len(data), index, len(frame)))
+    frame[offset : offset + len(data)] = data
 
 
 def get(tid, index, offset, size, last=False):
@@ -529,15 +560,19 @@ def _on_comm_open(comm, open_msg):
     digest = DIGESTS[algorithm]
 
     def on_msg(msg):
-        data = msg["content"]["data"]
-        frames = msg.get("buffers") or []
-        if not isinstance(data, dict) or data.get("digest") != digest(frames):
-            reply, out = _error(
-                "protocol", "ProtocolError", "the request's binary buffers do not match its signed digest; refused"
-            )
-        else:
-            user_ns = sys.modules["IPython"].get_ipython().user_ns
-            reply, out = dispatch(data.get("header"), frames, user_ns)
+        try:
+            content = msg.get("content") if isinstance(msg, dict) else None
+            data = content.get("data") if isinstance(content, dict) else None
+            frames = list(msg.get("buffers") or [])
+            if not isinstance(data, dict) or data.get("digest") != digest(frames):
+                reply, out = _error(
+                    "protocol", "ProtocolError", "the request's binary buffers do not match its signed digest; refused"
+                )
+            else:
+                user_ns = sys.modules["IPython"].get_ipython().user_ns
+                reply, out = dispatch(data.get("header"), frames, user_ns)
+        except BaseException as exc:  # malformed beyond reading: still answer, never leave the host waiting
+            reply, out = _error("protocol", type(exc).__name__, "malformed request: %s" % exc)
         comm.send({"header": reply, "digest": digest(out)}, buffers=out)
 
     comm.on_msg(on_msg)
