@@ -84,9 +84,10 @@ class ExternalKernel:
         return self.connection_file.stem.replace("kernel-", "")
 
 
-def start_external_kernel(directory: Path) -> ExternalKernel:
+def start_external_kernel(directory: Path, *, key: bytes | None = None) -> ExternalKernel:
+    """An ipykernel started by hand, as Jupyter does; ``key=b""`` makes one that accepts unsigned messages."""
     path = directory / f"kernel-{uuid.uuid4().hex}.json"
-    write_connection_file(str(path), ip="127.0.0.1", key=uuid.uuid4().hex.encode("ascii"))
+    write_connection_file(str(path), ip="127.0.0.1", key=uuid.uuid4().hex.encode("ascii") if key is None else key)
     process = subprocess.Popen(
         [sys.executable, "-m", KERNEL_MARKER, "-f", str(path)],
         stdin=subprocess.DEVNULL,

@@ -235,3 +235,16 @@ def test_started_kernels_listen_on_ipc_with_a_fresh_strong_key(kernel, transport
         assert host_key == info["key"].encode(), "the host does not sign with the connection file's key"
         keys.append(info["key"])
     assert keys[0] != keys[1], "two kernels share a key"
+
+
+def test_keyless_kernel_is_refused_unless_the_user_opts_in(tmp_path):
+    from helpers import start_external_kernel, stop_external_kernel
+
+    external = start_external_kernel(tmp_path, key=b"")
+    try:
+        with pytest.raises(kernelproxy.ConnectionFileError, match="allow_unsigned=True"):
+            kernelproxy.connect(external.connection_file, startup_timeout=30)
+        with kernelproxy.connect(external.connection_file, startup_timeout=30, allow_unsigned=True) as kernel:
+            assert kernel.call(int, "7") == 7
+    finally:
+        stop_external_kernel(external)

@@ -179,12 +179,13 @@ async def connect_async(
     timeout: float | None = None,
     output: Output = "forward",
     on_timeout: OnTimeout = "interrupt",
+    allow_unsigned: bool = False,
 ) -> AsyncKernel:
     """Connect to a running kernel by its connection file (see ``connect``)."""
     call_options = CallOptions(timeout=timeout, output=output, on_timeout=on_timeout)
     check_transport_name(transport)
     path = resolve_connection_file(connection_file)
-    info = read_connection_file(path)
+    info = read_connection_file(path, allow_unsigned=allow_unsigned)
     client = AsyncKernelClient(context=_zmq_context())
     client.load_connection_info(info)  # type: ignore[arg-type]
     state = _KernelState(client, None, path, transport)
@@ -216,7 +217,7 @@ def resolve_connection_file(connection_file: str | os.PathLike[str]) -> str:
         ) from None
 
 
-def read_connection_file(path: str) -> dict[str, Any]:
+def read_connection_file(path: str, *, allow_unsigned: bool = False) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as file:
             info = json.load(file)
@@ -229,10 +230,11 @@ def read_connection_file(path: str) -> dict[str, Any]:
     missing = [key for key in REQUIRED_CONNECTION_KEYS if key not in info]
     if missing:
         raise ConnectionFileError(f"connection file {path} lacks {', '.join(missing)}")
-    if not info["key"]:
+    if not info["key"] and not allow_unsigned:
         raise ConnectionFileError(
             f"connection file {path} has an empty key: its kernel accepts unsigned messages from anyone "
-            "who can reach its ports, and kernelproxy would unpickle whatever arrives. Refusing to connect."
+            "who can reach its ports, and kernelproxy would unpickle whatever arrives. Refusing to connect; "
+            "pass allow_unsigned=True if you trust everyone who can reach those ports."
         )
     return info
 
@@ -293,11 +295,14 @@ def connect(
     timeout: float | None = None,
     output: Output = "forward",
     on_timeout: OnTimeout = "interrupt",
+    allow_unsigned: bool = False,
 ) -> Kernel:
     """Connect to a running kernel by connection file: a path, or a fragment such as "kernel-1234".
 
     The kernel keeps running after ``close()`` or the end of a ``with`` block;
-    only ``shutdown()`` stops it.
+    only ``shutdown()`` stops it. A connection file without a key is refused
+    unless ``allow_unsigned=True``: anyone who reaches such a kernel's ports
+    could send what kernelproxy unpickles.
     """
     portal = get_portal()
     core = portal.run(
@@ -308,6 +313,7 @@ def connect(
             timeout=timeout,
             output=output,
             on_timeout=on_timeout,
+            allow_unsigned=allow_unsigned,
         )
     )
     return Kernel(core, portal)

@@ -63,7 +63,8 @@ def loads(frames: list[Any], *, what: str = "the kernel's reply") -> Any:
         if isinstance(exc, (ModuleNotFoundError, AttributeError)):
             hint = (
                 " The value's class probably exists only in the kernel: import or define it on the host,"
-                " or keep the value in the kernel and fetch only what you need."
+                " or keep the value in the kernel (call_ref() instead of call(), ref() instead of pull())"
+                " and fetch only what you need."
             )
         raise SerializationError(
             f"could not unpickle {what} on the host: {type(exc).__name__}: {exc}.{hint}"
