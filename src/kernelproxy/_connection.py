@@ -134,8 +134,7 @@ class KernelConnection:
 
         With a ``listener``, IOPub messages caused by the request are passed
         to it until the kernel reports 'idle', and the reply is returned only
-        after that, so no output is lost behind it (comm replies excepted: they
-        come on IOPub after the output).
+        after that, so no output is lost behind it.
         With a ``comm_id``, the reply is the comm_msg (or comm_close) the
         request causes on that comm, as comm messages have no shell reply.
         If the caller is cancelled, the request is abandoned: interrupted if the
@@ -156,8 +155,7 @@ class KernelConnection:
             await self._sockets[channel].send_multipart([*frames, *(buffers or [])], copy=False)
             # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits
             reply = await asyncio.shield(pending.reply)
-            # A comm reply travels on IOPub behind the call's output (the agent queues it first): no 'idle' needed.
-            if listener is not None and comm_id is None:
+            if listener is not None:
                 try:
                     await asyncio.wait_for(pending.idle.wait(), IDLE_GRACE)
                 except asyncio.TimeoutError:

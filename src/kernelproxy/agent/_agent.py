@@ -541,23 +541,6 @@ def _digest_available(name):
     return name in DIGESTS
 
 
-def _queue_output_flush():
-    """Queue the call's pending output on IOPub ahead of the reply, so the host needs no 'idle' to know it has all.
-
-    ipykernel's streams publish from their IOPub thread, which also sends the reply: scheduling the
-    flush there orders it first without blocking. Other streams are flushed directly.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            pub_thread = getattr(stream, "pub_thread", None)
-            if pub_thread is not None and hasattr(stream, "_flush"):
-                pub_thread.schedule(stream._flush)
-            elif stream is not None:
-                stream.flush()
-        except Exception:
-            pass
-
-
 def listen():
     """Register the comm target (idempotent); return True if this kernel has comms."""
     try:
@@ -590,7 +573,6 @@ def _on_comm_open(comm, open_msg):
                 reply, out = dispatch(data.get("header"), frames, user_ns)
         except BaseException as exc:  # malformed beyond reading: still answer, never leave the host waiting
             reply, out = _error("protocol", type(exc).__name__, "malformed request: %s" % exc)
-        _queue_output_flush()
         comm.send({"header": reply, "digest": digest(out)}, buffers=out)
 
     comm.on_msg(on_msg)
