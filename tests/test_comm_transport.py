@@ -65,3 +65,13 @@ def test_large_values_arrive_writable_and_intact(comm_kernel):
     assert back.flags.writeable
     back[0] = 1.0  # writable memory, received without a copy
     np.testing.assert_array_equal(back[1:], array[1:])
+
+
+def test_thousands_of_concurrent_calls_all_complete(comm_kernel):
+    # Comm replies ride on IOPub, whose PUB socket drops past its high-water mark: none may be lost.
+    import concurrent.futures
+
+    futures = [comm_kernel.submit(int, str(i)) for i in range(3000)]
+    done, not_done = concurrent.futures.wait(futures, timeout=90)
+    assert not not_done, f"{len(not_done)} of 3000 calls never completed"
+    assert [future.result() for future in futures] == list(range(3000))

@@ -87,6 +87,9 @@ class KernelConnection:
         }
         for sock in self._sockets.values():
             sock.linger = 0
+        # A PUB socket drops what a subscriber's queue cannot hold, and comm replies travel on IOPub:
+        # let libzmq's IO thread buffer everything on our side so the kernel's queue never fills.
+        self._sockets["iopub"].rcvhwm = 0
         self.dead = None
         self._running = None
         self._tasks = [

@@ -190,7 +190,6 @@ class _Task:
     retries_left: int
     started: bool = False
     abandoned: bool = False  # its caller no longer wants it (map() closed early)
-    running: asyncio.Future[Any] | None = None  # the remote call in flight
     behind: _Task | None = None  # the task its kernel was busy with when it was sent there
     ended: bool = False  # its call ended, other than by the death of its kernel
 
@@ -208,6 +207,11 @@ def _by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _RUN_CHUNK = _by_value(_run_chunk)
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _name(fn: Any) -> str:
@@ -428,13 +432,16 @@ class _PoolCore:
                         count -= 1
 
     def abandon(self, tasks: list[_Task]) -> None:
-        """The caller gave these up (map() closed early): cancel queued ones, interrupt running ones."""
+        """The caller gave these up (map() closed early): cancel those not yet sent to a kernel.
+
+        Those already sent run to the end, as with concurrent.futures; their
+        results are dropped and they are not retried. Interrupting them would
+        race: the interrupt can land on the kernel's next call instead.
+        """
         for task in tasks:
             task.abandoned = True
             if not task.started:
                 task.sink.cancel()
-            elif task.running is not None:
-                task.running.cancel()
 
     def cancel_queued(self) -> None:
         kept = collections.deque(task for task in self.queue if task.started or not task.sink.cancel())
@@ -666,7 +673,6 @@ class _PoolCore:
         slot.holding.append(task)
         output = _TaskOutput(task.id) if task.options.output == "forward" else None
         request = asyncio.ensure_future(kernel._call_frames(task.frames, task.name, task.options.timeout, output))
-        task.running = request
         if isinstance(task.sink, _LoopSink):  # cancelling an asyncio future interrupts its remote work
             task.sink.future.add_done_callback(lambda future: request.cancel() if future.cancelled() else None)
         self.running += 1
@@ -678,7 +684,6 @@ class _PoolCore:
                 task.sink.fail(KernelClosedError("the pool was torn down while this task ran"))
                 raise
             finally:
-                task.running = None
                 if output is not None:
                     output.flush()
             died = request.done() and not request.cancelled() and _died_of(request.exception(), kernel)
@@ -1001,7 +1006,9 @@ class KernelPool(concurrent.futures.Executor):
         """``fn`` over the items, in order, like ``Executor.map``; every item is sent now.
 
         timeout: seconds from this call; the iterator raises TimeoutError when a
-            result is not there by then (unfinished tasks are cancelled).
+            result is not there by then. Then, or when the iterator is closed
+            early, tasks not yet sent to a kernel are cancelled; those running
+            finish (as with concurrent.futures) and their results are dropped.
         chunksize: items per task (one round trip each); raise it for many small items.
         progress: True for a tqdm progress bar counting finished items, or a dict
             of tqdm arguments (``{"desc": "scoring", "delay": 2}``).
@@ -1329,6 +1336,6 @@ class AsyncMapResult(Generic[T]):
             if futures:
                 self._core.abandon(self._tasks)
                 for future in futures:
-                    future.cancel()
+                    future.add_done_callback(_consume_outcome)  # nobody reads it now
             if self._counter is not None:
                 self._counter.close()

@@ -30,6 +30,9 @@ from .base import IopubListener, Message, Transport
 
 DIGESTS = ("blake3", "sha256")  # offered to the agent, best first
 PROBE_SIZE = 256 * 1024  # bytes echoed at negotiation: proves binary buffers survive the path
+# Requests queued in the kernel at once. It runs one at a time anyway; a bound keeps bursts of IOPub
+# traffic (3 messages a request) far below the kernel's PUB high-water mark (1,000), past which it drops.
+MAX_IN_FLIGHT = 64
 
 
 def digest_frames(algorithm: str, frames: list[Any]) -> str:
@@ -47,6 +50,7 @@ class CommTransport(Transport):
         self._conn = connection
         self._comm_id = comm_id
         self.digest = digest
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     @property
     def description(self) -> str:
@@ -74,9 +78,10 @@ class CommTransport(Transport):
     async def request(self, header: dict[str, Any], frames: list[Any], *, listener: IopubListener | None = None) -> Message:
         data = {"header": header, "digest": digest_frames(self.digest, frames)}
         content = {"comm_id": self._comm_id, "data": data}
-        reply = await self._conn.request(
-            "shell", "comm_msg", content, buffers=frames, listener=listener, comm_id=self._comm_id
-        )
+        async with self._slots:
+            reply = await self._conn.request(
+                "shell", "comm_msg", content, buffers=frames, listener=listener, comm_id=self._comm_id
+            )
         if reply["msg_type"] == "comm_close":
             raise ProtocolError(f"the kernel closed kernelproxy's comm: {reply['content'].get('data')!r:.200}")
         data = reply["content"].get("data", {})
