@@ -2,7 +2,7 @@
 
     with kernelproxy.start() as k:
         k.push(df=frame)
-        total = k.call(lambda: df["x"].sum())
+        total = k.call(lambda d: d["x"].sum(), k.ref("df"))
 """
 
 from ._api import connect, connect_async, start, start_async
