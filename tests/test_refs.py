@@ -79,7 +79,7 @@ def test_attribute_chains_are_lazy_and_get_copies(kernel):
 def test_repr_describes_the_object_without_fetching_it(kernel):
     kernel.exec("big = list(range(10))")
     ref = kernel.ref("big")
-    assert repr(ref).startswith(f"<RemoteRef #") and "list" in repr(ref) and "[0, 1, 2" in repr(ref)
+    assert repr(ref).startswith("<RemoteRef #") and "list" in repr(ref) and "[0, 1, 2" in repr(ref)
 
 
 def test_ref_to_a_variable_and_refs_as_arguments_arrive_as_the_kernels_objects(kernel):
