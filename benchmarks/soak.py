@@ -49,15 +49,7 @@ MB = 1024 * 1024
 ARRAY_ITEMS = MB // 8  # a 1 MB float64 array
 AGENT = "__import__('sys').modules['_kernelproxy_agent_v1']"
 
-TRIM_SOURCE = """\
-import gc as _soak_gc, ctypes as _soak_ctypes
-_soak_gc.collect()
-try:
-    _soak_ctypes.CDLL("libc.so.6").malloc_trim(0)
-except Exception:
-    pass
-del _soak_gc, _soak_ctypes
-"""
+from _common import TRIM_SOURCE  # noqa: E402 - benchmarks/ is on sys.path when this script runs
 
 
 # ---------------------------------------------------------------------- what runs in the kernel (pickled by value)

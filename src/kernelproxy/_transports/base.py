@@ -8,13 +8,13 @@ serialization, errors, timeouts, works the same over any transport.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, Dict, List, Tuple
+from typing import Any, ClassVar, Dict, List, Tuple
 
+from .._connection import IopubListener as IopubListener  # re-exported for the transports
 from .._exceptions import ProtocolError
 
 # A request or reply: the JSON-able header and the binary frames (see agent/_agent.py).
 Message = Tuple[Dict[str, Any], List[Any]]
-IopubListener = Callable[[dict[str, Any]], None]
 
 
 class AgentMissingError(ProtocolError):
