@@ -31,7 +31,7 @@ def receive_on_io_thread(kernel: kernelproxy.Kernel, frames: list[bytes]) -> dic
     connection = kernel.aio._state.connection
 
     async def receive() -> dict[str, Any] | None:
-        return connection._receive([zmq.Frame(frame) for frame in frames])
+        return connection.wire.receive([zmq.Frame(frame) for frame in frames])
 
     return kernel._portal.run(receive())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from ._kernel import AsyncKernel, _KernelState, check_transport_name
 from ._portal import get_portal
 from ._sync import Kernel
 from ._types import CallOptions, OnTimeout, Output
+from ._wires.zmq_wire import ZmqWire
 
 DEFAULT_STARTUP_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -148,7 +150,7 @@ async def _kernel_from_manager(
     """
     client = manager.client(context=_zmq_context())
     state = _KernelState(
-        client,
+        functools.partial(ZmqWire, client),
         manager,
         manager.connection_file,
         transport,
@@ -188,7 +190,7 @@ async def connect_async(
     info = read_connection_file(path, allow_unsigned=allow_unsigned)
     client = AsyncKernelClient(context=_zmq_context())
     client.load_connection_info(info)  # type: ignore[arg-type]
-    state = _KernelState(client, None, path, transport)
+    state = _KernelState(functools.partial(ZmqWire, client), None, path, transport)
     try:
         await state.open(startup_timeout)
     except BaseException as exc:

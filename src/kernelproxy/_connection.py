@@ -1,14 +1,11 @@
-"""The zmq connection to one kernel: sockets, signing, routing, liveness.
+"""Requests and replies with one kernel: routing, cancellation, liveness.
 
-jupyter_client provides the connection info, the Session (HMAC signing) and
-socket creation; this module owns the sockets, because jupyter_client's
-channel classes serve one reader through queues, copy every frame, and drop
-replies that belong to other requests.
-
-One reader task per socket routes each message by its parent ``msg_id`` to the
-request waiting for it, so any number of concurrent calls share the kernel.
-A monitor task notices a dead kernel (process gone, or heartbeat silent) and
-fails every waiting request with KernelDiedError instead of letting it hang.
+A wire (``_wires``) carries whole messages to and from the kernel's channels;
+this module matches them up. Each incoming message is routed by its parent
+``msg_id`` to the request waiting for it, so any number of concurrent calls
+share the kernel. A monitor task notices a dead kernel (process gone, or the
+wire's liveness check failing) and fails every waiting request with
+KernelDiedError instead of letting it hang.
 """
 
 from __future__ import annotations
@@ -19,22 +16,17 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, cast
 
-import zmq
-import zmq.asyncio
-from jupyter_client.asynchronous.client import AsyncKernelClient
-
 from ._exceptions import KernelDiedError, SerializationError
+from ._wires.base import Wire
 
 log = logging.getLogger("kernelproxy")
 
 IopubListener = Callable[[dict[str, Any]], None]
 ProcessCheck = Callable[[], Awaitable["int | None"]]  # exit code once the process is gone, else None
 
-HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats
-HEARTBEAT_MISSES = 3  # consecutive missed beats before the kernel is declared dead
+LIVENESS_INTERVAL = 1.0  # seconds between the wire's liveness checks (heartbeats)
 PROCESS_POLL_INTERVAL = 0.1  # seconds between exit checks of a local kernel process
 IDLE_GRACE = 5.0  # seconds to wait, after a reply, for the output that precedes 'idle' on IOPub
-DIGEST_HISTORY_SIZE = 4096
 INTERRUPT_GRACE = 2.0  # seconds an interrupted request has to answer before we say the kernel ignored it
 
 
@@ -51,62 +43,45 @@ class _Pending:
 
 
 class KernelConnection:
-    """Signed, routed request/reply over a kernel's shell, control, iopub and hb sockets."""
+    """Routed request/reply over a wire to one kernel's shell, control and iopub channels."""
 
     def __init__(
         self,
-        client: AsyncKernelClient,
+        wire: Wire,
         *,
         process_check: ProcessCheck | None = None,
         interrupter: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._client = client
-        self.session = client.session
-        # jupyter_client remembers every signature it verified (replay protection), up to 65,536 per
-        # session: ~12 MB. Replies that match no pending request are dropped anyway, so keep fewer.
-        self.session.digest_history_size = DIGEST_HISTORY_SIZE
+        self.wire = wire
+        self.session = wire.session
         self._process_check = process_check
         self._interrupter = interrupter or self.interrupt_by_message
         self._pending: dict[str, _Pending] = {}
         self._running: str | None = None  # msg_id the kernel is executing, from IOPub status
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._sockets: dict[str, Any] = {}  # zmq.asyncio sockets (jupyter_client types them as sync)
+        self._monitor_task: asyncio.Task[None] | None = None
         self.dead: KernelDiedError | None = None
-        self.rejected_messages = 0  # messages dropped for a bad signature or a bad format
         self.interrupt_ignored = False  # the last abandoned request did not answer its interrupt in time
         self.abandoned_while_queued = False  # the last abandoned request had not started yet
 
+    @property
+    def rejected_messages(self) -> int:
+        """Messages the wire dropped for a bad signature or a bad format."""
+        return self.wire.rejected_messages
+
     # ------------------------------------------------------------------ lifecycle
 
-    def open(self) -> None:
-        identity = self.session.bsession
-        self._sockets = {
-            "shell": self._client.connect_shell(identity=identity),
-            "control": self._client.connect_control(identity=identity),
-            "iopub": self._client.connect_iopub(),
-        }
-        for sock in self._sockets.values():
-            sock.linger = 0
-        # A PUB socket drops what a subscriber's queue cannot hold, and comm replies travel on IOPub:
-        # let libzmq's IO thread buffer everything on our side so the kernel's queue never fills.
-        self._sockets["iopub"].rcvhwm = 0
+    async def open(self) -> None:
         self.dead = None
         self._running = None
-        self._tasks = [
-            asyncio.ensure_future(self._read_replies(self._sockets["shell"])),
-            asyncio.ensure_future(self._read_replies(self._sockets["control"])),
-            asyncio.ensure_future(self._read_iopub(self._sockets["iopub"])),
-            asyncio.ensure_future(self._monitor()),
-        ]
+        await self.wire.start(self._on_message)
+        self._monitor_task = asyncio.ensure_future(self._monitor())
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        for sock in self._sockets.values():
-            sock.close(linger=0)
-        self._sockets = {}
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            await asyncio.gather(self._monitor_task, return_exceptions=True)
+            self._monitor_task = None
+        await self.wire.close()
 
     def fail_all(self, error: BaseException) -> None:
         """Fail every waiting request with ``error``."""
@@ -147,7 +122,7 @@ class KernelConnection:
             raise self.dead
         msg = self.session.msg(msg_type, content)
         try:
-            frames = self.session.serialize(msg)  # before registering: a request that cannot be sent leaves no trace
+            encoded = self.wire.encode(msg)  # before registering: a request that cannot be sent leaves no trace
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError included: a lone surrogate in a name...
             raise SerializationError(f"cannot encode the {msg_type} (its JSON part): {exc}") from exc
         msg_id = msg["header"]["msg_id"]
@@ -155,7 +130,7 @@ class KernelConnection:
         pending.reply.add_done_callback(_consume_outcome)  # an abandoned request's failure is nobody's error
         self._pending[msg_id] = pending
         try:
-            await self._sockets[channel].send_multipart([*frames, *(buffers or [])], copy=False)
+            await self.wire.send(channel, encoded, buffers)
             # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits
             reply = await asyncio.shield(pending.reply)
             if listener is not None:
@@ -174,7 +149,7 @@ class KernelConnection:
 
     async def send(self, channel: str, msg_type: str, content: dict[str, Any]) -> None:
         """Send a message that has no reply (comm_close...)."""
-        await self._sockets[channel].send_multipart(self.session.serialize(self.session.msg(msg_type, content)))
+        await self.wire.send(channel, self.wire.encode(self.session.msg(msg_type, content)))
 
     async def execute(
         self, user_expressions: dict[str, str], *, extra: dict[str, Any] | None = None, listener: IopubListener | None = None
@@ -218,7 +193,7 @@ class KernelConnection:
             pending = _Pending(msg["header"]["msg_id"], loop.create_future(), listener=_setter(seen))
             self._pending[pending.msg_id] = pending
             try:
-                await self._sockets["shell"].send_multipart(self.session.serialize(msg))
+                await self.wire.send("shell", self.wire.encode(msg))
                 reply = await asyncio.wait_for(asyncio.shield(pending.reply), min(remaining, 1.0))
                 await asyncio.wait_for(seen.wait(), min(max(deadline - loop.time(), 0.01), 0.5))
                 return cast(Dict[str, Any], reply["content"])
@@ -255,68 +230,51 @@ class KernelConnection:
 
     # ------------------------------------------------------------------ readers
 
-    def _receive(self, frames: list[Any]) -> dict[str, Any] | None:
-        """Verify and parse a message; None (counted in rejected_messages) if it is not one we can use."""
-        try:
-            _, msg_list = self.session.feed_identities(frames, copy=False)
-            msg = cast(Dict[str, Any], self.session.deserialize(msg_list, content=True, copy=False))
-        except Exception as exc:
-            self.rejected_messages += 1
-            log.warning("dropped a message from the kernel that failed verification: %s", exc)
-            return None
-        # Some kernels send null parents (xeus-python's 'starting' status); readers expect dicts.
-        for part in ("parent_header", "content"):
-            if not isinstance(msg.get(part), dict):
-                msg[part] = {}
-        return msg
+    def _on_message(self, channel: str, msg: dict[str, Any]) -> None:
+        if channel == "iopub":
+            self._route_iopub(msg)
+        elif channel in ("shell", "control"):
+            self._route_reply(msg)
 
-    async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            msg = self._receive(await sock.recv_multipart(copy=False))
-            if msg is None:
-                continue
-            pending = self._pending.get(msg["parent_header"].get("msg_id", ""))
-            if pending is None:
-                continue  # a reply to an abandoned request, or to another client
+    def _route_reply(self, msg: dict[str, Any]) -> None:
+        pending = self._pending.get(msg["parent_header"].get("msg_id", ""))
+        if pending is None:
+            return  # a reply to an abandoned request, or to another client
+        if pending.abandoned:
+            self._pending.pop(pending.msg_id, None)
+        if not pending.reply.done():
+            pending.reply.set_result(msg)
+
+    def _route_iopub(self, msg: dict[str, Any]) -> None:
+        parent_id = msg["parent_header"].get("msg_id")
+        if msg["msg_type"] == "status":
+            state = msg["content"].get("execution_state")
+            if state == "busy":
+                self._running = parent_id
+            elif state == "idle" and self._running == parent_id:
+                self._running = None
+        pending = self._pending.get(parent_id or "")
+        if pending is None:
+            return
+        if pending.abandoned and self._running == parent_id and not pending.reply.done():
+            asyncio.ensure_future(self._interrupt_and_wait(pending))
+        if (
+            pending.comm_id is not None
+            and msg["msg_type"] in ("comm_msg", "comm_close")
+            and msg["content"].get("comm_id") == pending.comm_id
+            and not pending.reply.done()
+        ):
+            pending.reply.set_result(msg)
             if pending.abandoned:
                 self._pending.pop(pending.msg_id, None)
-            if not pending.reply.done():
-                pending.reply.set_result(msg)
-
-    async def _read_iopub(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            msg = self._receive(await sock.recv_multipart(copy=False))
-            if msg is None:
-                continue
-            parent_id = msg["parent_header"].get("msg_id")
-            if msg["msg_type"] == "status":
-                state = msg["content"].get("execution_state")
-                if state == "busy":
-                    self._running = parent_id
-                elif state == "idle" and self._running == parent_id:
-                    self._running = None
-            pending = self._pending.get(parent_id or "")
-            if pending is None:
-                continue
-            if pending.abandoned and self._running == parent_id and not pending.reply.done():
-                asyncio.ensure_future(self._interrupt_and_wait(pending))
-            if (
-                pending.comm_id is not None
-                and msg["msg_type"] in ("comm_msg", "comm_close")
-                and msg["content"].get("comm_id") == pending.comm_id
-                and not pending.reply.done()
-            ):
-                pending.reply.set_result(msg)
-                if pending.abandoned:
-                    self._pending.pop(pending.msg_id, None)
-                continue
-            if pending.listener is not None:
-                try:
-                    pending.listener(msg)
-                except Exception:
-                    log.exception("IOPub listener failed")
-            if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
-                pending.idle.set()
+            return
+        if pending.listener is not None:
+            try:
+                pending.listener(msg)
+            except Exception:
+                log.exception("IOPub listener failed")
+        if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+            pending.idle.set()
 
     # ------------------------------------------------------------------ liveness
 
@@ -329,31 +287,19 @@ class KernelConnection:
         return self.dead is not None
 
     async def _monitor(self) -> None:
-        """Declare the kernel dead when its process exits or its heartbeat stops."""
-        heartbeat = _Heartbeat(self._client)
-        misses = 0
+        """Declare the kernel dead when its process exits or the wire says it is unreachable."""
         loop = asyncio.get_running_loop()
-        next_beat = loop.time()
-        try:
-            while self.dead is None:
-                if await self.check_process():
+        next_check = loop.time()
+        while self.dead is None:
+            if await self.check_process():
+                return
+            if loop.time() >= next_check:
+                next_check = loop.time() + LIVENESS_INTERVAL
+                reason = await self.wire.death()
+                if reason is not None:
+                    self.declare_dead(KernelDiedError(reason))
                     return
-                if loop.time() >= next_beat:
-                    next_beat = loop.time() + HEARTBEAT_INTERVAL
-                    misses = 0 if await heartbeat.beat(HEARTBEAT_INTERVAL) else misses + 1
-                    if misses >= HEARTBEAT_MISSES:
-                        self.declare_dead(
-                            KernelDiedError(
-                                f"the kernel stopped answering its heartbeat ({misses} beats missed, "
-                                f"{misses * HEARTBEAT_INTERVAL:.0f} s): it died, hangs with its process "
-                                "stopped, or the network to it is down"
-                            )
-                        )
-                        return
-                await asyncio.sleep(PROCESS_POLL_INTERVAL if self._process_check else HEARTBEAT_INTERVAL / 4)
-        finally:
-            heartbeat.close()
-
+            await asyncio.sleep(PROCESS_POLL_INTERVAL if self._process_check else LIVENESS_INTERVAL / 4)
 
 
 def _consume_outcome(future: asyncio.Future[Any]) -> None:
@@ -363,28 +309,3 @@ def _consume_outcome(future: asyncio.Future[Any]) -> None:
 
 def _setter(event: asyncio.Event) -> IopubListener:
     return lambda _msg: event.set()
-
-
-class _Heartbeat:
-    """Ping the kernel's heartbeat socket; a REQ socket that timed out is replaced."""
-
-    def __init__(self, client: AsyncKernelClient) -> None:
-        self._client = client
-        self._sock: Any = None  # a zmq.asyncio REQ socket, typed as sync by jupyter_client
-
-    async def beat(self, timeout: float) -> bool:
-        if self._sock is None:
-            self._sock = self._client.connect_hb()
-            self._sock.linger = 0
-        try:
-            await self._sock.send(b"ping")
-            await asyncio.wait_for(self._sock.recv(), timeout)
-            return True
-        except (asyncio.TimeoutError, zmq.ZMQError):
-            self.close()  # a REQ socket without its reply cannot send again
-            return False
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None

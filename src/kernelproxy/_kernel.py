@@ -21,7 +21,6 @@ import weakref
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 from . import _serialization as serialization
@@ -44,6 +43,7 @@ from ._transports.base import AgentMissingError, Message, Transport
 from ._transports.comm import CommTransport
 from ._transports.execute import ExecuteTransport
 from ._types import UNSET, CallOptions, KernelInfo, OnTimeout, Output, Unset
+from ._wires.base import Wire
 
 if TYPE_CHECKING:
     from ._portal import Portal
@@ -81,7 +81,7 @@ class _KernelState:
 
     def __init__(
         self,
-        client: AsyncKernelClient,
+        make_wire: Callable[[], Wire],
         manager: AsyncKernelManager | None,
         connection_file: str | None,
         transport: str,
@@ -91,7 +91,7 @@ class _KernelState:
         ready_timeout: float = 60.0,
     ) -> None:
         check_transport_name(transport)
-        self.client = client
+        self.make_wire = make_wire  # a fresh wire per connection (restarts reconnect)
         self.manager = manager
         self.connection_file = connection_file
         self.requested_transport = transport
@@ -118,18 +118,18 @@ class _KernelState:
 
     def _new_connection(self) -> KernelConnection:
         if self.manager is None:
-            return KernelConnection(self.client)
+            return KernelConnection(self.make_wire())
         manager = self.manager
 
         async def exit_code() -> int | None:
             provisioner = manager.provisioner
             return await provisioner.poll() if provisioner is not None else 0
 
-        return KernelConnection(self.client, process_check=exit_code, interrupter=manager.interrupt_kernel)
+        return KernelConnection(self.make_wire(), process_check=exit_code, interrupter=manager.interrupt_kernel)
 
     async def open(self, ready_timeout: float) -> None:
         """Connect, wait for the kernel, install the agent, check versions, pick the transport."""
-        self.connection.open()
+        await self.connection.open()
         kernel_info = await self.connection.wait_ready(ready_timeout)
         hello = await install_agent(self.connection)
         check_environment(hello)

@@ -1,0 +1,121 @@
+"""The direct wire: a kernel's own zmq sockets, messages signed with its key.
+
+jupyter_client provides the connection info, the Session (HMAC signing) and
+socket creation; this wire owns the sockets, because jupyter_client's channel
+classes serve one reader through queues and copy every frame. Frames are read
+with ``copy=False`` so that binary buffers reach the unpickler without a copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous.client import AsyncKernelClient
+
+from .base import Deliver, Encoded, Wire, normalize
+
+log = logging.getLogger("kernelproxy")
+
+HEARTBEAT_TIMEOUT = 1.0  # seconds a heartbeat may take
+HEARTBEAT_MISSES = 3  # consecutive missed beats before the kernel is declared dead
+# jupyter_client remembers every signature it verified (replay protection), up to 65,536 per
+# session: ~12 MB. Replies that match no pending request are dropped anyway, so keep fewer.
+DIGEST_HISTORY_SIZE = 4096
+CHANNELS = ("shell", "control", "iopub")
+
+
+class ZmqWire(Wire):
+    def __init__(self, client: AsyncKernelClient) -> None:
+        self._client = client
+        self.session = client.session
+        self.session.digest_history_size = DIGEST_HISTORY_SIZE
+        self._sockets: dict[str, Any] = {}  # zmq.asyncio sockets (jupyter_client types them as sync)
+        self._readers: list[asyncio.Task[None]] = []
+        self._heartbeat = _Heartbeat(client)
+        self._misses = 0
+
+    async def start(self, deliver: Deliver) -> None:
+        identity = self.session.bsession
+        self._sockets = {
+            "shell": self._client.connect_shell(identity=identity),
+            "control": self._client.connect_control(identity=identity),
+            "iopub": self._client.connect_iopub(),
+        }
+        for sock in self._sockets.values():
+            sock.linger = 0
+        # A PUB socket drops what a subscriber's queue cannot hold, and comm replies travel on IOPub:
+        # let libzmq's IO thread buffer everything on our side so the kernel's queue never fills.
+        self._sockets["iopub"].rcvhwm = 0
+        self._readers = [asyncio.ensure_future(self._read(channel, deliver)) for channel in CHANNELS]
+
+    def encode(self, msg: dict[str, Any]) -> Encoded:
+        return cast(Encoded, self.session.serialize(msg))
+
+    async def send(self, channel: str, encoded: Encoded, buffers: list[Any] | None = None) -> None:
+        await self._sockets[channel].send_multipart([*encoded, *(buffers or [])], copy=False)
+
+    def receive(self, frames: list[Any]) -> dict[str, Any] | None:
+        """Verify and parse a message; None (counted in rejected_messages) if it is not one we can use."""
+        try:
+            _, msg_list = self.session.feed_identities(frames, copy=False)
+            msg = self.session.deserialize(msg_list, content=True, copy=False)
+        except Exception as exc:
+            self.rejected_messages += 1
+            log.warning("dropped a message from the kernel that failed verification: %s", exc)
+            return None
+        return normalize(msg)
+
+    async def _read(self, channel: str, deliver: Deliver) -> None:
+        sock = self._sockets[channel]
+        while True:
+            msg = self.receive(await sock.recv_multipart(copy=False))
+            if msg is not None:
+                deliver(channel, msg)
+
+    async def death(self) -> str | None:
+        self._misses = 0 if await self._heartbeat.beat(HEARTBEAT_TIMEOUT) else self._misses + 1
+        if self._misses < HEARTBEAT_MISSES:
+            return None
+        return (
+            f"the kernel stopped answering its heartbeat ({self._misses} beats missed): it died, "
+            "hangs with its process stopped, or the network to it is down"
+        )
+
+    async def close(self) -> None:
+        for task in self._readers:
+            task.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        self._readers = []
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets = {}
+        self._heartbeat.close()
+
+
+class _Heartbeat:
+    """Ping the kernel's heartbeat socket; a REQ socket that timed out is replaced."""
+
+    def __init__(self, client: AsyncKernelClient) -> None:
+        self._client = client
+        self._sock: Any = None  # a zmq.asyncio REQ socket, typed as sync by jupyter_client
+
+    async def beat(self, timeout: float) -> bool:
+        if self._sock is None:
+            self._sock = self._client.connect_hb()
+            self._sock.linger = 0
+        try:
+            await self._sock.send(b"ping")
+            await asyncio.wait_for(self._sock.recv(), timeout)
+            return True
+        except (asyncio.TimeoutError, zmq.ZMQError):
+            self.close()  # a REQ socket without its reply cannot send again
+            return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
