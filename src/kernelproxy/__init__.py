@@ -5,8 +5,9 @@
         total = k.call(lambda d: d["x"].sum(), k.ref("df"))
 """
 
-from ._api import connect, connect_async, start, start_async
+from ._api import connect, connect_async, connect_server, connect_server_async, start, start_async
 from ._exceptions import (
+    AuthenticationError,
     CallInterrupted,
     CallTimeout,
     ConnectionFileError,
@@ -19,6 +20,8 @@ from ._exceptions import (
     ProtocolError,
     RemoteError,
     SerializationError,
+    ServerError,
+    ServerUnreachableError,
     StaleRefError,
 )
 from ._kernel import AsyncKernel
@@ -31,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncKernel",
+    "AuthenticationError",
     "AsyncKernelPool",
     "CallInterrupted",
     "CallOptions",
@@ -49,10 +53,14 @@ __all__ = [
     "RemoteError",
     "RemoteRef",
     "SerializationError",
+    "ServerError",
+    "ServerUnreachableError",
     "StaleRefError",
     "__version__",
     "connect",
     "connect_async",
+    "connect_server",
+    "connect_server_async",
     "start",
     "start_async",
 ]

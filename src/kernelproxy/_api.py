@@ -22,10 +22,13 @@ from ._kernel import AsyncKernel, _KernelState, check_transport_name
 from ._portal import get_portal
 from ._sync import Kernel
 from ._types import CallOptions, OnTimeout, Output
+from ._server import ServerAddress, ServerClient, ServerKernelControl
+from ._wires.websocket_wire import SERVER_MESSAGE_LIMIT, V1_PROTOCOL, WebsocketWire
 from ._wires.zmq_wire import ZmqWire
 
 DEFAULT_STARTUP_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_SERVER_CONNECT_TIMEOUT = 5.0  # seconds to reach a server at all: an unreachable one fails fast
 REQUIRED_CONNECTION_KEYS = ("shell_port", "iopub_port", "control_port", "hb_port", "ip", "key")
 
 _context: zmq.asyncio.Context | None = None
@@ -205,6 +208,56 @@ async def connect_async(
     return AsyncKernel(state, call_options)
 
 
+async def connect_server_async(
+    url: str,
+    *,
+    token: str | None = None,
+    kernel_id: str | None = None,
+    kernel_name: str | None = None,
+    env: dict[str, str] | None = None,
+    verify: bool | str = True,
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    connect_timeout: float = DEFAULT_SERVER_CONNECT_TIMEOUT,
+    transport: str = "auto",
+    timeout: float | None = None,
+    output: Output = "forward",
+    on_timeout: OnTimeout = "interrupt",
+    websocket_protocol: str | None = V1_PROTOCOL,
+    max_message_bytes: int = SERVER_MESSAGE_LIMIT,
+) -> AsyncKernel:
+    """Start a kernel on a Jupyter Server or gateway, or attach to one of its kernels (see ``connect_server``)."""
+    call_options = CallOptions(timeout=timeout, output=output, on_timeout=on_timeout)
+    check_transport_name(transport)
+    if token is None:
+        token = os.environ.get("JUPYTER_TOKEN") or None
+    address = ServerAddress.parse(url, token=token, verify=verify, connect_timeout=connect_timeout)
+    client = ServerClient(address)
+    try:
+        if kernel_id is None:
+            model = await client.start_kernel(kernel_name, env)
+        else:
+            model = await client.get_kernel(kernel_id)
+    except BaseException:
+        client.close()
+        raise
+    control = ServerKernelControl(client, model["id"], owned=kernel_id is None)
+
+    def make_wire() -> WebsocketWire:
+        return WebsocketWire(address, control.kernel_id, subprotocol=websocket_protocol, max_message_bytes=max_message_bytes)
+
+    state = _KernelState(make_wire, control, None, transport)
+    try:
+        await state.open(startup_timeout)
+    except BaseException as exc:
+        await state.close(shutdown=False)  # deletes the kernel if we started it
+        if isinstance(exc, asyncio.TimeoutError):
+            raise KernelStartError(
+                f"kernel {control.kernel_id} on {address.url} did not answer within {startup_timeout} s"
+            ) from None
+        raise
+    return AsyncKernel(state, call_options)
+
+
 def resolve_connection_file(connection_file: str | os.PathLike[str]) -> str:
     """A path as given, or a fragment ('kernel-12', '1234') resolved like jupyter_client does."""
     text = os.fspath(connection_file)
@@ -284,6 +337,61 @@ def start(
             on_timeout=on_timeout,
             auto_restart=auto_restart,
             **options,
+        )
+    )
+    return Kernel(core, portal)
+
+
+def connect_server(
+    url: str,
+    *,
+    token: str | None = None,
+    kernel_id: str | None = None,
+    kernel_name: str | None = None,
+    env: dict[str, str] | None = None,
+    verify: bool | str = True,
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    connect_timeout: float = DEFAULT_SERVER_CONNECT_TIMEOUT,
+    transport: str = "auto",
+    timeout: float | None = None,
+    output: Output = "forward",
+    on_timeout: OnTimeout = "interrupt",
+    websocket_protocol: str | None = V1_PROTOCOL,
+    max_message_bytes: int = SERVER_MESSAGE_LIMIT,
+) -> Kernel:
+    """Use a kernel of a Jupyter Server, Kernel Gateway or Enterprise Gateway, through its REST and websocket API.
+
+    Without ``kernel_id`` a new kernel is started there (``kernel_name``, or the
+    server's default) and shut down when this Kernel is closed; with it, that
+    running kernel is attached to and left running by ``close()``.
+
+    url: the server's address, e.g. "https://hub.example:8888" (with any base path).
+    token: the server's token (default: $JUPYTER_TOKEN), sent in the Authorization header.
+    env: variables for the new kernel; gateways pass the KERNEL_* ones to it, Jupyter Server ignores them.
+    verify: TLS certificate check: True, False, or the path of a CA bundle.
+    connect_timeout: seconds to reach the server before ServerUnreachableError.
+    websocket_protocol: the websocket subprotocol to offer; None for the default protocol.
+    max_message_bytes: the server's websocket message limit (Tornado servers: 10 MiB);
+        bigger payloads travel in parts below it.
+    The other options are ``start()``'s.
+    """
+    portal = get_portal()
+    core = portal.run(
+        connect_server_async(
+            url,
+            token=token,
+            kernel_id=kernel_id,
+            kernel_name=kernel_name,
+            env=env,
+            verify=verify,
+            startup_timeout=startup_timeout,
+            connect_timeout=connect_timeout,
+            transport=transport,
+            timeout=timeout,
+            output=output,
+            on_timeout=on_timeout,
+            websocket_protocol=websocket_protocol,
+            max_message_bytes=max_message_bytes,
         )
     )
     return Kernel(core, portal)

@@ -39,7 +39,9 @@ class _Pending:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     listener: IopubListener | None = None
     abandoned: bool = False  # cancelled by the host; interrupt it once it starts
-    comm_id: str | None = None  # the reply is this comm's next IOPub message, not a shell reply
+    comm_id: str | None = None  # the reply is this comm's next message (on IOPub or shell), not a shell reply
+    # Sees each candidate reply first; returns True for a part of a reply sent in several messages.
+    on_part: Callable[[dict[str, Any]], bool] | None = None
 
 
 class KernelConnection:
@@ -107,6 +109,7 @@ class KernelConnection:
         listener: IopubListener | None = None,
         buffers: list[Any] | None = None,
         comm_id: str | None = None,
+        on_part: Callable[[dict[str, Any]], bool] | None = None,
     ) -> dict[str, Any]:
         """Send one request and return its reply message.
 
@@ -126,7 +129,9 @@ class KernelConnection:
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError included: a lone surrogate in a name...
             raise SerializationError(f"cannot encode the {msg_type} (its JSON part): {exc}") from exc
         msg_id = msg["header"]["msg_id"]
-        pending = _Pending(msg_id, asyncio.get_running_loop().create_future(), listener=listener, comm_id=comm_id)
+        pending = _Pending(
+            msg_id, asyncio.get_running_loop().create_future(), listener=listener, comm_id=comm_id, on_part=on_part
+        )
         pending.reply.add_done_callback(_consume_outcome)  # an abandoned request's failure is nobody's error
         self._pending[msg_id] = pending
         try:
@@ -147,9 +152,11 @@ class KernelConnection:
             if not pending.abandoned:
                 self._pending.pop(msg_id, None)
 
-    async def send(self, channel: str, msg_type: str, content: dict[str, Any]) -> None:
-        """Send a message that has no reply (comm_close...)."""
-        await self.wire.send(channel, self.wire.encode(self.session.msg(msg_type, content)))
+    async def send(self, channel: str, msg_type: str, content: dict[str, Any], buffers: list[Any] | None = None) -> None:
+        """Send a message that has no reply (comm_close, a part of a chunked request...)."""
+        if self.dead is not None:
+            raise self.dead
+        await self.wire.send(channel, self.wire.encode(self.session.msg(msg_type, content)), buffers)
 
     async def execute(
         self, user_expressions: dict[str, str], *, extra: dict[str, Any] | None = None, listener: IopubListener | None = None
@@ -240,6 +247,8 @@ class KernelConnection:
         pending = self._pending.get(msg["parent_header"].get("msg_id", ""))
         if pending is None:
             return  # a reply to an abandoned request, or to another client
+        if pending.on_part is not None and pending.on_part(msg):
+            return
         if pending.abandoned:
             self._pending.pop(pending.msg_id, None)
         if not pending.reply.done():
@@ -249,6 +258,15 @@ class KernelConnection:
         parent_id = msg["parent_header"].get("msg_id")
         if msg["msg_type"] == "status":
             state = msg["content"].get("execution_state")
+            if state in ("restarting", "dead") and not parent_id:  # said by a Jupyter server of its kernel
+                self.declare_dead(
+                    KernelDiedError(
+                        "the kernel died; its server restarted it with an empty namespace"
+                        if state == "restarting"
+                        else "the kernel died and its server could not restart it"
+                    )
+                )
+                return
             if state == "busy":
                 self._running = parent_id
             elif state == "idle" and self._running == parent_id:
@@ -264,6 +282,8 @@ class KernelConnection:
             and msg["content"].get("comm_id") == pending.comm_id
             and not pending.reply.done()
         ):
+            if pending.on_part is not None and pending.on_part(msg):
+                return
             pending.reply.set_result(msg)
             if pending.abandoned:
                 self._pending.pop(pending.msg_id, None)

@@ -9,6 +9,9 @@ The tree::
     ├── SerializationError       a value could not be pickled or unpickled, on either side
     ├── EnvironmentMismatchError the kernel's Python or cloudpickle cannot exchange pickles with ours
     ├── ConnectionFileError      a connection file is missing, unreadable or invalid, or nobody answers at it
+    ├── ServerError              a Jupyter Server or gateway refused a request (HTTP status in .status)
+    │   ├── AuthenticationError  the server rejected the token
+    │   └── ServerUnreachableError (also ConnectionError) nothing answers at the server's URL
     ├── KernelStartError         a kernel process could not be started or never became ready
     ├── KernelDiedError          the kernel died or stopped answering
     ├── KernelClosedError        (also RuntimeError) the Kernel was shut down and used again
@@ -25,6 +28,7 @@ as ``__cause__``; ``RemoteError`` is only the fallback.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "CallInterrupted",
     "CallTimeout",
     "ConnectionFileError",
@@ -37,6 +41,8 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "SerializationError",
+    "ServerError",
+    "ServerUnreachableError",
     "StaleRefError",
 ]
 
@@ -95,6 +101,22 @@ class EnvironmentMismatchError(KernelProxyError):
 
 class ConnectionFileError(KernelProxyError):
     """Raised when a connection file is missing, unreadable or invalid, or no kernel answers at it."""
+
+
+class ServerError(KernelProxyError):
+    """Raised when a Jupyter Server or gateway refused a request (the HTTP status and its message are in the text)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthenticationError(ServerError):
+    """Raised when a Jupyter Server or gateway rejected the token (HTTP 401 or 403)."""
+
+
+class ServerUnreachableError(ServerError, ConnectionError):
+    """Raised when no Jupyter Server or gateway answers at the URL (refused, unresolvable, timed out, TLS failure)."""
 
 
 class KernelStartError(KernelProxyError):

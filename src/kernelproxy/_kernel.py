@@ -38,6 +38,7 @@ from ._exceptions import (
     RemoteError,
     SerializationError,
 )
+from ._server import ServerKernelControl
 from ._refs import RemoteRef, _Root, check_fresh, pickling_for
 from ._transports.base import AgentMissingError, Message, Transport
 from ._transports.comm import CommTransport
@@ -82,7 +83,7 @@ class _KernelState:
     def __init__(
         self,
         make_wire: Callable[[], Wire],
-        manager: AsyncKernelManager | None,
+        manager: AsyncKernelManager | ServerKernelControl | None,
         connection_file: str | None,
         transport: str,
         *,
@@ -114,11 +115,15 @@ class _KernelState:
 
     @property
     def owned(self) -> bool:
+        """Started by kernelproxy (here or on a server): it goes when we close."""
+        if isinstance(self.manager, ServerKernelControl):
+            return self.manager.owned
         return self.manager is not None
 
     def _new_connection(self) -> KernelConnection:
-        if self.manager is None:
-            return KernelConnection(self.make_wire())
+        if not isinstance(self.manager, AsyncKernelManager):  # no local process: the wire reports deaths
+            interrupter = self.manager.interrupt_kernel if self.manager is not None else None
+            return KernelConnection(self.make_wire(), interrupter=interrupter)
         manager = self.manager
 
         async def exit_code() -> int | None:
@@ -143,9 +148,11 @@ class _KernelState:
             pid=hello["pid"],
             executable=hello["executable"],
             hostname=hello["hostname"],
-            transport=transport.description,
+            transport=transport.description + self.connection.wire.description,
             connection_file=self.connection_file,
             agent_protocol=hello["protocol"],
+            server=self.manager.client.address.url if isinstance(self.manager, ServerKernelControl) else None,
+            kernel_id=self.manager.kernel_id if isinstance(self.manager, ServerKernelControl) else None,
         )
 
     async def _negotiate_transport(self, hello: dict[str, Any]) -> Transport:
@@ -177,7 +184,7 @@ class _KernelState:
                         stacklevel=2,
                     )
                 return await self.usable_transport()
-            advice = "call restart() for a fresh one" if self.owned else "start or connect to another kernel"
+            advice = "call restart() for a fresh one" if self.manager is not None else "start or connect to another kernel"
             raise KernelDiedError(f"{cause} earlier; {advice}")
         assert self.transport is not None
         return self.transport
@@ -273,7 +280,7 @@ class _KernelState:
         try:
             if self.transport is not None:
                 await self.transport.close()
-            if self.manager is not None:
+            if self.manager is not None and (self.owned or shutdown):
                 await self.manager.shutdown_kernel(now=self.connection.dead is not None)
             elif shutdown and self.connection.dead is None:
                 try:
@@ -282,6 +289,8 @@ class _KernelState:
                     pass  # it is gone or going; nothing more we can do from here
         finally:
             await self.connection.close()
+            if isinstance(self.manager, ServerKernelControl):
+                self.manager.close()
             self._remove_private_dir()
 
     def _remove_private_dir(self) -> None:
@@ -290,6 +299,9 @@ class _KernelState:
 
     def kill_now(self) -> None:
         """Kill our kernel process without an event loop (interpreter exit)."""
+        if isinstance(self.manager, ServerKernelControl):
+            self.manager.delete_now()
+            return
         provisioner = self.manager.provisioner if self.manager is not None else None
         process = getattr(provisioner, "process", None)
         if process is not None and process.poll() is None:

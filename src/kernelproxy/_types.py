@@ -56,6 +56,8 @@ class KernelInfo:
     pid: int
     executable: str
     hostname: str
-    transport: str  # "execute" (and its mode) or "comm"
+    transport: str  # "execute" (and its mode) or "comm", and the wire when not direct zmq
     connection_file: Optional[str]
     agent_protocol: int
+    server: Optional[str] = None  # the Jupyter Server or gateway's URL, for kernels reached through one
+    kernel_id: Optional[str] = None  # the kernel's id on that server

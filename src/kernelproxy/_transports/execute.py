@@ -55,6 +55,9 @@ class ExecuteTransport(Transport):
     ) -> None:
         self._conn = connection
         self._content_frames = content_frames
+        limit = connection.wire.max_message_bytes
+        if limit is not None:  # base64 grows 4/3; leave room for the rest of the message
+            chunk_size = min(chunk_size, (limit - 64 * 1024) * 3 // 4)
         self._chunk_size = chunk_size
         # Pipelining only where proven safe: xeus-python 0.19 stops answering when a large request
         # arrives while it runs another, so kernels without parent access get one chunk at a time.
