@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from helpers import KERNEL_MARKER, ExternalKernel, cmdline, start_external_kernel, stop_external_kernel
+from helpers import KERNEL_MARKER, ExternalKernel, cmdline, pid_running, start_external_kernel, stop_external_kernel
 from jupyter_client.connect import write_connection_file
 
 import kernelproxy
@@ -546,3 +546,38 @@ def test_tunnel_timeout_is_reported(sshd, tcp_kernel):
                 SshTunnel.open(read_info(tcp_kernel), f"127.0.0.1:{port}", ssh_options=sshd.options(), timeout=2.0)
             )
         assert time.monotonic() - started < 5, caught.value
+
+
+# ---------------------------------------------------------------------- connect(path, ssh=...)
+
+
+@pytest.mark.parametrize("transport", ["comm", "execute"])
+def test_connect_with_ssh(sshd, tcp_kernel, transport):
+    """The user's form: the (copied) connection file, and where to ssh to. The tunnel goes with the Kernel."""
+    with kernelproxy.connect(
+        tcp_kernel.connection_file, ssh=sshd.destination, ssh_options=sshd.options(), transport=transport
+    ) as k:
+        assert k.call(os.getpid) == tcp_kernel.process.pid
+        assert tunnel_clients(), "no ssh process carries the connection"
+        array = np.arange(3 * 2**20, dtype=np.float64)  # 24 MB, both ways
+        k.push(big=array)
+        assert np.array_equal(k.pull("big"), array)
+        k.delete("big")
+        printed = k.call(lambda: print("through ssh") or 7)
+        assert printed == 7
+    assert not tunnel_clients(), "the tunnel outlived the Kernel"
+    assert pid_running(tcp_kernel.process.pid), "close() must leave a connected kernel running"
+
+
+def test_connect_with_ssh_bad_login_is_a_clear_error(sshd, tcp_kernel, tmp_path):
+    other_key = keygen(tmp_path / "other")
+    started = time.monotonic()
+    with pytest.raises(kernelproxy.ConnectionFileError, match="Permission denied"):
+        kernelproxy.connect(tcp_kernel.connection_file, ssh=sshd.destination, ssh_options=sshd.options(other_key))
+    assert time.monotonic() - started < FAST
+    assert not tunnel_clients()
+
+
+def tunnel_clients() -> list[psutil.Process]:
+    """Our ssh clients (not the test's sshd and its per-login children, which linger a moment)."""
+    return [proc for proc in ssh_processes() if proc.name() == "ssh"]

@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from typing import Any, Dict, Optional
 
 import zmq.asyncio
@@ -22,6 +23,7 @@ from ._kernel import AsyncKernel, _KernelState, check_transport_name
 from ._portal import get_portal
 from ._sync import Kernel
 from ._types import CallOptions, OnTimeout, Output
+from ._ssh import SshTunnel
 from ._server import ServerAddress, ServerClient, ServerKernelControl
 from ._wires.websocket_wire import SERVER_MESSAGE_LIMIT, V1_PROTOCOL, WebsocketWire
 from ._wires.zmq_wire import ZmqWire
@@ -185,15 +187,20 @@ async def connect_async(
     output: Output = "forward",
     on_timeout: OnTimeout = "interrupt",
     allow_unsigned: bool = False,
+    ssh: str | None = None,
+    ssh_options: Sequence[str] = (),
 ) -> AsyncKernel:
     """Connect to a running kernel by its connection file (see ``connect``)."""
     call_options = CallOptions(timeout=timeout, output=output, on_timeout=on_timeout)
     check_transport_name(transport)
     path = resolve_connection_file(connection_file)
     info = read_connection_file(path, allow_unsigned=allow_unsigned)
+    tunnel = await SshTunnel.open(info, ssh, ssh_options=ssh_options) if ssh is not None else None
     client = AsyncKernelClient(context=_zmq_context())
-    client.load_connection_info(info)  # type: ignore[arg-type]
+    client.load_connection_info(tunnel.info if tunnel is not None else info)  # type: ignore[arg-type]
     state = _KernelState(functools.partial(ZmqWire, client), None, path, transport)
+    if tunnel is not None:
+        state.closers.append(tunnel.close)
     try:
         await state.open(startup_timeout)
     except BaseException as exc:
@@ -406,6 +413,8 @@ def connect(
     output: Output = "forward",
     on_timeout: OnTimeout = "interrupt",
     allow_unsigned: bool = False,
+    ssh: str | None = None,
+    ssh_options: Sequence[str] = (),
 ) -> Kernel:
     """Connect to a running kernel by connection file: a path, or a fragment such as "kernel-1234".
 
@@ -413,6 +422,11 @@ def connect(
     only ``shutdown()`` stops it. A connection file without a key is refused
     unless ``allow_unsigned=True``: anyone who reaches such a kernel's ports
     could send what kernelproxy unpickles.
+
+    ssh: "user@host[:port]" to reach a kernel on another machine (its connection
+        file copied here) through one OpenSSH tunnel, closed with the Kernel.
+        Key-based login only: kernelproxy cannot answer password prompts.
+    ssh_options: extra ssh arguments, e.g. ["-i", "~/.ssh/cluster_key"].
     """
     portal = get_portal()
     core = portal.run(
@@ -424,6 +438,8 @@ def connect(
             output=output,
             on_timeout=on_timeout,
             allow_unsigned=allow_unsigned,
+            ssh=ssh,
+            ssh_options=ssh_options,
         )
     )
     return Kernel(core, portal)

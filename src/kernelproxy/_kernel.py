@@ -93,6 +93,7 @@ class _KernelState:
     ) -> None:
         check_transport_name(transport)
         self.make_wire = make_wire  # a fresh wire per connection (restarts reconnect)
+        self.closers: list[Callable[[], Awaitable[None]]] = []  # run at close, after the connection (SSH tunnels)
         self.manager = manager
         self.connection_file = connection_file
         self.requested_transport = transport
@@ -291,6 +292,8 @@ class _KernelState:
             await self.connection.close()
             if isinstance(self.manager, ServerKernelControl):
                 self.manager.close()
+            for closer in self.closers:
+                await closer()
             self._remove_private_dir()
 
     def _remove_private_dir(self) -> None:
