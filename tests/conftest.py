@@ -17,18 +17,22 @@ import psutil
 import pytest
 from helpers import (
     ExternalKernel,
+    JupyterServer,
     cmdline,
     kernel_children,
     pid_running,
     start_external_kernel,
+    start_jupyter_server,
     stop_external_kernel,
+    stop_jupyter_server,
     wait_pid_gone,
 )
 
 import kernelproxy
 
-# Every kernel fixture runs once per transport listed here.
-TRANSPORTS = ["comm", "execute"]
+# Every kernel fixture runs once per transport listed here. "server" is a kernel of a real
+# `jupyter server`, reached over its REST + websocket API (comm transport, frames in parts).
+TRANSPORTS = ["comm", "execute", "server"]
 
 
 @dataclass
@@ -104,10 +108,27 @@ def transport(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(scope="session")
+def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterServer]:
+    """A real `jupyter server` on 127.0.0.1 with a random port and token, for the whole session."""
+    server = start_jupyter_server(tmp_path_factory.mktemp("jupyter-server"))
+    try:
+        yield server
+    finally:
+        stop_jupyter_server(server)
+
+
+def new_kernel(transport: str, request: pytest.FixtureRequest) -> kernelproxy.Kernel:
+    if transport == "server":
+        server = request.getfixturevalue("jupyter_server")
+        return kernelproxy.connect_server(server.url, token=server.token)
+    return kernelproxy.start(transport=transport)
+
+
 @pytest.fixture(scope="module")
-def kernel(transport: str) -> Iterator[kernelproxy.Kernel]:
+def kernel(transport: str, request: pytest.FixtureRequest) -> Iterator[kernelproxy.Kernel]:
     """A kernel shared by the tests of one module: do not break it (use fresh_kernel for that)."""
-    k = kernelproxy.start(transport=transport)
+    k = new_kernel(transport, request)
     try:
         yield k
     finally:
@@ -115,9 +136,9 @@ def kernel(transport: str) -> Iterator[kernelproxy.Kernel]:
 
 
 @pytest.fixture
-def fresh_kernel(transport: str) -> Iterator[kernelproxy.Kernel]:
+def fresh_kernel(transport: str, request: pytest.FixtureRequest) -> Iterator[kernelproxy.Kernel]:
     """A kernel of one's own, for tests that kill, restart or shut it down."""
-    k = kernelproxy.start(transport=transport)
+    k = new_kernel(transport, request)
     try:
         yield k
     finally:
@@ -149,3 +170,23 @@ def external_kernel(tmp_path: Path) -> Iterator[ExternalKernel]:
         stop_external_kernel(kernel)
 
 
+
+
+SERVER_KERNEL_FIXTURES = {"kernel", "fresh_kernel"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the "server" variant only for tests whose kernels come from the fixtures.
+
+    A test that calls start()/connect() itself tests local kernels; running it
+    again under the "server" parameter would only repeat its "comm" variant.
+    """
+    skip = pytest.mark.skip(reason="starts or connects to local kernels itself; the server variant would repeat 'comm'")
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or callspec.params.get("transport") != "server":
+            continue
+        if not SERVER_KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(skip)
+        elif item.get_closest_marker("local_kernel"):
+            item.add_marker(pytest.mark.skip(reason=item.get_closest_marker("local_kernel").args[0]))

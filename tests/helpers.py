@@ -112,3 +112,77 @@ def wait_for_file(path: os.PathLike, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout} s")
         time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------- a real Jupyter Server
+
+
+@dataclass
+class JupyterServer:
+    url: str
+    token: str
+    process: subprocess.Popen
+    log: Path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_jupyter_server(directory: Path, *extra_args: str, token: str | None = None) -> JupyterServer:
+    """A real `jupyter server` on 127.0.0.1, a free port and a random token; its log in ``directory``."""
+    port = free_port()
+    token = token or uuid.uuid4().hex
+    log = directory / f"jupyter-server-{port}.log"
+    args = [
+        sys.executable,
+        "-m",
+        "jupyter_server",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--port-retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={directory}",
+        # The server's restarter notices a dead kernel within half a second (default 3 s).
+        "--KernelRestarter.time_to_dead=0.5",
+        *extra_args,
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        args.append("--allow-root")  # CI machines run as root
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=directory)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    import urllib.request
+
+    while True:
+        try:
+            request = urllib.request.Request(url + "api/status", headers={"Authorization": f"token {token}"})
+            urllib.request.urlopen(request, timeout=2).close()
+            return JupyterServer(url, token, process, log)
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"jupyter server did not start; its log:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.2)
+
+
+def stop_jupyter_server(server: JupyterServer) -> None:
+    """Stop the server; it shuts its kernels down. Anything left of it is killed."""
+    children = psutil.Process(server.process.pid).children(recursive=True) if server.process.poll() is None else []
+    server.process.terminate()
+    try:
+        server.process.wait(20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -550,7 +550,7 @@ def test_remote_decorator_uses_kernel_namespace(kernel):
 # ---------------------------------------------------------------------- info
 
 
-def test_info_fields(kernel):
+def test_info_fields(kernel, transport):
     info = kernel.info
     assert isinstance(info, kernelproxy.KernelInfo)
     assert info.implementation == "ipython"
@@ -563,14 +563,20 @@ def test_info_fields(kernel):
     assert os.path.samefile(info.executable, sys.executable)
     assert info.hostname == platform.node()
     assert info.transport.split()[0] in ("execute", "comm")
-    assert info.connection_file and os.path.isfile(info.connection_file)
+    if transport == "server":  # reached through a server: no connection file here, the server's URL instead
+        assert info.connection_file is None
+        assert info.server and info.kernel_id and "websocket" in info.transport
+    else:
+        assert info.connection_file and os.path.isfile(info.connection_file)
+        assert info.server is None and info.kernel_id is None
     assert info.agent_protocol == 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.pid = 1
 
 
 def test_info_transport_matches_request(kernel, transport):
-    assert kernel.info.transport.split()[0] == transport
+    # Through a server, "auto" picks comm: binary buffers survive the websocket.
+    assert kernel.info.transport.split()[0] == ("comm" if transport == "server" else transport)
 
 
 def test_repr_mentions_pid(kernel):

@@ -166,6 +166,7 @@ def test_async_kernel_cancelled_task_leaves_kernel_usable(transport):
     assert asyncio.run(main()) < 10
 
 
+@pytest.mark.local_kernel("connects by connection file")
 def test_connect_async(kernel):
     async def main():
         ak = await kernelproxy.connect_async(kernel.info.connection_file)

@@ -72,8 +72,9 @@ from ._api import (
     _ThisPythonFirst,
     _zmq_context,
     connect_async,
+    connect_server_async,
 )
-from ._exceptions import CallInterrupted, KernelClosedError, KernelDiedError
+from ._exceptions import CallInterrupted, KernelClosedError, KernelDiedError, KernelProxyError
 from ._kernel import AsyncKernel, State, check_transport_name
 from ._portal import Portal, get_portal
 from ._sync import Kernel
@@ -257,6 +258,7 @@ class _Origin(enum.Enum):
     STARTED = "started"  # the pool started it: shut down with the pool, replaced by a new kernel
     CONNECTED = "connected"  # the pool connected to it: disconnected with the pool, replaced by connecting again
     GIVEN = "given"  # the caller's: left alone by shutdown, replaced by restart() (or by connecting again)
+    SERVER = "server"  # started on a Jupyter Server by the pool: shut down with the pool, replaced by a new one there
 
 
 @dataclasses.dataclass(eq=False)
@@ -352,6 +354,7 @@ class _PoolCore:
         self.loop = loop
         self.prefetch = prefetch
         self.local = local
+        self.server: dict[str, Any] | None = None  # connect_server_async() arguments, for a pool of server kernels
         self.connect_timeout = connect_timeout
         self.transport = local.transport if local else "auto"
         self.slots: list[_Slot] = []
@@ -452,7 +455,7 @@ class _PoolCore:
     async def start(self, count: int, sources: Sequence[AsyncKernel | str | os.PathLike[str]]) -> None:
         """Start ``count`` local kernels and take the given ones (kernels or connection files), concurrently."""
         self.push_lock = asyncio.Lock()
-        if count and self.local is not None:
+        if count and self.local is not None and self.server is None:
             spec_manager = _ThisPythonFirst()
             spec_manager.python = self.local.python
             self.manager = _MultiKernelManager(
@@ -462,7 +465,8 @@ class _PoolCore:
                 connection_dir=jupyter_runtime_dir(),
                 log=log,
             )
-        openers = [asyncio.ensure_future(self._start_local()) for _ in range(count)]
+        start_one = self._start_on_server if self.server is not None else self._start_local
+        openers = [asyncio.ensure_future(start_one()) for _ in range(count)]
         openers += [asyncio.ensure_future(self._take(source)) for source in sources]
         try:
             outcomes = await asyncio.gather(*openers, return_exceptions=True)
@@ -521,6 +525,10 @@ class _PoolCore:
         self.manager.made.pop(kernel_id, None)
         return _Slot(-1, kernel, _Origin.STARTED, kernel_id=kernel_id)
 
+    async def _start_on_server(self) -> _Slot:
+        assert self.server is not None
+        return _Slot(-1, await connect_server_async(**self.server), _Origin.SERVER)
+
     async def _take(self, source: AsyncKernel | str | os.PathLike[str]) -> _Slot:
         if isinstance(source, AsyncKernel):
             return _Slot(-1, source, _Origin.GIVEN, generation=source._state.generation)
@@ -553,8 +561,8 @@ class _PoolCore:
         for slot in self.slots:
             if slot.origin is _Origin.STARTED:
                 closers.append(self._drop_started(slot))
-            elif slot.origin is _Origin.CONNECTED:
-                closers.append(slot.kernel.close())
+            elif slot.origin in (_Origin.CONNECTED, _Origin.SERVER):
+                closers.append(slot.kernel.close())  # a server kernel we started is deleted there
         await asyncio.gather(*closers, return_exceptions=True)
         if self.manager is not None:
             await self.manager.shutdown_all(now=True)  # none left, unless a start was cut short
@@ -737,7 +745,7 @@ class _PoolCore:
         """Put a working kernel, with every push, in the place of the dead one; retire the place if impossible."""
         slot.ready = False
         reason = slot.kernel._state.connection.dead or "it was closed"
-        attempts = {_Origin.STARTED: 3, _Origin.CONNECTED: 1, _Origin.GIVEN: 1}[slot.origin]
+        attempts = {_Origin.STARTED: 3, _Origin.SERVER: 3, _Origin.CONNECTED: 1, _Origin.GIVEN: 1}[slot.origin]
         error: BaseException | None = None
         for attempt in range(attempts):
             if attempt:
@@ -765,6 +773,12 @@ class _PoolCore:
             await self._drop_started(slot)
             new_slot = await self._start_local()
             new, slot.kernel_id = new_slot.kernel, new_slot.kernel_id
+        elif slot.origin is _Origin.SERVER:
+            try:
+                await old.close()  # deletes it on the server, if the server still has it
+            except KernelProxyError as exc:
+                log.debug("closing a dead server kernel: %r", exc)
+            new = (await self._start_on_server()).kernel
         elif slot.origin is _Origin.GIVEN and old._state.state is State.CLOSED:
             raise KernelClosedError("it was closed outside the pool")
         elif slot.origin is _Origin.GIVEN and old._state.owned:
@@ -829,6 +843,12 @@ def _local_spec(
         transport=transport,
         options=options,
     )
+
+
+def _check_count(n: int) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive number of kernels, not {n!r}")
+    return n
 
 
 def _split_sources(kernels: int | Iterable[Any] | None, kind: type) -> tuple[int, list[Any]]:
@@ -961,6 +981,35 @@ class KernelPool(concurrent.futures.Executor):
         given = [source.aio if isinstance(source, Kernel) else source for source in sources]
         portal.run(core.start(count, given))
         self._setup(core, portal, task_options)
+
+    @classmethod
+    def from_server(
+        cls,
+        url: str,
+        n: int,
+        *,
+        token: str | None = None,
+        kernel_name: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        output: Output = "forward",
+        prefetch: bool = True,
+        **server_options: Any,
+    ) -> KernelPool:
+        """A pool of ``n`` new kernels on a Jupyter Server or gateway (see ``kernelproxy.connect_server``).
+
+        The kernels are deleted on the server when the pool shuts down; a kernel
+        that dies is replaced by a new one there. ``server_options`` go to
+        ``connect_server`` (verify, env, transport, startup_timeout...).
+        """
+        task_options = _TaskOptions(retries=retries, timeout=timeout, output=output)
+        portal = get_portal()
+        core = _PoolCore(portal.loop, None, DEFAULT_CONNECT_TIMEOUT, prefetch)
+        core.server = {"url": url, "token": token, "kernel_name": kernel_name, **server_options}
+        pool = object.__new__(cls)
+        portal.run(core.start(_check_count(n), []))
+        pool._setup(core, portal, task_options)
+        return pool
 
     def _setup(self, core: _PoolCore, portal: Portal, options: _TaskOptions) -> None:
         self._core = core
@@ -1125,6 +1174,7 @@ class _AsyncStartup:
     prefetch: bool
     core: _PoolCore | None = None
     started: asyncio.Future[None] | None = None
+    server: dict[str, Any] | None = None  # connect_server_async() arguments: start the kernels there
 
 
 class AsyncKernelPool:
@@ -1163,6 +1213,25 @@ class AsyncKernelPool:
         connect_timeout = DEFAULT_CONNECT_TIMEOUT if startup_timeout is None else startup_timeout
         self._startup = _AsyncStartup(count, sources, local, connect_timeout, prefetch)
 
+    @classmethod
+    def from_server(
+        cls,
+        url: str,
+        n: int,
+        *,
+        token: str | None = None,
+        kernel_name: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        output: Output = "forward",
+        prefetch: bool = True,
+        **server_options: Any,
+    ) -> AsyncKernelPool:
+        """A pool of ``n`` new kernels on a Jupyter Server or gateway; they start on ``async with``."""
+        pool = cls(_check_count(n), retries=retries, timeout=timeout, output=output, prefetch=prefetch)
+        pool._startup.server = {"url": url, "token": token, "kernel_name": kernel_name, **server_options}
+        return pool
+
     async def start(self) -> AsyncKernelPool:
         """Start (or connect to) the kernels; return the pool. Idempotent."""
         startup = self._startup
@@ -1170,6 +1239,7 @@ class AsyncKernelPool:
             startup.core = _PoolCore(
                 asyncio.get_running_loop(), startup.local, startup.connect_timeout, startup.prefetch
             )
+            startup.core.server = startup.server
             startup.started = asyncio.ensure_future(startup.core.start(startup.count, startup.sources))
         await asyncio.shield(startup.started)
         return self

@@ -10,7 +10,9 @@ ipykernel already depend on; the websocket side is in ``_wires/websocket_wire``.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import ssl
 import urllib.parse
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from ._exceptions import AuthenticationError, ServerError, ServerUnreachableErro
 
 DEFAULT_REQUEST_TIMEOUT = 60.0  # seconds for one REST request (starting a kernel on a cluster can take a while)
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to reach the server at all: an unreachable one fails fast
+RESTART_RETRY_WINDOW = 15.0  # seconds to keep asking for a restart the server cannot do yet
+log = logging.getLogger("kernelproxy")
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,24 @@ class ServerClient:
             body["name"] = name
         if env:
             body["env"] = env  # gateways pass KERNEL_* variables to the kernel; Jupyter Server ignores this
-        return cast("dict[str, Any]", await self.request("POST", "api/kernels", body))
+        try:
+            return cast("dict[str, Any]", await self.request("POST", "api/kernels", body))
+        except AuthenticationError:
+            raise
+        except ServerError as exc:
+            if name is not None and exc.status is not None and exc.status >= 400:
+                await self._check_kernelspec(name)  # Jupyter Server answers an unknown name with a bare 500
+            raise
+
+    async def _check_kernelspec(self, name: str) -> None:
+        try:
+            specs = (await self.request("GET", "api/kernelspecs")).get("kernelspecs", {})
+        except (ServerError, AttributeError):
+            return
+        if name not in specs:
+            raise ServerError(
+                f"the server has no kernelspec named {name!r}; it has: {', '.join(sorted(specs)) or 'none'}", 404
+            )
 
     async def interrupt_kernel(self, kernel_id: str) -> None:
         await self.request("POST", f"api/kernels/{_quote(kernel_id)}/interrupt")
@@ -140,10 +161,24 @@ class ServerKernelControl:
         await self.client.interrupt_kernel(self.kernel_id)
 
     async def restart_kernel(self, now: bool = True) -> None:
-        await self.client.restart_kernel(self.kernel_id)
+        # Right after a kernel died, the server's own restarter may be starting it again, and Jupyter
+        # Server answers 500 until that is done: try again for a while.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESTART_RETRY_WINDOW
+        while True:
+            try:
+                await self.client.restart_kernel(self.kernel_id)
+                return
+            except ServerError as exc:
+                if exc.status is None or exc.status < 500 or loop.time() > deadline:
+                    raise
+            await asyncio.sleep(0.5)
 
     async def shutdown_kernel(self, now: bool = False) -> None:
-        await self.client.delete_kernel(self.kernel_id)
+        try:
+            await self.client.delete_kernel(self.kernel_id)
+        except ServerUnreachableError as exc:  # the server is gone, and its kernels with it (or it will clean up)
+            log.warning("could not delete kernel %s on its server: %s", self.kernel_id, exc)
 
     def close(self) -> None:
         self.client.close()

@@ -57,7 +57,8 @@ class WebsocketWire(Wire):
         self.kernel_id = kernel_id
         self._offered = subprotocol  # None: ask for the default protocol only
         self.max_message_bytes = max_message_bytes
-        self.session = Session(key=b"", session=uuid.uuid4().hex)  # the server signs for us
+        # Builds message dicts only: the server signs what it forwards (the key just silences a warning).
+        self.session = Session(key=uuid.uuid4().hex.encode(), session=uuid.uuid4().hex)
         self.protocol = ""  # the subprotocol the server chose ("" for the default)
         self._conn: WebSocketClientConnection | None = None
         self._connected = asyncio.Event()
@@ -171,14 +172,14 @@ class WebsocketWire(Wire):
                 "content": content,
                 "msg_type": header.get("msg_type"),
                 "msg_id": header.get("msg_id"),
-                "buffers": parts[4:],
+                "buffers": [bytearray(part) for part in parts[4:]],  # writable, like zmq frames: values built on them too
             }
             return channel, normalize(msg)
         # The default protocol's binary envelope: count, offsets (uint32 big-endian), JSON, buffers.
         count = struct.unpack_from("!I", view)[0]
         offsets = [*struct.unpack_from(f"!{count}I", view, 4), len(view)]
         msg = orjson.loads(view[offsets[0] : offsets[1]])
-        msg["buffers"] = [view[offsets[i] : offsets[i + 1]] for i in range(1, count)]
+        msg["buffers"] = [bytearray(view[offsets[i] : offsets[i + 1]]) for i in range(1, count)]
         return msg.pop("channel"), normalize(msg)
 
     async def _reconnect(self) -> bool:

@@ -1,0 +1,280 @@
+"""Kernels of a real Jupyter Server, over its REST + websocket API.
+
+The behaviour suite runs against server kernels through the "server" variant
+of the kernel fixtures (conftest.TRANSPORTS); this module covers what only a
+server has: its REST verbs, authentication, an unreachable server, the
+websocket message limit, its IOPub throttling, both websocket protocols,
+reconnecting, kernels attached by id, and pools of server kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import cloudpickle
+import numpy as np
+import pytest
+from helpers import free_port, start_jupyter_server, stop_jupyter_server
+
+import kernelproxy
+from kernelproxy._server import ServerAddress, ServerClient
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+FAST = 10.0  # seconds: errors about the server come sooner than this
+
+
+def server_kernel_ids(server) -> set[str]:
+    import asyncio
+
+    async def ids() -> set[str]:
+        client = ServerClient(ServerAddress.parse(server.url, token=server.token))
+        try:
+            return {model["id"] for model in await client.list_kernels()}
+        finally:
+            client.close()
+
+    return asyncio.run(ids())
+
+
+@pytest.fixture
+def server_kernel(jupyter_server):
+    k = kernelproxy.connect_server(jupyter_server.url, token=jupyter_server.token)
+    try:
+        yield k
+    finally:
+        k.shutdown()
+
+
+# ---------------------------------------------------------------------- REST: start, attach, delete
+
+
+def test_started_kernel_is_deleted_on_close(jupyter_server):
+    with kernelproxy.connect_server(jupyter_server.url, token=jupyter_server.token) as k:
+        kernel_id = k.info.kernel_id
+        assert kernel_id in server_kernel_ids(jupyter_server)
+        assert k.call(pow, 3, 4) == 81
+        assert k.info.server == jupyter_server.url
+    assert kernel_id not in server_kernel_ids(jupyter_server)
+
+
+def test_attach_by_id_leaves_the_kernel_running(jupyter_server, server_kernel):
+    server_kernel.push(shared=41)
+    with kernelproxy.connect_server(
+        jupyter_server.url, token=jupyter_server.token, kernel_id=server_kernel.info.kernel_id
+    ) as other:
+        assert other.eval("shared + 1") == 42
+        assert other.info.pid == server_kernel.info.pid
+    assert server_kernel.info.kernel_id in server_kernel_ids(jupyter_server)
+    assert server_kernel.eval("shared") == 41
+
+
+def test_shutdown_of_an_attached_kernel_deletes_it(jupyter_server):
+    owner = kernelproxy.connect_server(jupyter_server.url, token=jupyter_server.token)
+    kernel_id = owner.info.kernel_id
+    try:
+        attached = kernelproxy.connect_server(jupyter_server.url, token=jupyter_server.token, kernel_id=kernel_id)
+        attached.shutdown()
+        assert kernel_id not in server_kernel_ids(jupyter_server)
+    finally:
+        owner.close()
+
+
+def test_interrupt_through_the_server(server_kernel):
+    future = server_kernel.submit(time.sleep, 30)
+    time.sleep(1.0)
+    started = time.monotonic()
+    server_kernel.interrupt()
+    with pytest.raises(kernelproxy.CallInterrupted):
+        future.result(FAST)
+    assert time.monotonic() - started < FAST
+    assert server_kernel.call(lambda: "usable") == "usable"
+
+
+def test_timeout_interrupts_through_the_server(server_kernel):
+    with pytest.raises(kernelproxy.CallTimeout):
+        server_kernel.options(timeout=1).call(time.sleep, 30)
+    assert server_kernel.call(lambda: "usable") == "usable"
+
+
+def test_restart_through_the_server(server_kernel, jupyter_server):
+    server_kernel.push(x=1)
+    ref = server_kernel.ref("x")
+    pid = server_kernel.info.pid
+    server_kernel.restart()
+    assert server_kernel.contains("x") is False
+    assert server_kernel.call(lambda: 5) == 5
+    with pytest.raises(kernelproxy.StaleRefError):
+        ref.get()
+    assert server_kernel.info.kernel_id in server_kernel_ids(jupyter_server)  # the same kernel, restarted
+    assert server_kernel.call(os.getpid) != pid, "restart() through the server started a new kernel process"
+
+
+def test_unknown_kernel_id_is_a_clear_error(jupyter_server):
+    with pytest.raises(kernelproxy.ServerError, match="no such kernel") as info:
+        kernelproxy.connect_server(jupyter_server.url, token=jupyter_server.token, kernel_id="not-a-kernel")
+    assert info.value.status == 404
+
+
+def test_unknown_kernel_name_is_a_clear_error(jupyter_server):
+    with pytest.raises(kernelproxy.ServerError, match="no kernelspec named 'no-such-kernelspec'; it has: .*python3"):
+        kernelproxy.connect_server(jupyter_server.url, token=jupyter_server.token, kernel_name="no-such-kernelspec")
+
+
+# ---------------------------------------------------------------------- authentication and reachability
+
+
+def test_wrong_token_is_an_authentication_error(jupyter_server):
+    started = time.monotonic()
+    with pytest.raises(kernelproxy.AuthenticationError, match="rejected the token") as info:
+        kernelproxy.connect_server(jupyter_server.url, token="wrong")
+    assert info.value.status in (401, 403)
+    assert time.monotonic() - started < FAST
+
+
+def test_missing_token_is_an_authentication_error(jupyter_server, monkeypatch):
+    monkeypatch.delenv("JUPYTER_TOKEN", raising=False)
+    with pytest.raises(kernelproxy.AuthenticationError):
+        kernelproxy.connect_server(jupyter_server.url)
+
+
+def test_token_from_the_environment(jupyter_server, monkeypatch):
+    monkeypatch.setenv("JUPYTER_TOKEN", jupyter_server.token)
+    with kernelproxy.connect_server(jupyter_server.url) as k:
+        assert k.call(lambda: 1) == 1
+
+
+def test_server_down_is_a_quick_connection_error():
+    url = f"http://127.0.0.1:{free_port()}/"
+    started = time.monotonic()
+    with pytest.raises(kernelproxy.ServerUnreachableError, match="no Jupyter server answers") as info:
+        kernelproxy.connect_server(url, token="x")
+    assert isinstance(info.value, ConnectionError)
+    assert time.monotonic() - started < FAST
+
+
+def test_bad_url_is_a_value_error():
+    with pytest.raises(ValueError, match="server URL"):
+        kernelproxy.connect_server("127.0.0.1:8888")
+
+
+# ---------------------------------------------------------------------- payloads and output
+
+
+@pytest.mark.parametrize("protocol", ["v1.kernel.websocket.jupyter.org", None], ids=["v1", "default"])
+@pytest.mark.parametrize("transport", ["comm", "execute"])
+def test_payload_larger_than_the_websocket_limit(jupyter_server, protocol, transport):
+    """40 MB each way through a default-configured server (10 MiB per websocket message)."""
+    with kernelproxy.connect_server(
+        jupyter_server.url, token=jupyter_server.token, websocket_protocol=protocol, transport=transport
+    ) as k:
+        assert (protocol or "default protocol") in k.info.transport
+        array = np.random.default_rng(1).random(5 * 2**20)  # 40 MB
+        k.push(big=array)
+        assert k.eval("float(big.sum())") == pytest.approx(float(array.sum()))
+        back = k.pull("big")
+        assert np.array_equal(back, array) and back.flags.writeable
+        assert k.call(lambda b: b.nbytes, array) == array.nbytes  # an argument in parts too
+        k.delete("big")
+
+
+def test_heavy_printing_is_throttled_visibly_not_silently(server_kernel, capfd):
+    """The server drops IOPub output above 1 MB/s and says so on stderr; the call's result still arrives."""
+
+    def shout() -> int:
+        line = "x" * 1000
+        for _ in range(6000):  # 6 MB at once: over the server's data rate limit
+            print(line)
+        return 7
+
+    assert server_kernel.call(shout) == 7
+    out, err = capfd.readouterr()
+    assert "IOPub data rate exceeded" in err
+    assert server_kernel.call(lambda: 8) == 8
+
+
+def test_many_small_calls_beyond_the_iopub_message_rate(server_kernel):
+    """Replies travel on shell, which the server does not throttle: 3,000 quick calls all come back."""
+    futures = [server_kernel.options(output="discard").submit(pow, i, 2) for i in range(3000)]
+    assert [f.result(120) for f in futures] == [i * i for i in range(3000)]
+
+
+# ---------------------------------------------------------------------- deaths and reconnects
+
+
+def test_killed_kernel_is_reported_promptly(jupyter_server):
+    k = kernelproxy.connect_server(jupyter_server.url, token=jupyter_server.token)
+    try:
+        future = k.submit(time.sleep, 60)
+        time.sleep(0.5)
+        started = time.monotonic()
+        os.kill(k.info.pid, signal.SIGKILL)
+        with pytest.raises(kernelproxy.KernelDiedError):
+            future.result(30)
+        assert time.monotonic() - started < FAST
+        k.restart()
+        assert k.call(lambda: "fresh") == "fresh"
+    finally:
+        k.shutdown()
+
+
+def test_dropped_websocket_is_reopened(server_kernel):
+    """Closing the websocket under a running call: the wire reopens it and the call completes."""
+    wire = server_kernel.aio._state.connection.wire
+    future = server_kernel.submit(lambda: (__import__("time").sleep(2), "done")[1])
+    time.sleep(0.5)
+    server_kernel._portal.loop.call_soon_threadsafe(wire._conn.close)
+    assert future.result(30) == "done"
+    assert server_kernel.call(pow, 2, 5) == 32
+
+
+def test_server_gone_fails_calls_promptly(tmp_path):
+    server = start_jupyter_server(tmp_path)
+    try:
+        k = kernelproxy.connect_server(server.url, token=server.token)
+        future = k.submit(time.sleep, 60)
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.process.kill()
+        server.process.wait()
+        with pytest.raises((kernelproxy.KernelDiedError, kernelproxy.ServerError)):
+            future.result(60)
+        assert time.monotonic() - started < 30
+        k.close()
+    finally:
+        stop_jupyter_server(server)
+        # The server was killed: its kernel is an orphan now; kill it too.
+        try:
+            os.kill(k.info.pid, signal.SIGKILL)
+        except (ProcessLookupError, NameError):
+            pass
+
+
+# ---------------------------------------------------------------------- pools
+
+
+def test_pool_from_server(jupyter_server):
+    before = server_kernel_ids(jupyter_server)
+    with kernelproxy.KernelPool.from_server(jupyter_server.url, 2, token=jupyter_server.token) as pool:
+        pids = {k.info.pid for k in pool.kernels}
+        assert len(pids) == 2
+        assert sorted(pool.map(pow, range(20), [2] * 20)) == sorted(i * i for i in range(20))
+        assert len(server_kernel_ids(jupyter_server) - before) == 2
+    assert server_kernel_ids(jupyter_server) == before
+
+
+def test_pool_from_server_replaces_a_dead_kernel(jupyter_server):
+    with kernelproxy.KernelPool.from_server(jupyter_server.url, 2, token=jupyter_server.token) as pool:
+        victim = pool.kernels[0].info.pid
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pids = {k.info.pid for k in pool.kernels}
+            if victim not in pids and len(pids) == 2:
+                break
+            time.sleep(0.2)
+        assert victim not in {k.info.pid for k in pool.kernels}
+        assert list(pool.map(abs, [-1, -2, -3])) == [1, 2, 3]
