@@ -20,6 +20,7 @@ from helpers import (
     JupyterServer,
     cmdline,
     kernel_children,
+    new_kernel,
     pid_running,
     start_external_kernel,
     start_jupyter_server,
@@ -116,13 +117,6 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jupyter
         yield server
     finally:
         stop_jupyter_server(server)
-
-
-def new_kernel(transport: str, request: pytest.FixtureRequest) -> kernelproxy.Kernel:
-    if transport == "server":
-        server = request.getfixturevalue("jupyter_server")
-        return kernelproxy.connect_server(server.url, token=server.token)
-    return kernelproxy.start(transport=transport)
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,16 @@ def wait_for_file(path: os.PathLike, timeout: float = 30) -> None:
 # ---------------------------------------------------------------------- a real Jupyter Server
 
 
+def new_kernel(transport: str, request):
+    """A kernel for a transport of conftest.TRANSPORTS: started here, or on the session's Jupyter server."""
+    import kernelproxy
+
+    if transport == "server":
+        server = request.getfixturevalue("jupyter_server")
+        return kernelproxy.connect_server(server.url, token=server.token)
+    return kernelproxy.start(transport=transport)
+
+
 @dataclass
 class JupyterServer:
     url: str

@@ -9,6 +9,7 @@ import time
 
 import cloudpickle
 import pytest
+from helpers import new_kernel
 
 import kernelproxy
 
@@ -25,8 +26,8 @@ def sleep_ignoring_sigint(seconds):
 
 
 @pytest.fixture
-def kernel(transport):
-    kernel = kernelproxy.start(transport=transport)
+def kernel(transport, request):
+    kernel = new_kernel(transport, request)
     yield kernel
     kernel.shutdown()
 

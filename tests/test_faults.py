@@ -35,7 +35,7 @@ AGENT_MODULE = "_kernelproxy_agent_v1"
 
 # Extra delay after the kernel's memory shows the transfer arriving, per repetition: the kill lands at
 # different points of the transfer. The comm push takes ~0.7 s here, the execute push ~4 s (chunked base64).
-KILL_DELAYS = {"comm": (0.0, 0.03, 0.06), "execute": (0.0, 0.4, 0.8)}
+KILL_DELAYS = {"comm": (0.0, 0.03, 0.06), "execute": (0.0, 0.4, 0.8), "server": (0.0, 0.03, 0.06)}
 
 
 def report(scenario: str, **measured: float | str) -> None:
@@ -296,6 +296,7 @@ with open(os.path.join(workdir, "host%d.json" % host_id), "w") as file:
 """
 
 
+@pytest.mark.local_kernel('attaches a second host by connection file')
 @pytest.mark.slow
 def test_two_host_processes_share_a_kernel_and_get_only_their_own_results(fresh_kernel, transport, tmp_path):
     """Two processes connect to one kernel and call it at the same time, REPS rounds of 200 calls each."""

@@ -112,6 +112,7 @@ def test_agent_lives_in_sys_modules_not_user_namespace(kernel):
     assert kernel.eval("'kernelproxy' in __import__('sys').modules") is False
 
 
+@pytest.mark.local_kernel("listens on the kernel's IOPub socket directly")
 def test_no_iopub_broadcasts_seen_by_other_frontends(kernel):
     """Another client on the kernel's IOPub sees no execute_input/result/error from our requests."""
     client = BlockingKernelClient()
@@ -156,6 +157,7 @@ def test_no_iopub_broadcasts_seen_by_other_frontends(kernel):
     assert not forbidden, f"our requests were broadcast as {forbidden}"
 
 
+@pytest.mark.local_kernel('connects by connection file')
 def test_connect_twice_to_one_kernel(kernel):
     path = kernel.info.connection_file
     kernel.exec(f"__import__('sys').modules[{AGENT_MODULE!r}].install_marker = 'first install'")
@@ -187,6 +189,7 @@ def test_connect_twice_to_one_kernel(kernel):
     kernel.delete("shared_between")
 
 
+@pytest.mark.local_kernel('connects a second host by connection file')
 def test_agent_removed_behind_our_back(fresh_kernel, transport):
     """If the agent module vanishes from sys.modules, calls still work and new hosts can still connect."""
     k = fresh_kernel

@@ -328,6 +328,7 @@ def test_shutdown_fails_running_call(fresh_kernel, tmp_path):
         future.result(timeout=10)
 
 
+@pytest.mark.local_kernel('checks local connection files and sockets')
 def test_shutdown_leaves_no_files(fresh_kernel):
     connection_file = fresh_kernel.info.connection_file
     info = json.loads(Path(connection_file).read_text())
@@ -339,6 +340,7 @@ def test_shutdown_leaves_no_files(fresh_kernel):
         assert not leftovers, f"IPC socket files left in {socket_dir}: {leftovers}"
 
 
+@pytest.mark.local_kernel("checks the local kernel's sockets")
 def test_started_kernel_is_reachable_only_locally(kernel):
     """The kernel's sockets are private: IPC in an owner-only directory, or TCP on loopback."""
     info = json.loads(Path(kernel.info.connection_file).read_text())

@@ -79,6 +79,7 @@ def _not_a_message(session: Session) -> list[bytes]:
 FORGERIES = [_wrong_key, _unsigned, _content_altered_after_signing, _signature_zeroed, _truncated, _not_a_message]
 
 
+@pytest.mark.local_kernel('zmq message signing; through a server, the server signs')
 @pytest.mark.parametrize("forge", FORGERIES, ids=[f.__name__.strip("_") for f in FORGERIES])
 def test_host_drops_and_counts_messages_that_fail_verification(kernel, forge):
     connection = kernel.aio._state.connection
@@ -88,6 +89,7 @@ def test_host_drops_and_counts_messages_that_fail_verification(kernel, forge):
     assert kernel.call(lambda: "still usable") == "still usable"
 
 
+@pytest.mark.local_kernel('zmq message signing; through a server, the server signs')
 def test_host_accepts_a_correctly_signed_message_once(kernel):
     """The control for the test above (the verifier does accept good messages), and replays are refused."""
     connection = kernel.aio._state.connection
@@ -145,6 +147,7 @@ def _forgery_arguments(kernel: kernelproxy.Kernel, marker: Path) -> tuple[str | 
     return None, "", evil
 
 
+@pytest.mark.local_kernel('zmq message signing; through a server, the server signs')
 def test_forged_iopub_messages_signed_with_another_key_are_dropped_not_unpickled(kernel, tmp_path, capsys):
     """A process that can publish on the kernel's IOPub (here: code in the kernel itself) but lacks the key:
     its stream text is not shown, and its comm reply, carrying a pickle that would run code here, is
@@ -179,6 +182,7 @@ def test_forgeries_signed_with_the_kernel_key_do_arrive(kernel, tmp_path, capsys
     assert kernel.call(lambda: "still usable") == "still usable"
 
 
+@pytest.mark.local_kernel('zmq message signing; through a server, the server signs')
 def test_kernel_ignores_requests_signed_with_another_key(kernel, tmp_path):
     """The other direction: a request sent straight to the kernel's shell socket with a wrong key never runs."""
     info = json.loads(Path(kernel.info.connection_file).read_text())
@@ -220,6 +224,7 @@ def test_kernel_ignores_requests_signed_with_another_key(kernel, tmp_path):
 # ---------------------------------------------------------------------- sockets and keys of started kernels
 
 
+@pytest.mark.local_kernel("checks the local kernel's sockets and key")
 def test_started_kernels_listen_on_ipc_with_a_fresh_strong_key(kernel, transport):
     with kernelproxy.start(transport=transport) as other:
         infos = [json.loads(Path(k.info.connection_file).read_text()) for k in (kernel, other)]

@@ -16,7 +16,8 @@ import logging
 import ssl
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Awaitable
+from typing import Any, Callable, cast
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
@@ -161,22 +162,11 @@ class ServerKernelControl:
         await self.client.interrupt_kernel(self.kernel_id)
 
     async def restart_kernel(self, now: bool = True) -> None:
-        # Right after a kernel died, the server's own restarter may be starting it again, and Jupyter
-        # Server answers 500 until that is done: try again for a while.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + RESTART_RETRY_WINDOW
-        while True:
-            try:
-                await self.client.restart_kernel(self.kernel_id)
-                return
-            except ServerError as exc:
-                if exc.status is None or exc.status < 500 or loop.time() > deadline:
-                    raise
-            await asyncio.sleep(0.5)
+        await _while_busy(lambda: self.client.restart_kernel(self.kernel_id))
 
     async def shutdown_kernel(self, now: bool = False) -> None:
         try:
-            await self.client.delete_kernel(self.kernel_id)
+            await _while_busy(lambda: self.client.delete_kernel(self.kernel_id))
         except ServerUnreachableError as exc:  # the server is gone, and its kernels with it (or it will clean up)
             log.warning("could not delete kernel %s on its server: %s", self.kernel_id, exc)
 
@@ -201,6 +191,26 @@ class ServerKernelControl:
             urllib.request.urlopen(request, timeout=5, context=context).close()  # noqa: S310 (http(s) only)
         except OSError:
             pass  # gone already, or the server is: nothing left to do
+
+
+async def _while_busy(action: Callable[[], Awaitable[None]]) -> None:
+    """Run a REST action, again while the server answers 5xx for up to RESTART_RETRY_WINDOW seconds.
+
+    Right after a kernel died, the server's own restarter may be starting it
+    again, and Jupyter Server answers restarts and deletes with 500 until then.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RESTART_RETRY_WINDOW
+    while True:
+        try:
+            await action()
+            return
+        except ServerUnreachableError:
+            raise
+        except ServerError as exc:
+            if exc.status is None or exc.status < 500 or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.5)
 
 
 def _quote(kernel_id: str) -> str:
