@@ -164,21 +164,41 @@ def start_jupyter_server(directory: Path, *extra_args: str, token: str | None = 
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args.append("--allow-root")  # CI machines run as root
+    return _wait_for_server(args, directory, log, port, token, "api/status")
+
+
+def start_kernel_gateway(directory: Path) -> JupyterServer:
+    """A real Jupyter Kernel Gateway on 127.0.0.1, a free port and a random token."""
+    port = free_port()
+    token = uuid.uuid4().hex
+    args = [
+        sys.executable,
+        "-m",
+        "kernel_gateway",
+        "--KernelGatewayApp.ip=127.0.0.1",
+        f"--KernelGatewayApp.port={port}",
+        "--KernelGatewayApp.port_retries=0",
+        f"--KernelGatewayApp.auth_token={token}",
+    ]
+    return _wait_for_server(args, directory, directory / f"kernel-gateway-{port}.log", port, token, "api/kernels")
+
+
+def _wait_for_server(args: list[str], directory: Path, log: Path, port: int, token: str, probe: str) -> JupyterServer:
+    import urllib.request
+
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=directory)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
-    import urllib.request
-
     while True:
         try:
-            request = urllib.request.Request(url + "api/status", headers={"Authorization": f"token {token}"})
+            request = urllib.request.Request(url + probe, headers={"Authorization": f"token {token}"})
             urllib.request.urlopen(request, timeout=2).close()
             return JupyterServer(url, token, process, log)
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"jupyter server did not start; its log:\n{log.read_text()[-3000:]}") from None
+                raise RuntimeError(f"{args[2]} did not start; its log:\n{log.read_text()[-3000:]}") from None
             time.sleep(0.2)
 
 

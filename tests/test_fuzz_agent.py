@@ -521,7 +521,7 @@ def open_fake_comm(algorithm: str) -> FakeComm:
     agent._on_comm_open(
         comm, {"content": {"comm_id": "c", "target_name": agent.COMM_TARGET, "data": {"digests": [algorithm]}}}
     )
-    assert comm.sent == [({"opened": algorithm}, [])] and comm.callback is not None
+    assert comm.sent == [({"opened": algorithm, "reply_on": "iopub"}, [])] and comm.callback is not None
     comm.sent.clear()
     return comm
 

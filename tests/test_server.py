@@ -17,7 +17,7 @@ import time
 import cloudpickle
 import numpy as np
 import pytest
-from helpers import free_port, start_jupyter_server, stop_jupyter_server
+from helpers import free_port, start_jupyter_server, start_kernel_gateway, stop_jupyter_server
 
 import kernelproxy
 from kernelproxy._server import ServerAddress, ServerClient
@@ -278,3 +278,43 @@ def test_pool_from_server_replaces_a_dead_kernel(jupyter_server):
             time.sleep(0.2)
         assert victim not in {k.info.pid for k in pool.kernels}
         assert list(pool.map(abs, [-1, -2, -3])) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------- Jupyter Kernel Gateway
+
+
+@pytest.fixture(scope="module")
+def kernel_gateway(tmp_path_factory):
+    pytest.importorskip("kernel_gateway", reason="jupyter_kernel_gateway is not installed")
+    gateway = start_kernel_gateway(tmp_path_factory.mktemp("kernel-gateway"))
+    try:
+        yield gateway
+    finally:
+        stop_jupyter_server(gateway)
+
+
+def test_kernel_gateway_every_verb(kernel_gateway, capfd):
+    with kernelproxy.connect_server(kernel_gateway.url, token=kernel_gateway.token) as k:
+        assert k.call(pow, 2, 10) == 1024
+        k.call(print, "printed in a gateway kernel")
+        assert "printed in a gateway kernel" in capfd.readouterr().out
+        array = np.random.default_rng(2).random(3 * 2**20)  # 24 MB: in parts both ways
+        k.push(big=array)
+        assert np.array_equal(k.pull("big"), array)
+        ref = k.ref("big")
+        assert ref.shape.get() == array.shape
+        with pytest.raises(ZeroDivisionError):
+            k.call(lambda: 1 / 0)
+        with pytest.raises(kernelproxy.CallTimeout):
+            k.options(timeout=1).call(time.sleep, 30)
+        k.restart()
+        assert "big" not in k
+        assert k.call(lambda: "after restart") == "after restart"
+        kernel_id = k.info.kernel_id
+    with pytest.raises(kernelproxy.ServerError, match="no such kernel"):
+        kernelproxy.connect_server(kernel_gateway.url, token=kernel_gateway.token, kernel_id=kernel_id)
+
+
+def test_kernel_gateway_wrong_token(kernel_gateway):
+    with pytest.raises(kernelproxy.AuthenticationError):
+        kernelproxy.connect_server(kernel_gateway.url, token="wrong")

@@ -126,12 +126,14 @@ class WebsocketWire(Wire):
             await self._connected.wait()
             if self._lost is not None:
                 raise ServerUnreachableError(self._lost)
-            assert self._conn is not None
+            conn = self._conn
+            assert conn is not None
             try:
-                await self._conn.write_message(data, binary=isinstance(data, bytes))
+                await conn.write_message(data, binary=isinstance(data, bytes))
                 return
             except WebSocketClosedError:
-                self._connected.clear()  # the reader reconnects; send again on the new websocket
+                if conn is self._conn:
+                    self._connected.clear()  # the reader reconnects; send again on the new websocket
 
     # ------------------------------------------------------------------ receiving
 

