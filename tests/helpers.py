@@ -180,7 +180,8 @@ def start_kernel_gateway(directory: Path) -> JupyterServer:
         "--KernelGatewayApp.port_retries=0",
         f"--KernelGatewayApp.auth_token={token}",
     ]
-    return _wait_for_server(args, directory, directory / f"kernel-gateway-{port}.log", port, token, "api/kernels")
+    # Not api/kernels: the gateway refuses to list kernels unless configured to (403).
+    return _wait_for_server(args, directory, directory / f"kernel-gateway-{port}.log", port, token, "api")
 
 
 def _wait_for_server(args: list[str], directory: Path, log: Path, port: int, token: str, probe: str) -> JupyterServer:

@@ -62,6 +62,7 @@ class KernelConnection:
         self._running: str | None = None  # msg_id the kernel is executing, from IOPub status
         self._monitor_task: asyncio.Task[None] | None = None
         self.dead: KernelDiedError | None = None
+        self.restarted_by_server = False  # the kernel died and its server started a fresh one in its place
         self.interrupt_ignored = False  # the last abandoned request did not answer its interrupt in time
         self.abandoned_while_queued = False  # the last abandoned request had not started yet
 
@@ -192,6 +193,8 @@ class KernelConnection:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            if self.dead is not None:  # e.g. its server restarted it again meanwhile: no use waiting
+                raise self.dead
             seen = asyncio.Event()
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -259,6 +262,7 @@ class KernelConnection:
         if msg["msg_type"] == "status":
             state = msg["content"].get("execution_state")
             if state in ("restarting", "dead") and not parent_id:  # said by a Jupyter server of its kernel
+                self.restarted_by_server = state == "restarting"
                 self.declare_dead(
                     KernelDiedError(
                         "the kernel died; its server restarted it with an empty namespace"

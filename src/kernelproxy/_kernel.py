@@ -53,6 +53,7 @@ T = TypeVar("T")
 TRANSPORTS = ("auto", "comm", "execute")
 log = logging.getLogger("kernelproxy")
 RELEASE_TIMEOUT = 60.0  # seconds a batch of releases may wait behind other requests
+RESTART_ATTEMPTS = 2  # a kernel that dies while restarting gets one more restart
 
 
 def check_transport_name(transport: str) -> None:
@@ -215,14 +216,24 @@ class _KernelState:
         self.restarted.clear()
         try:
             self.connection.fail_all(KernelDiedError("the kernel was restarted while this call was running"))
-            await self.connection.close()
-            try:
-                await self.manager.restart_kernel(now=True)
-            except Exception as exc:
-                raise KernelStartError(f"could not restart the kernel: {exc}") from exc
-            self.generation += 1
-            self.connection = self._new_connection()
-            await self.open(ready_timeout)
+            for attempt in range(RESTART_ATTEMPTS):
+                restarted_by_server = self.connection.restarted_by_server
+                await self.connection.close()
+                try:
+                    if restarted_by_server and isinstance(self.manager, ServerKernelControl):
+                        await self.manager.wait_settled()  # it is fresh already: restarting it again races the server
+                    else:
+                        await self.manager.restart_kernel(now=True)
+                except Exception as exc:
+                    raise KernelStartError(f"could not restart the kernel: {exc}") from exc
+                self.generation += 1
+                self.connection = self._new_connection()
+                try:
+                    await self.open(ready_timeout)
+                    break
+                except KernelDiedError:  # died while starting (a server may have restarted it again): once more
+                    if attempt == RESTART_ATTEMPTS - 1:
+                        raise
             self.state = State.READY
             return True
         except BaseException:

@@ -162,7 +162,23 @@ class ServerKernelControl:
         await self.client.interrupt_kernel(self.kernel_id)
 
     async def restart_kernel(self, now: bool = True) -> None:
+        await self.wait_settled()
         await _while_busy(lambda: self.client.restart_kernel(self.kernel_id))
+
+    async def wait_settled(self) -> None:
+        """Wait (up to RESTART_RETRY_WINDOW) while the server is itself (re)starting the kernel.
+
+        After a kernel dies, the server's restarter starts it again; a restart
+        asked for meanwhile races with it and can leave the server's channels
+        pointing at the kernel it replaced.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESTART_RETRY_WINDOW
+        while loop.time() < deadline:
+            model = await self.client.get_kernel(self.kernel_id)
+            if model.get("execution_state") not in ("starting", "restarting", "autorestarting"):
+                return
+            await asyncio.sleep(0.2)
 
     async def shutdown_kernel(self, now: bool = False) -> None:
         try:
