@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import struct
 import uuid
 from typing import Any
@@ -41,6 +42,7 @@ SERVER_MESSAGE_LIMIT = 10 * 1024 * 1024  # Tornado-based servers refuse bigger w
 RECEIVE_LIMIT = 2**31  # what we accept from the server; the agent chunks big replies anyway
 PING_INTERVAL = 10.0  # seconds between websocket pings; a connection silent for as long again is reopened
 RECONNECT_WINDOW = 15.0  # seconds to keep trying to reopen a dropped websocket before calls fail
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 STATUS_POLL_INTERVAL = 5.0  # seconds between REST checks that the kernel still exists on the server
 
 
@@ -61,6 +63,7 @@ class WebsocketWire(Wire):
         self.session = Session(key=uuid.uuid4().hex.encode(), session=uuid.uuid4().hex)
         self.protocol = ""  # the subprotocol the server chose ("" for the default)
         self._conn: WebSocketClientConnection | None = None
+        self._socket: socket.socket | None = None
         self._connected = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._lost: str | None = None  # why the websocket is gone for good
@@ -106,6 +109,8 @@ class WebsocketWire(Wire):
             raise ServerError(f"the server refused the kernel's websocket: HTTP {exc.code} {exc.message}", exc.code) from None
         except OSError as exc:
             raise ServerUnreachableError(f"the kernel's websocket could not be opened: {type(exc).__name__}: {exc}") from None
+        conn.protocol.stream.set_nodelay(True)  # type: ignore[union-attr]  # our small requests leave at once
+        self._socket = conn.protocol.stream.socket  # type: ignore[union-attr]
         self._conn = conn
         self.protocol = conn.selected_subprotocol or ""
         self._connected.set()
@@ -129,6 +134,7 @@ class WebsocketWire(Wire):
             conn = self._conn
             assert conn is not None
             try:
+                self._ack_quickly()
                 await conn.write_message(data, binary=isinstance(data, bytes))
                 return
             except WebSocketClosedError:
@@ -141,6 +147,7 @@ class WebsocketWire(Wire):
         while True:
             assert self._conn is not None
             data = await self._conn.read_message()
+            self._ack_quickly()
             if data is None:
                 if self._closing:
                     return
@@ -155,6 +162,19 @@ class WebsocketWire(Wire):
                 log.warning("dropped a malformed message from the server: %s", exc)
                 continue
             deliver(channel, msg)
+
+    def _ack_quickly(self) -> None:
+        """Acknowledge what arrives at once rather than 40 ms later (Linux), re-armed at each read and send.
+
+        Jupyter Server does not disable Nagle's algorithm on its websockets, so it
+        holds a reply until the status message it wrote just before is ACKed; with
+        our delayed ACKs every round trip took 44 ms here instead of 3.
+        """
+        if _QUICKACK is not None and self._socket is not None:
+            try:
+                self._socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass  # closed meanwhile: the reader finds out
 
     def _decode(self, data: bytes | str) -> tuple[str, dict[str, Any]]:
         if isinstance(data, str):
