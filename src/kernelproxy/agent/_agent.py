@@ -64,6 +64,16 @@ binary buffers, zero-copy; the reply comes back the same way on IOPub.
 Jupyter's HMAC signature covers the data, not the buffers, so ``digest``
 (the hash of all buffers, in order) is what makes buffers tamper-evident: a
 request whose buffers do not match is refused, never unpickled.
+
+The comm_open data may also carry ``reply_on: "shell"`` (replies go to the
+requester on the shell channel, which Jupyter Server does not throttle; the
+answer says ``reply_on`` as granted) and ``part_size`` (the wire's message
+limit). Then frames bigger than that travel in parts: the host sends
+``{"part": {"upload", "index", "offset", "sizes"}}`` messages of one buffer
+each ahead of the request, whose data names the ``upload`` instead of
+carrying buffers (``{"part": {"upload", "abort": true}}`` drops a half-sent
+one); the agent sends ``{"part": {"index", "offset", "sizes"}}`` messages
+ahead of a big reply, whose data then says ``parts: N``. Parts get no answer.
 """
 
 import binascii
