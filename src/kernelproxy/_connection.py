@@ -111,12 +111,14 @@ class KernelConnection:
         buffers: list[Any] | None = None,
         comm_id: str | None = None,
         on_part: Callable[[dict[str, Any]], bool] | None = None,
+        wait_idle: bool = True,
     ) -> dict[str, Any]:
         """Send one request and return its reply message.
 
         With a ``listener``, IOPub messages caused by the request are passed
         to it until the kernel reports 'idle', and the reply is returned only
-        after that, so no output is lost behind it.
+        after that, so no output is lost behind it; ``wait_idle=False`` when the
+        reply itself travels on IOPub behind the output (comm replies).
         With a ``comm_id``, the reply is the comm_msg (or comm_close) the
         request causes on that comm, as comm messages have no shell reply.
         If the caller is cancelled, the request is abandoned: interrupted if the
@@ -139,7 +141,7 @@ class KernelConnection:
             await self.wire.send(channel, encoded, buffers)
             # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits
             reply = await asyncio.shield(pending.reply)
-            if listener is not None:
+            if listener is not None and wait_idle:
                 try:
                     await asyncio.wait_for(pending.idle.wait(), IDLE_GRACE)
                 except asyncio.TimeoutError:

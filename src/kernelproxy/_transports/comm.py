@@ -108,6 +108,8 @@ class CommTransport(Transport):
             reply = await self._conn.request(
                 "shell", "comm_msg", content, buffers=frames, listener=listener, comm_id=self._comm_id,
                 on_part=reply_parts.add,
+                # On IOPub the reply comes after the call's output (the agent flushes first): no 'idle' to wait for.
+                wait_idle=self._reply_on != "iopub",
             )
         if reply["msg_type"] == "comm_close":
             raise ProtocolError(f"the kernel closed kernelproxy's comm: {reply['content'].get('data')!r:.200}")

@@ -741,6 +741,7 @@ def _on_comm_open(comm, open_msg):
                 reply, out = dispatch(data.get("header"), frames, user_ns)
         except BaseException as exc:  # malformed beyond reading: still answer, never leave the host waiting
             reply, out = _error("protocol", type(exc).__name__, "malformed request: %s" % exc)
+        _flush_output()  # the call's output goes out on IOPub before the reply: the host needs no 'idle'
         final = {"header": reply, "digest": digest(out)}
         if part_size and sum(memoryview(frame).nbytes for frame in out) > part_size:
             _send_parts(send, out, part_size)
@@ -750,6 +751,19 @@ def _on_comm_open(comm, open_msg):
 
     comm.on_msg(on_msg)
     send({"opened": algorithm, "reply_on": reply_on})
+
+
+def _flush_output():
+    """Publish what the call printed now (ipykernel's flush() returns once its IOPub thread sent it).
+
+    A flush waits for that thread (~0.3 ms), so only streams with output pending are flushed.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if getattr(stream, "_flush_pending", True):
+                stream.flush()
+        except Exception:
+            pass
 
 
 def _receive_part(part, buffers):
