@@ -143,7 +143,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_jupyter_server(directory: Path, *extra_args: str, token: str | None = None) -> JupyterServer:
+def start_jupyter_server(
+    directory: Path, *extra_args: str, token: str | None = None, tls_ca: Path | None = None
+) -> JupyterServer:
     """A real `jupyter server` on 127.0.0.1, a free port and a random token; its log in ``directory``."""
     port = free_port()
     token = token or uuid.uuid4().hex
@@ -164,7 +166,7 @@ def start_jupyter_server(directory: Path, *extra_args: str, token: str | None = 
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args.append("--allow-root")  # CI machines run as root
-    return _wait_for_server(args, directory, log, port, token, "api/status")
+    return _wait_for_server(args, directory, log, port, token, "api/status", tls_ca=tls_ca)
 
 
 def start_kernel_gateway(directory: Path) -> JupyterServer:
@@ -184,17 +186,21 @@ def start_kernel_gateway(directory: Path) -> JupyterServer:
     return _wait_for_server(args, directory, directory / f"kernel-gateway-{port}.log", port, token, "api")
 
 
-def _wait_for_server(args: list[str], directory: Path, log: Path, port: int, token: str, probe: str) -> JupyterServer:
+def _wait_for_server(
+    args: list[str], directory: Path, log: Path, port: int, token: str, probe: str, *, tls_ca: Path | None = None
+) -> JupyterServer:
+    import ssl
     import urllib.request
 
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=directory)
-    url = f"http://127.0.0.1:{port}/"
+    url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{port}/"
+    context = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else None
     deadline = time.monotonic() + 60
     while True:
         try:
             request = urllib.request.Request(url + probe, headers={"Authorization": f"token {token}"})
-            urllib.request.urlopen(request, timeout=2).close()
+            urllib.request.urlopen(request, timeout=2, context=context).close()
             return JupyterServer(url, token, process, log)
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:

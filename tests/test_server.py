@@ -161,6 +161,52 @@ def test_bad_url_is_a_value_error():
         kernelproxy.connect_server("127.0.0.1:8888")
 
 
+# ---------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """A jupyter server on https://127.0.0.1 with a certificate from a throwaway CA (trustme)."""
+    trustme = pytest.importorskip("trustme")
+    directory = tmp_path_factory.mktemp("tls-server")
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(directory / "ca.pem"))
+    certificate = directory / "server.pem"
+    authority.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(certificate))
+    server = start_jupyter_server(
+        directory, f"--ServerApp.certfile={certificate}", f"--ServerApp.keyfile={certificate}", tls_ca=directory / "ca.pem"
+    )
+    try:
+        yield server, directory / "ca.pem"
+    finally:
+        stop_jupyter_server(server)
+
+
+def test_tls_with_the_servers_ca(tls_server):
+    server, ca = tls_server
+    assert server.url.startswith("https://")
+    with kernelproxy.connect_server(server.url, token=server.token, verify=str(ca)) as k:
+        assert "websocket" in k.info.transport
+        assert k.call(pow, 2, 8) == 256
+        array = np.arange(2 * 2**20, dtype=np.float64)  # 16 MB: parts over wss
+        k.push(big=array)
+        assert np.array_equal(k.pull("big"), array)
+
+
+def test_tls_certificate_not_trusted_is_a_clear_error(tls_server):
+    server, _ = tls_server
+    started = time.monotonic()
+    with pytest.raises(kernelproxy.ServerUnreachableError, match="CERTIFICATE_VERIFY_FAILED.*verify="):
+        kernelproxy.connect_server(server.url, token=server.token)
+    assert time.monotonic() - started < FAST
+
+
+def test_tls_verify_false_skips_the_check(tls_server):
+    server, _ = tls_server
+    with kernelproxy.connect_server(server.url, token=server.token, verify=False) as k:
+        assert k.call(lambda: "unverified but encrypted") == "unverified but encrypted"
+
+
 # ---------------------------------------------------------------------- payloads and output
 
 

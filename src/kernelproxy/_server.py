@@ -91,10 +91,15 @@ class ServerClient:
             response = await self._http.fetch(request)
         except HTTPClientError as exc:
             raise _http_error(method, url, exc) from None
-        except (OSError, ssl.SSLError) as exc:  # refused, unresolvable, TLS handshake...
+        except ssl.SSLError as exc:
+            raise ServerUnreachableError(
+                f"TLS with {self.address.url} failed ({exc}); if the server's certificate comes from a private "
+                "authority, pass verify='/path/to/its-ca.pem' (or verify=False to skip the check)"
+            ) from None
+        except OSError as exc:  # refused, unresolvable, unreachable
             raise ServerUnreachableError(
                 f"no Jupyter server answers at {self.address.url} ({type(exc).__name__}: {exc}); "
-                "check the URL, that the server runs, and the network (or TLS certificate) between us"
+                "check the URL, that the server runs, and the network between us"
             ) from None
         return _json(response)
 
