@@ -64,7 +64,8 @@ class Server:
         deadline = time.monotonic() + 60
         while True:
             try:
-                request = urllib.request.Request(self.url + "api/status", headers={"Authorization": f"token {self.token}"})
+                headers = {"Authorization": f"token {self.token}"}
+                request = urllib.request.Request(self.url + "api/status", headers=headers)
                 urllib.request.urlopen(request, timeout=2).close()
                 return
             except OSError:
@@ -151,7 +152,8 @@ def main() -> int:
         floor = median(latency["raw kernel_info through the server websocket"])
         direct = median(latency["kernelproxy direct comm (zmq): call(add, 1, 2)"])
         rows = [
-            (name, f"{median(t) * 1e3:.2f}", f"{p90(t) * 1e3:.2f}", f"{median(t) / floor:.2f}x", f"{median(t) / direct:.2f}x")
+            (name, f"{median(t) * 1e3:.2f}", f"{p90(t) * 1e3:.2f}", f"{median(t) / floor:.2f}x",
+             f"{median(t) / direct:.2f}x")
             for name, t in latency.items()
         ]
         print(table(["round trip", "median", "p90", "vs raw server ws", "vs direct comm"], rows))

@@ -84,10 +84,16 @@ class ExternalKernel:
         return self.connection_file.stem.replace("kernel-", "")
 
 
-def start_external_kernel(directory: Path, *, key: bytes | None = None) -> ExternalKernel:
-    """An ipykernel started by hand, as Jupyter does; ``key=b""`` makes one that accepts unsigned messages."""
-    path = directory / f"kernel-{uuid.uuid4().hex}.json"
-    write_connection_file(str(path), ip="127.0.0.1", key=uuid.uuid4().hex.encode("ascii") if key is None else key)
+def start_external_kernel(
+    directory: Path, *, key: bytes | None = None, transport: str = "tcp", ip: str = "127.0.0.1"
+) -> ExternalKernel:
+    """An ipykernel started by hand, as Jupyter does; ``key=b""`` makes one that accepts unsigned messages.
+
+    ``transport="ipc"`` with ``ip`` a socket path prefix puts its sockets there.
+    """
+    path = directory / f"kernel-{uuid.uuid4().hex[:8]}.json"
+    key = uuid.uuid4().hex.encode("ascii") if key is None else key
+    write_connection_file(str(path), transport=transport, ip=ip, key=key)
     process = subprocess.Popen(
         [sys.executable, "-m", KERNEL_MARKER, "-f", str(path)],
         stdin=subprocess.DEVNULL,

@@ -173,9 +173,8 @@ def tls_server(tmp_path_factory):
     authority.cert_pem.write_to_path(str(directory / "ca.pem"))
     certificate = directory / "server.pem"
     authority.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(certificate))
-    server = start_jupyter_server(
-        directory, f"--ServerApp.certfile={certificate}", f"--ServerApp.keyfile={certificate}", tls_ca=directory / "ca.pem"
-    )
+    tls = (f"--ServerApp.certfile={certificate}", f"--ServerApp.keyfile={certificate}")
+    server = start_jupyter_server(directory, *tls, tls_ca=directory / "ca.pem")
     try:
         yield server, directory / "ca.pem"
     finally:

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from helpers import KERNEL_MARKER, ExternalKernel, cmdline, pid_running, start_external_kernel, stop_external_kernel
-from jupyter_client.connect import write_connection_file
+from helpers import ExternalKernel, cmdline, pid_running, start_external_kernel, stop_external_kernel
 
 import kernelproxy
 from kernelproxy import _ssh
@@ -336,19 +334,9 @@ def tcp_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExternalKer
 def ipc_kernel() -> Iterator[ExternalKernel]:
     """An ipykernel on IPC sockets, in a short directory (unix socket paths are limited to ~100 bytes)."""
     directory = Path(tempfile.mkdtemp(prefix="kp-ssh-"))
-    path = directory / f"kernel-{uuid.uuid4().hex[:8]}.json"
-    write_connection_file(str(path), transport="ipc", ip=str(directory / "k"), key=uuid.uuid4().hex.encode())
-    process = subprocess.Popen(
-        [sys.executable, "-m", KERNEL_MARKER, "-f", str(path)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=str(directory),
-        start_new_session=True,
-    )
-    kernel = ExternalKernel(path, process)
+    kernel = start_external_kernel(directory, transport="ipc", ip=str(directory / "k"))
     try:
-        wait_listening(json.loads(path.read_text()))
+        wait_listening(read_info(kernel))
         yield kernel
     finally:
         stop_external_kernel(kernel)

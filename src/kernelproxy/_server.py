@@ -43,7 +43,8 @@ class ServerAddress:
     def parse(cls, url: str, **options: Any) -> ServerAddress:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"a server URL looks like 'https://host:8888' or 'http://127.0.0.1:8888/base/', not {url!r}")
+            examples = "'https://host:8888' or 'http://127.0.0.1:8888/base/'"
+            raise ValueError(f"a server URL looks like {examples}, not {url!r}")
         path = parts.path if parts.path.endswith("/") else parts.path + "/"
         return cls(urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", "")), **options)
 
@@ -244,7 +245,8 @@ def _json(response: HTTPResponse) -> Any:
     try:
         return json.loads(response.body)
     except ValueError:
-        raise ServerError(f"the server's reply to {response.request.url} is not JSON: {response.body[:200]!r}") from None
+        start = response.body[:200]
+        raise ServerError(f"the server's reply to {response.request.url} is not JSON: {start!r}") from None
 
 
 def _http_error(method: str, url: str, exc: HTTPClientError) -> ServerError:

@@ -77,7 +77,8 @@ class WebsocketWire(Wire):
 
     @property
     def url(self) -> str:
-        return self._address.endpoint(f"api/kernels/{self.kernel_id}/channels?session_id={self.session.session}", websocket=True)
+        path = f"api/kernels/{self.kernel_id}/channels?session_id={self.session.session}"
+        return self._address.endpoint(path, websocket=True)
 
     async def start(self, deliver: Deliver) -> None:
         await self._connect()
@@ -100,15 +101,19 @@ class WebsocketWire(Wire):
                 ping_timeout=PING_INTERVAL,  # tornado caps it at the interval
             )
         except HTTPClientError as exc:
-            if exc.code in (401, 403):
-                raise AuthenticationError(f"the server rejected the token for {self.url.split('?')[0]} (HTTP {exc.code})", exc.code) from None
-            if exc.code == 404:
+            code = exc.code
+            if code in (401, 403):
+                where = self.url.split("?")[0]
+                raise AuthenticationError(f"the server rejected the token for {where} (HTTP {code})", code) from None
+            if code == 404:
                 raise ServerError(f"no kernel {self.kernel_id} on the server (websocket HTTP 404)", 404) from None
-            if exc.code == 599:
-                raise ServerUnreachableError(f"the kernel's websocket could not be opened: {exc.message}", 599) from None
-            raise ServerError(f"the server refused the kernel's websocket: HTTP {exc.code} {exc.message}", exc.code) from None
+            if code == 599:
+                why = exc.message
+                raise ServerUnreachableError(f"the kernel's websocket could not be opened: {why}", 599) from None
+            raise ServerError(f"the server refused the kernel's websocket: HTTP {code} {exc.message}", code) from None
         except OSError as exc:
-            raise ServerUnreachableError(f"the kernel's websocket could not be opened: {type(exc).__name__}: {exc}") from None
+            why = f"{type(exc).__name__}: {exc}"
+            raise ServerUnreachableError(f"the kernel's websocket could not be opened: {why}") from None
         conn.protocol.stream.set_nodelay(True)  # type: ignore[union-attr]  # our small requests leave at once
         self._socket = conn.protocol.stream.socket  # type: ignore[union-attr]
         self._conn = conn
@@ -194,7 +199,8 @@ class WebsocketWire(Wire):
                 "content": content,
                 "msg_type": header.get("msg_type"),
                 "msg_id": header.get("msg_id"),
-                "buffers": [bytearray(part) for part in parts[4:]],  # writable, like zmq frames: values built on them too
+                # writable, like zmq frames: values built on them (numpy arrays) are writable too
+                "buffers": [bytearray(part) for part in parts[4:]],
             }
             return channel, normalize(msg)
         # The default protocol's binary envelope: count, offsets (uint32 big-endian), JSON, buffers.
