@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -363,3 +364,14 @@ def test_kernel_gateway_every_verb(kernel_gateway, capfd):
 def test_kernel_gateway_wrong_token(kernel_gateway):
     with pytest.raises(kernelproxy.AuthenticationError):
         kernelproxy.connect_server(kernel_gateway.url, token="wrong")
+
+
+def test_the_example_runs_against_a_server(jupyter_server):
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "jupyter_server.py")
+    result = subprocess.run(
+        [sys.executable, example, jupyter_server.url, "--token", jupyter_server.token],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "this line was printed by the kernel" in result.stdout
+    assert "squares from two server kernels: [0, 1, 4, 9, 16, 25, 36, 49]" in result.stdout
