@@ -360,6 +360,9 @@ INTERRUPT_SCRIPT = """
 import _thread, json, os, signal, sys, threading, time
 import kernelproxy
 
+# As in an interactive program: a test run started as a shell's background job inherits SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 transport, mode, reps, workdir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 WATCHDOG = 5.0
 MAIN = threading.main_thread().ident

@@ -117,7 +117,9 @@ def test_keyboard_interrupt_in_host_interrupts_remote_work(tmp_path):
     script.write_text(
         textwrap.dedent(
             f"""
-            import time, kernelproxy
+            import signal, time, kernelproxy
+            # As in an interactive program: a test run started as a shell's background job inherits SIGINT ignored.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             with kernelproxy.start() as k:
                 print("pid", k.info.pid, flush=True)
                 try:
