@@ -186,7 +186,8 @@ class _KernelState:
                         stacklevel=2,
                     )
                 return await self.usable_transport()
-            advice = "call restart() for a fresh one" if self.manager is not None else "start or connect to another kernel"
+            restartable = self.manager is not None  # started here, or on a server
+            advice = "call restart() for a fresh one" if restartable else "start or connect to another kernel"
             raise KernelDiedError(f"{cause} earlier; {advice}")
         assert self.transport is not None
         return self.transport
@@ -542,7 +543,7 @@ class AsyncKernel:
         await self._state.interrupt()
 
     async def restart(self, *, timeout: float = 60) -> None:
-        """Restart the kernel (one kernelproxy started): its namespace is emptied, the agent reinstalled."""
+        """Restart the kernel (one kernelproxy started, or one on a server): its namespace is emptied."""
         await self._state.restart(timeout)
 
     async def is_alive(self) -> bool:

@@ -129,7 +129,7 @@ class Kernel:
         self._portal.run(self._core.interrupt())
 
     def restart(self, *, timeout: float = 60) -> None:
-        """Restart a kernel kernelproxy started: empty namespace, agent reinstalled."""
+        """Restart a kernel kernelproxy started, or one on a Jupyter Server: empty namespace, agent reinstalled."""
         self._portal.run(self._core.restart(timeout=timeout))
 
     def is_alive(self) -> bool:
