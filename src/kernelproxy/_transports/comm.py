@@ -98,7 +98,7 @@ class CommTransport(Transport):
 
     async def request(self, header: dict[str, Any], frames: list[Any], *, listener: IopubListener | None = None) -> Message:
         data: dict[str, Any] = {"header": header, "digest": digest_frames(self.digest, frames)}
-        reply_parts = _Assembly(self._comm_id)
+        reply_parts = _Assembly(self._comm_id) if self._part_size is not None else None  # only limited wires
         async with self._slots:
             if self._part_size is not None and sum(memoryview(f).nbytes for f in frames) > self._part_size:
                 data["upload"] = uuid.uuid4().hex
@@ -107,14 +107,19 @@ class CommTransport(Transport):
             content = {"comm_id": self._comm_id, "data": data}
             reply = await self._conn.request(
                 "shell", "comm_msg", content, buffers=frames, listener=listener, comm_id=self._comm_id,
-                on_part=reply_parts.add,
+                on_part=reply_parts.add if reply_parts is not None else None,
                 # On IOPub the reply comes after the call's output (the agent flushes first): no 'idle' to wait for.
                 wait_idle=self._reply_on != "iopub",
             )
         if reply["msg_type"] == "comm_close":
             raise ProtocolError(f"the kernel closed kernelproxy's comm: {reply['content'].get('data')!r:.200}")
         data = reply["content"].get("data", {})
-        buffers = reply_parts.frames(data) if "parts" in data else reply.get("buffers", [])
+        if "parts" in data:
+            if reply_parts is None:
+                raise ProtocolError("the kernel's agent sent a reply in parts over a wire that needs none")
+            buffers = reply_parts.frames(data)
+        else:
+            buffers = reply.get("buffers", [])
         if data.get("digest") != digest_frames(self.digest, buffers):
             raise ProtocolError(
                 "a reply's binary buffers do not match their signed digest (altered in transit?); refused, not unpickled"
