@@ -375,3 +375,10 @@ def test_the_example_runs_against_a_server(jupyter_server):
     assert result.returncode == 0, result.stderr
     assert "this line was printed by the kernel" in result.stdout
     assert "squares from two server kernels: [0, 1, 4, 9, 16, 25, 36, 49]" in result.stdout
+
+
+def test_cwd_is_relative_to_the_servers_root(jupyter_server):
+    root = jupyter_server.log.parent  # the session server's root directory
+    (root / "project").mkdir(exist_ok=True)
+    with kernelproxy.connect_server(jupyter_server.url, token=jupyter_server.token, cwd="project") as k:
+        assert os.path.samefile(k.call(os.getcwd), root / "project")

@@ -222,6 +222,7 @@ async def connect_server_async(
     kernel_id: str | None = None,
     kernel_name: str | None = None,
     env: dict[str, str] | None = None,
+    cwd: str | None = None,
     verify: bool | str = True,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     connect_timeout: float = DEFAULT_SERVER_CONNECT_TIMEOUT,
@@ -241,7 +242,7 @@ async def connect_server_async(
     client = ServerClient(address)
     try:
         if kernel_id is None:
-            model = await client.start_kernel(kernel_name, env)
+            model = await client.start_kernel(kernel_name, env, cwd)
         else:
             model = await client.get_kernel(kernel_id)
     except BaseException:
@@ -356,6 +357,7 @@ def connect_server(
     kernel_id: str | None = None,
     kernel_name: str | None = None,
     env: dict[str, str] | None = None,
+    cwd: str | None = None,
     verify: bool | str = True,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     connect_timeout: float = DEFAULT_SERVER_CONNECT_TIMEOUT,
@@ -375,6 +377,7 @@ def connect_server(
     url: the server's address, e.g. "https://hub.example:8888" (with any base path).
     token: the server's token (default: $JUPYTER_TOKEN), sent in the Authorization header.
     env: variables for the new kernel; gateways pass the KERNEL_* ones to it, Jupyter Server ignores them.
+    cwd: the new kernel's working directory, relative to the server's root directory.
     verify: TLS certificate check: True, False, or the path of a CA bundle.
     connect_timeout: seconds to reach the server before ServerUnreachableError.
     websocket_protocol: the websocket subprotocol to offer; None for the default protocol.
@@ -390,6 +393,7 @@ def connect_server(
             kernel_id=kernel_id,
             kernel_name=kernel_name,
             env=env,
+            cwd=cwd,
             verify=verify,
             startup_timeout=startup_timeout,
             connect_timeout=connect_timeout,

@@ -110,10 +110,14 @@ class ServerClient:
     async def get_kernel(self, kernel_id: str) -> dict[str, Any]:
         return cast("dict[str, Any]", await self.request("GET", f"api/kernels/{_quote(kernel_id)}"))
 
-    async def start_kernel(self, name: str | None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    async def start_kernel(
+        self, name: str | None, env: dict[str, str] | None = None, path: str | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {}
         if name is not None:
             body["name"] = name
+        if path is not None:
+            body["path"] = path  # the kernel's working directory, relative to the server's root
         if env:
             body["env"] = env  # gateways pass KERNEL_* variables to the kernel; Jupyter Server ignores this
         try:
