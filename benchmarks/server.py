@@ -38,7 +38,7 @@ import numpy as np
 from _common import LOAD_AT_START, MB, log, machine_info, median, p90, section, table
 
 import kernelproxy
-from kernelproxy._server import ServerAddress
+from kernelproxy._server import ServerAddress, ServerClient
 from kernelproxy._wires.websocket_wire import WebsocketWire
 
 
@@ -94,7 +94,8 @@ def raw_websocket_round_trips(server: Server, kernel_id: str, calls: int) -> lis
     """kernel_info_request → reply through the server's websocket: no kernelproxy above the wire."""
 
     async def run() -> list[float]:
-        wire = WebsocketWire(ServerAddress.parse(server.url, token=server.token), kernel_id)
+        rest = ServerClient(ServerAddress.parse(server.url, token=server.token))
+        wire = WebsocketWire(rest, kernel_id)
         replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         await wire.start(lambda channel, msg: replies.put_nowait(msg) if channel == "shell" else None)
         times = []
@@ -108,6 +109,7 @@ def raw_websocket_round_trips(server: Server, kernel_id: str, calls: int) -> lis
                     times.append(time.perf_counter() - started)
         finally:
             await wire.close()
+            rest.close()
         return times
 
     return asyncio.run(run())

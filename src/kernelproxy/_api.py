@@ -251,7 +251,7 @@ async def connect_server_async(
     control = ServerKernelControl(client, model["id"], owned=kernel_id is None)
 
     def make_wire() -> WebsocketWire:
-        return WebsocketWire(address, control.kernel_id, subprotocol=websocket_protocol, max_message_bytes=max_message_bytes)
+        return WebsocketWire(client, control.kernel_id, subprotocol=websocket_protocol, max_message_bytes=max_message_bytes)
 
     state = _KernelState(make_wire, control, None, transport)
     try:

@@ -155,7 +155,9 @@ class KernelConnection:
             if not pending.abandoned:
                 self._pending.pop(msg_id, None)
 
-    async def send(self, channel: str, msg_type: str, content: dict[str, Any], buffers: list[Any] | None = None) -> None:
+    async def send(
+        self, channel: str, msg_type: str, content: dict[str, Any], buffers: list[Any] | None = None
+    ) -> None:
         """Send a message that has no reply (comm_close, a part of a chunked request...)."""
         if self.dead is not None:
             raise self.dead
@@ -250,8 +252,11 @@ class KernelConnection:
 
     def _route_reply(self, msg: dict[str, Any]) -> None:
         pending = self._pending.get(msg["parent_header"].get("msg_id", ""))
-        if pending is None:
-            return  # a reply to an abandoned request, or to another client
+        if pending is not None:  # else a reply to an abandoned request, or to another client
+            self._resolve(pending, msg)
+
+    def _resolve(self, pending: _Pending, msg: dict[str, Any]) -> None:
+        """``msg`` answers ``pending`` (or is a part of its answer)."""
         if pending.on_part is not None and pending.on_part(msg):
             return
         if pending.abandoned:
@@ -288,11 +293,7 @@ class KernelConnection:
             and msg["content"].get("comm_id") == pending.comm_id
             and not pending.reply.done()
         ):
-            if pending.on_part is not None and pending.on_part(msg):
-                return
-            pending.reply.set_result(msg)
-            if pending.abandoned:
-                self._pending.pop(pending.msg_id, None)
+            self._resolve(pending, msg)
             return
         if pending.listener is not None:
             try:

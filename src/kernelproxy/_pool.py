@@ -845,6 +845,11 @@ def _local_spec(
     )
 
 
+def _server_spec(url: str, token: str | None, kernel_name: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """connect_server_async() arguments for each kernel of a server pool."""
+    return {"url": url, "token": token, "kernel_name": kernel_name, **options}
+
+
 def _check_count(n: int) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive number of kernels, not {n!r}")
@@ -1005,7 +1010,7 @@ class KernelPool(concurrent.futures.Executor):
         task_options = _TaskOptions(retries=retries, timeout=timeout, output=output)
         portal = get_portal()
         core = _PoolCore(portal.loop, None, DEFAULT_CONNECT_TIMEOUT, prefetch)
-        core.server = {"url": url, "token": token, "kernel_name": kernel_name, **server_options}
+        core.server = _server_spec(url, token, kernel_name, server_options)
         pool = object.__new__(cls)
         portal.run(core.start(_check_count(n), []))
         pool._setup(core, portal, task_options)
@@ -1229,7 +1234,7 @@ class AsyncKernelPool:
     ) -> AsyncKernelPool:
         """A pool of ``n`` new kernels on a Jupyter Server or gateway; they start on ``async with``."""
         pool = cls(_check_count(n), retries=retries, timeout=timeout, output=output, prefetch=prefetch)
-        pool._startup.server = {"url": url, "token": token, "kernel_name": kernel_name, **server_options}
+        pool._startup.server = _server_spec(url, token, kernel_name, server_options)
         return pool
 
     async def start(self) -> AsyncKernelPool:

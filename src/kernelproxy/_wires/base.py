@@ -25,7 +25,11 @@ class Wire(abc.ABC):
     session: Session  # builds message dicts (and signs them, where the wire signs)
     max_message_bytes: int | None = None  # the largest message the path carries; None: no limit
     rejected_messages = 0  # messages dropped for a bad signature or a bad format
-    description = ""  # appended to Kernel.info.transport: how messages travel, when not direct zmq
+
+    @property
+    def description(self) -> str:
+        """Appended to Kernel.info.transport: how messages travel, when not by the kernel's own sockets."""
+        return ""
 
     @abc.abstractmethod
     async def start(self, deliver: Deliver) -> None:

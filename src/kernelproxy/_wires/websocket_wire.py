@@ -32,7 +32,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
 from .._exceptions import AuthenticationError, ServerError, ServerUnreachableError
-from .._server import ServerAddress, ServerClient
+from .._server import ServerClient
 from .base import Deliver, Encoded, Wire, normalize
 
 log = logging.getLogger("kernelproxy")
@@ -49,13 +49,14 @@ STATUS_POLL_INTERVAL = 5.0  # seconds between REST checks that the kernel still 
 class WebsocketWire(Wire):
     def __init__(
         self,
-        address: ServerAddress,
+        rest: ServerClient,
         kernel_id: str,
         *,
         subprotocol: str | None = V1_PROTOCOL,
         max_message_bytes: int = SERVER_MESSAGE_LIMIT,
     ) -> None:
-        self._address = address
+        self._rest = rest  # the kernel's REST client (owned by its ServerKernelControl): status checks
+        self._address = rest.address
         self.kernel_id = kernel_id
         self._offered = subprotocol  # None: ask for the default protocol only
         self.max_message_bytes = max_message_bytes
@@ -67,12 +68,11 @@ class WebsocketWire(Wire):
         self._connected = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._lost: str | None = None  # why the websocket is gone for good
-        self._rest = ServerClient(address)
         self._next_status_poll = 0.0
         self._closing = False
 
     @property
-    def description(self) -> str:  # type: ignore[override]
+    def description(self) -> str:
         return f" over a server websocket ({self.protocol or 'default protocol'})"
 
     @property
@@ -261,7 +261,6 @@ class WebsocketWire(Wire):
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
-        self._rest.close()
 
 
 def _v1_frame(channel: str, parts: list[Any]) -> bytes:
