@@ -558,6 +558,10 @@ def test_comm_on_msg_answers_every_message_with_one_reply(request, algorithm):
         comm.callback(
             {"header": {"msg_type": "comm_msg"}, "content": {"comm_id": "c", "data": data}, "buffers": buffers}
         )
+    if isinstance(data, dict) and "part" in data:  # parts are never answered: the request after them is
+        assert comm.sent == [] and not comm.closed, comm.sent
+        agent._uploads.clear()
+        return
     assert len(comm.sent) == 1 and not comm.closed, comm.sent
     reply, out = comm.sent[0]
     header = check_reply_header(reply["header"])
@@ -585,6 +589,73 @@ def test_comm_on_msg_answers_a_message_without_data(content):
         comm.callback({"header": {"msg_type": "comm_msg"}, "content": content, "buffers": []})
     assert len(comm.sent) == 1, "no reply: the host would wait forever"
     assert is_protocol_error(check_reply_header(comm.sent[0][0]["header"]))
+
+
+def send_comm(comm: FakeComm, data: Any, buffers: list[Any]) -> None:
+    comm.callback({"header": {"msg_type": "comm_msg"}, "content": {"comm_id": "c", "data": data}, "buffers": buffers})
+
+
+def request_in_parts(upload: str, payload: bytes, part_size: int) -> list[tuple[dict[str, Any], list[bytes]]]:
+    """The messages the host sends for a one-frame request over a size-limited wire: parts, then the request."""
+    sizes = [len(payload)]
+    parts = [
+        (
+            {"part": {"upload": upload, "index": 0, "offset": offset, "sizes": sizes}},
+            [payload[offset : offset + part_size]],
+        )
+        for offset in range(0, len(payload), part_size)
+    ]
+    request = {"header": {"op": "echo"}, "upload": upload, "digest": comm_module.digest_frames("sha256", [payload])}
+    return [*parts, (request, [])]
+
+
+def test_request_in_parts_is_assembled_and_answered_once():
+    CASES["comm-parts"] += 1
+    comm = open_fake_comm("sha256")
+    with fake_ipython({}):
+        for data, buffers in request_in_parts("u1", b"abcdefghij", part_size=3):
+            send_comm(comm, data, buffers)
+    assert len(comm.sent) == 1, "one reply, to the request; parts are not answered"
+    reply, out = comm.sent[0]
+    assert check_reply_header(reply["header"])["status"] == "ok"
+    assert [bytes(frame) for frame in out] == [b"abcdefghij"]
+    assert not agent._uploads
+
+
+@pytest.mark.parametrize(
+    "bad_part",
+    [
+        {"upload": "u1", "index": 0, "offset": 9, "sizes": [10]},  # runs past the frame's end
+        {"upload": "u1", "index": 5, "offset": 0, "sizes": [10]},  # no such frame
+        {"upload": "u1", "index": 0},  # fields missing
+        {"upload": "u1", "abort": True},  # the host gave up on this upload
+    ],
+    ids=["past-end", "bad-index", "fields-missing", "abort"],
+)
+def test_a_part_that_cannot_be_placed_makes_its_request_refused(bad_part):
+    """A bad part is not answered (the host waits for no reply to it); the request after it says why it fails."""
+    CASES["comm-parts"] += 1
+    comm = open_fake_comm("sha256")
+    messages = request_in_parts("u1", b"abcdefghij", part_size=3)
+    with fake_ipython({}):
+        send_comm(comm, *messages[0])
+        send_comm(comm, {"part": bad_part}, [b"xyz"])
+        assert comm.sent == [] and "u1" not in agent._uploads
+        send_comm(comm, *messages[-1])
+    header = check_reply_header(comm.sent[0][0]["header"])
+    assert is_protocol_error(header) and "did not all arrive" in header["evalue"], header
+
+
+@pytest.mark.parametrize("upload", ["never-sent", None, ["unhashable"]])
+def test_a_request_naming_an_unknown_upload_is_refused(upload):
+    CASES["comm-parts"] += 1
+    comm = open_fake_comm("sha256")
+    with fake_ipython({}):
+        send_comm(comm, {"header": {"op": "echo"}, "upload": upload, "digest": "x"}, [])
+        send_comm(comm, {"part": ["not", "a", "part"]}, [])  # malformed beyond reading: dropped, not answered
+    assert len(comm.sent) == 1
+    header = check_reply_header(comm.sent[0][0]["header"])
+    assert is_protocol_error(header) and "did not all arrive" in header["evalue"], header
 
 
 # ---------------------------------------------------------------------- in process: what kind of error

@@ -647,7 +647,9 @@ def put(tid, index, offset, text=None):
     data = _b64decode(text)
     frame = _uploads[tid][index]
     if offset < 0 or offset + len(data) > len(frame):
-        raise ValueError("chunk [%d, %d) outside frame %d of %d bytes" % (offset, offset + len(data), index, len(frame)))
+        raise ValueError(
+            "chunk [%d, %d) outside frame %d of %d bytes" % (offset, offset + len(data), index, len(frame))
+        )
     frame[offset : offset + len(data)] = data
 
 
@@ -730,11 +732,16 @@ def _on_comm_open(comm, open_msg):
             if isinstance(data, dict) and "part" in data:
                 _receive_part(data["part"], frames)
                 return  # parts are not answered: the request that follows them is
+            missing = ""
             if isinstance(data, dict) and "upload" in data:
-                frames = _uploads.pop(data["upload"])
-            if not isinstance(data, dict) or data.get("digest") != digest(frames):
+                frames = _take_upload(data["upload"])
+                if frames is None:
+                    frames, missing = [], " (its parts did not all arrive)"
+            if not isinstance(data, dict) or missing or data.get("digest") != digest(frames):
                 reply, out = _error(
-                    "protocol", "ProtocolError", "the request's binary buffers do not match its signed digest; refused"
+                    "protocol",
+                    "ProtocolError",
+                    "the request's binary buffers do not match its signed digest%s; refused" % missing,
                 )
             else:
                 user_ns = sys.modules["IPython"].get_ipython().user_ns
@@ -767,18 +774,33 @@ def _flush_output():
 
 
 def _receive_part(part, buffers):
-    """Put one part of a request's frames in place (the host sends them ahead of the request)."""
-    if part.get("abort"):
-        _uploads.pop(part["upload"], None)
-        return
-    frames = _uploads.get(part["upload"])
-    if frames is None:
-        frames = _uploads[part["upload"]] = [bytearray(size) for size in part["sizes"]]
-    frame, offset, data = frames[part["index"]], part["offset"], memoryview(buffers[0]).cast("B")
-    if not 0 <= offset <= len(frame) - len(data):
-        _uploads.pop(part["upload"], None)  # the request then fails its digest check, and says so
-        return
-    frame[offset : offset + len(data)] = data
+    """Put one part of a request's frames in place (the host sends them ahead of the request).
+
+    Parts are never answered. A part that cannot be placed drops its upload, so the request
+    that follows is refused with a clear error instead of running on half-filled frames.
+    """
+    upload = part.get("upload") if isinstance(part, dict) else None
+    try:
+        if part.get("abort"):
+            _take_upload(upload)
+            return
+        frames = _uploads.get(upload)
+        if frames is None:
+            frames = _uploads[upload] = [bytearray(size) for size in part["sizes"]]
+        frame, offset, data = frames[part["index"]], part["offset"], memoryview(buffers[0]).cast("B")
+        if not 0 <= offset <= len(frame) - len(data):
+            raise ValueError("part outside its frame")
+        frame[offset : offset + len(data)] = data
+    except Exception:
+        _take_upload(upload)
+
+
+def _take_upload(upload):
+    """Remove and return an upload's frames; None if there is no such upload."""
+    try:
+        return _uploads.pop(upload, None)
+    except TypeError:  # an unhashable id from a malformed message
+        return None
 
 
 def _send_parts(send, frames, part_size):
