@@ -33,12 +33,7 @@ class Portal:
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the IO loop; return a future for its result."""
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError(
-                "a blocking kernelproxy call was made from kernelproxy's own IO thread "
-                "(inside an output callback?); use the AsyncKernel API there"
-            )
+        self._check_thread(coro)
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -47,47 +42,48 @@ class Portal:
         On KeyboardInterrupt the call is cancelled (which interrupts its remote
         work) before the KeyboardInterrupt propagates, so the kernel stays consistent.
         """
+        self._check_thread(coro)
+        # The cheapest hop there is (it sets the latency floor of every blocking call): one
+        # call_soon_threadsafe there, one lock release back, no concurrent.futures.Future in between.
         done = threading.Lock()
         done.acquire()
-        outcome: list[Any] = []
+        tasks: list[asyncio.Task[T]] = []
+        cancelled = False
 
-        def signal_done() -> None:
-            try:
+        def start() -> None:
+            if cancelled:  # Ctrl-C came before the task existed
+                coro.close()
                 done.release()
-            except RuntimeError:  # already released: cancelled just as it started
-                pass
+                return
+            task = self._loop.create_task(coro)
+            task.add_done_callback(lambda _: done.release())
+            tasks.append(task)
 
-        async def run_and_signal() -> None:
-            outcome.append(None)  # marks "started": from here on, finally signals
-            try:
-                outcome[0] = await coro
-            except BaseException as exc:
-                outcome[0] = _Failure(exc)
-            finally:
-                signal_done()
+        def cancel() -> None:
+            nonlocal cancelled
+            cancelled = True
+            for task in tasks:
+                task.cancel()
 
-        future = self.submit(run_and_signal())
-        future.add_done_callback(lambda _: None if outcome else signal_done())  # cancelled before it ran
+        self._loop.call_soon_threadsafe(start)
         try:
             # Wait in slices on a private lock: signals and _thread.interrupt_main() get through at once,
             # and a KeyboardInterrupt cannot land inside a lock another thread needs.
             while not done.acquire(timeout=0.1):
                 pass
         except KeyboardInterrupt:
-            future.cancel()
+            self._loop.call_soon_threadsafe(cancel)
             done.acquire(timeout=CANCEL_GRACE)  # the cancelled call interrupts its remote work meanwhile
             raise
-        result: Any = outcome[0]
-        if isinstance(result, _Failure):
-            raise result.exception
-        return result  # type: ignore[no-any-return]
+        return tasks[0].result()
 
-
-class _Failure:
-    """A coroutine's exception, carried back to the waiting thread."""
-
-    def __init__(self, exception: BaseException) -> None:
-        self.exception = exception
+    def _check_thread(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError(
+                "a blocking kernelproxy call was made from kernelproxy's own IO thread "
+                "(inside an output callback?); use the AsyncKernel API there"
+            )
 
 
 _portal: Portal | None = None

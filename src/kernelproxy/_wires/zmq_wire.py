@@ -4,14 +4,21 @@ jupyter_client provides the connection info, the Session (HMAC signing) and
 socket creation; this wire owns the sockets, because jupyter_client's channel
 classes serve one reader through queues and copy every frame. Frames are read
 with ``copy=False`` so that binary buffers reach the unpickler without a copy.
+
+The sockets are plain (blocking-API) shadows of jupyter_client's asyncio sockets,
+read by one ``loop.add_reader`` callback each, which drains every waiting message.
+zmq.asyncio makes a future and a loop round per message, and a call takes three:
+reading directly took ~0.1 ms off each call here (2 cores).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import itertools
 import logging
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 import orjson
 
@@ -30,6 +37,8 @@ HEARTBEAT_MISSES = 3  # consecutive missed beats before the kernel is declared d
 # session: ~12 MB. Replies that match no pending request are dropped anyway, so keep fewer.
 DIGEST_HISTORY_SIZE = 4096
 CHANNELS = ("shell", "control", "iopub")
+DRAIN_BATCH = 64  # messages read per callback before the loop gets a turn
+SEND_RETRY_DELAYS = (0.0005, 0.001, 0.002, 0.005, 0.01)  # backoff while a socket's send queue is full
 
 
 class ZmqWire(Wire):
@@ -37,30 +46,49 @@ class ZmqWire(Wire):
         self._client = client
         self.session = client.session
         self.session.digest_history_size = DIGEST_HISTORY_SIZE
-        self._sockets: dict[str, Any] = {}  # zmq.asyncio sockets (jupyter_client types them as sync)
-        self._readers: list[asyncio.Task[None]] = []
+        self._async_sockets: list[Any] = []  # jupyter_client's zmq.asyncio sockets, kept open under the shadows
+        self._sockets: dict[str, zmq.Socket[Any]] = {}
+        self._drains: dict[str, Callable[[], None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat = _Heartbeat(client)
         self._misses = 0
 
     async def start(self, deliver: Deliver) -> None:
         identity = self.session.bsession
-        self._sockets = {
-            "shell": self._client.connect_shell(identity=identity),
-            "control": self._client.connect_control(identity=identity),
-            "iopub": self._client.connect_iopub(),
-        }
+        self._async_sockets = [
+            self._client.connect_shell(identity=identity),
+            self._client.connect_control(identity=identity),
+            self._client.connect_iopub(),
+        ]
+        self._sockets = {channel: zmq.Socket(sock) for channel, sock in zip(CHANNELS, self._async_sockets)}
         for sock in self._sockets.values():
             sock.linger = 0
         # A PUB socket drops what a subscriber's queue cannot hold, and comm replies travel on IOPub:
         # let libzmq's IO thread buffer everything on our side so the kernel's queue never fills.
         self._sockets["iopub"].rcvhwm = 0
-        self._readers = [asyncio.ensure_future(self._read(channel, deliver)) for channel in CHANNELS]
+        self._loop = asyncio.get_running_loop()
+        for channel, sock in self._sockets.items():
+            drain = self._drains[channel] = functools.partial(self._drain, channel, sock, deliver)
+            self._loop.add_reader(sock.FD, drain)
+            self._loop.call_soon(drain)  # messages may have arrived before the reader was added
 
     def encode(self, msg: dict[str, Any]) -> Encoded:
         return cast(Encoded, self.session.serialize(msg))
 
     async def send(self, channel: str, encoded: Encoded, buffers: list[Any] | None = None) -> None:
-        await self._sockets[channel].send_multipart([*encoded, *(buffers or [])], copy=False)
+        sock, frames = self._sockets[channel], [*encoded, *(buffers or [])]
+        for delay in itertools.chain(SEND_RETRY_DELAYS, itertools.repeat(SEND_RETRY_DELAYS[-1])):
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:  # the send queue is full (high-water mark): the kernel is not reading
+                await asyncio.sleep(delay)
+        self._drain_soon(channel)  # a send can consume the edge that signals readable messages on the FD
+
+    def _drain_soon(self, channel: str) -> None:
+        drain = self._drains.get(channel)
+        if drain is not None and self._loop is not None:
+            self._loop.call_soon(drain)
 
     def receive(self, frames: list[Any]) -> dict[str, Any] | None:
         """Verify and parse a message; None (counted in rejected_messages) if it is not one we can use."""
@@ -106,12 +134,19 @@ class ZmqWire(Wire):
             msg = adapt(msg)  # an old protocol version (kernels of protocol 4): let jupyter_client translate
         return msg
 
-    async def _read(self, channel: str, deliver: Deliver) -> None:
-        sock = self._sockets[channel]
-        while True:
-            msg = self.receive(await sock.recv_multipart(copy=False))
+    def _drain(self, channel: str, sock: zmq.Socket[Any], deliver: Deliver) -> None:
+        """Deliver the messages waiting on ``sock`` (its FD is edge-triggered: read until none are left)."""
+        for _ in range(DRAIN_BATCH):
+            if channel not in self._drains:  # closed (a drain scheduled before close() may still run)
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            msg = self.receive(frames)
             if msg is not None:
                 deliver(channel, msg)
+        self._drain_soon(channel)  # more may wait
 
     async def death(self) -> str | None:
         self._misses = 0 if await self._heartbeat.beat(HEARTBEAT_TIMEOUT) else self._misses + 1
@@ -123,13 +158,12 @@ class ZmqWire(Wire):
         )
 
     async def close(self) -> None:
-        for task in self._readers:
-            task.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
-        self._readers = []
         for sock in self._sockets.values():
-            sock.close(linger=0)
-        self._sockets = {}
+            if self._loop is not None:
+                self._loop.remove_reader(sock.FD)
+        for sock in self._async_sockets:
+            sock.close(linger=0)  # the shadows share these sockets: closing them closes both
+        self._sockets, self._async_sockets, self._drains = {}, [], {}
         self._heartbeat.close()
 
 
