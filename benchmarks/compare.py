@@ -1170,9 +1170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_latency(times, refs)
             print(
                 f"  {args.calls} timed calls per row after 20 warm-up calls, in 10 interleaved rounds with rotating\n"
-                "  order. kernelproxy's default output='forward' waits for the kernel's IOPub 'idle' after the reply\n"
-                "  (so no printed output is lost); 'discard' returns at the reply. The raw comm row waits for the echo\n"
-                "  only; '+ wait IOPub idle' also waits for the idle status that follows it."
+                "  order. Over comm, kernelproxy returns at the reply (the agent flushes printed output before it\n"
+                "  replies); over execute it also waits for IOPub 'idle'. The raw comm row waits for the echo only;\n"
+                "  '+ wait IOPub idle' also waits for the idle status that follows it."
             )
 
         arrays: dict[float, np.ndarray] = {}
