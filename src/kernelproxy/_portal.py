@@ -73,7 +73,9 @@ class Portal:
                 pass
         except KeyboardInterrupt:
             self._loop.call_soon_threadsafe(cancel)
-            done.acquire(timeout=CANCEL_GRACE)  # the cancelled call interrupts its remote work meanwhile
+            # The cancelled call interrupts its remote work meanwhile.
+            if done.acquire(timeout=CANCEL_GRACE) and tasks and not tasks[0].cancelled():
+                tasks[0].exception()  # mark it retrieved: the caller gets the KeyboardInterrupt instead
             raise
         return tasks[0].result()
 
