@@ -233,21 +233,24 @@ def _harmless_request_frames() -> list[list[bytes]]:
         (np.sum, (array,), {}),
         {"pushed": array, "other": "text"},
         (("getattr", "real"), ("op", "add", (1,))),
-        (lambda x: x + 1, (41,), {}),
     ]
     return [[bytes(frame) for frame in serialization.dumps(value)] for value in values]
 
 
 VALID_FRAMES = _harmless_request_frames()
+# A lambda travels as bytecode. A flipped bit there can still unpickle, and running corrupted bytecode
+# crashes CPython itself (seen with --hypothesis-seed=12): nothing at the pickle level can catch that,
+# the signed digest is what keeps such bytes out. So it is truncated and padded, never bit-flipped.
+LAMBDA_FRAMES = [[bytes(frame) for frame in serialization.dumps((lambda x: x + 1, (41,), {}))]]
 
 
 @st.composite
 def broken_pickles(draw: st.DrawFn) -> list[Any]:
     """A valid request's frames, truncated, bit-flipped, missing or padded."""
-    frames = list(draw(st.sampled_from(VALID_FRAMES)))
+    how = draw(st.sampled_from(["truncate", "flip", "drop-buffers", "extra-buffer", "truncate-buffer"]))
+    frames = list(draw(st.sampled_from(VALID_FRAMES if how == "flip" else VALID_FRAMES + LAMBDA_FRAMES)))
     index = draw(st.integers(0, len(frames) - 1))
     frame = bytearray(frames[index])
-    how = draw(st.sampled_from(["truncate", "flip", "drop-buffers", "extra-buffer", "truncate-buffer"]))
     if how == "truncate":
         frames[0] = frames[0][: draw(st.integers(0, len(frames[0]) - 1))]
     elif how == "flip":
