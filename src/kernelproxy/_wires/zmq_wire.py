@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import itertools
 import logging
 from typing import Any, Callable, cast
 
@@ -38,7 +37,7 @@ HEARTBEAT_MISSES = 3  # consecutive missed beats before the kernel is declared d
 DIGEST_HISTORY_SIZE = 4096
 CHANNELS = ("shell", "control", "iopub")
 DRAIN_BATCH = 64  # messages read per callback before the loop gets a turn
-SEND_RETRY_DELAYS = (0.0005, 0.001, 0.002, 0.005, 0.01)  # backoff while a socket's send queue is full
+SEND_RETRY_FIRST, SEND_RETRY_MAX = 0.0005, 0.01  # seconds of backoff while a socket's send queue is full
 
 
 class ZmqWire(Wire):
@@ -77,12 +76,14 @@ class ZmqWire(Wire):
 
     async def send(self, channel: str, encoded: Encoded, buffers: list[Any] | None = None) -> None:
         sock, frames = self._sockets[channel], [*encoded, *(buffers or [])]
-        for delay in itertools.chain(SEND_RETRY_DELAYS, itertools.repeat(SEND_RETRY_DELAYS[-1])):
+        delay = SEND_RETRY_FIRST
+        while True:
             try:
                 sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 break
             except zmq.Again:  # the send queue is full (high-water mark): the kernel is not reading
                 await asyncio.sleep(delay)
+                delay = min(2 * delay, SEND_RETRY_MAX)
         self._drain_soon(channel)  # a send can consume the edge that signals readable messages on the FD
 
     def _drain_soon(self, channel: str) -> None:
