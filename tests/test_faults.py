@@ -474,3 +474,28 @@ def _status(proc: psutil.Process) -> str:
         return proc.status()
     except psutil.NoSuchProcess:
         return "gone"
+
+
+def test_an_abandoned_call_that_keeps_printing_is_interrupted_once(fresh_kernel):
+    """A timed-out call is interrupted once. Its later output must not trigger more interrupts: one that
+    lands after the reply hits the idle kernel's event loop, and ipykernel then exits (code 0)."""
+
+    def print_through_interrupts(seconds: float) -> None:
+        import builtins
+        import time
+
+        builtins._kp_interrupts = 0  # type: ignore[attr-defined]
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                print("working", flush=True)
+                time.sleep(0.02)
+            except KeyboardInterrupt:
+                builtins._kp_interrupts += 1  # type: ignore[attr-defined]
+                end = min(end, time.monotonic() + 1.0)  # go on printing for a second after the first
+
+    with pytest.raises(CallTimeout):
+        fresh_kernel.options(timeout=0.5).call(print_through_interrupts, 30)
+    time.sleep(1.5)  # any second interrupt would come with the output printed meanwhile
+    assert fresh_kernel.call(lambda: __import__("builtins")._kp_interrupts) == 1
+    assert fresh_kernel.is_alive()

@@ -39,6 +39,7 @@ class _Pending:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     listener: IopubListener | None = None
     abandoned: bool = False  # cancelled by the host; interrupt it once it starts
+    interrupted: bool = False  # once only: a second SIGINT could land after the reply, in an idle kernel
     comm_id: str | None = None  # the reply is this comm's next message (on IOPub or shell), not a shell reply
     # Sees each candidate reply first; returns True for a part of a reply sent in several messages.
     on_part: Callable[[dict[str, Any]], bool] | None = None
@@ -227,6 +228,7 @@ class KernelConnection:
         self.interrupt_ignored = False
         self.abandoned_while_queued = self._running != pending.msg_id
         if not self.abandoned_while_queued:
+            pending.interrupted = True
             await self._interrupt_and_wait(pending)
         # Otherwise it is still queued; _read_iopub interrupts it when it starts.
 
@@ -285,7 +287,8 @@ class KernelConnection:
         pending = self._pending.get(parent_id or "")
         if pending is None:
             return
-        if pending.abandoned and self._running == parent_id and not pending.reply.done():
+        if pending.abandoned and not pending.interrupted and self._running == parent_id and not pending.reply.done():
+            pending.interrupted = True  # abandoned while queued, and it has started now
             asyncio.ensure_future(self._interrupt_and_wait(pending))
         if (
             pending.comm_id is not None
