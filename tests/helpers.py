@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,9 +12,50 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pytest
 from jupyter_client.connect import write_connection_file
 
 KERNEL_MARKER = "ipykernel_launcher"
+# Environments the tests build (virtualenvs, pip --target dirs), kept between runs.
+TEST_CACHE = Path(os.environ.get("KERNELPROXY_TEST_CACHE", Path.home() / ".cache" / "kernelproxy-tests"))
+
+
+# ---------------------------------------------------------------------- environments built for the tests
+
+
+def run_build_step(args, what: str) -> None:
+    proc = subprocess.run([str(a) for a in args], check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"building the test environment failed at {what}:\n{proc.stdout}\n{proc.stderr}", pytrace=False)
+
+
+def build_once(target: Path, build) -> Path:
+    """Build ``target`` unless a complete build is cached; a half-built one is thrown away."""
+    marker = target / ".kernelproxy-tests-complete"
+    if marker.exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    build(target)
+    marker.write_text(time.ctime())
+    return target
+
+
+def pip_command(python: Path, *args) -> list:
+    return [python, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q", *args]
+
+
+def pip_target(package: str, version: str) -> Path:
+    """A directory holding ``package==version`` alone (pip --target), for PYTHONPATH; built once."""
+
+    def build(target: Path) -> None:
+        run_build_step(
+            pip_command(Path(sys.executable), "install", "--no-deps", "--target", target, f"{package}=={version}"),
+            f"pip install --target {package}=={version}",
+        )
+
+    root = TEST_CACHE / f"py{sys.version_info[0]}.{sys.version_info[1]}-targets"
+    root.mkdir(parents=True, exist_ok=True)
+    return build_once(root / f"{package}-{version}", build)
 
 
 # ---------------------------------------------------------------------- process bookkeeping

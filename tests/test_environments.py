@@ -1,7 +1,7 @@
 """Kernels in other environments: a virtualenv with ipykernel but without kernelproxy.
 
 The environments are built once and cached under ~/.cache/kernelproxy-tests/<python>-<cloudpickle>/
-(override with KERNELPROXY_TEST_CACHE). Building needs PyPI and takes about a minute.
+(override with KERNELPROXY_TEST_CACHE; see helpers.build_once). Building needs PyPI and takes about a minute.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from helpers import kernel_children, kill_new_kernels
+from helpers import TEST_CACHE, build_once, kernel_children, kill_new_kernels, pip_command, pip_target, run_build_step
 
 import kernelproxy
 from kernelproxy import EnvironmentMismatchError, KernelStartError
@@ -28,7 +28,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first test may build the environments
 
 OLD_CLOUDPICKLE = "3.0.0"
-CACHE_ROOT = Path(os.environ.get("KERNELPROXY_TEST_CACHE", Path.home() / ".cache" / "kernelproxy-tests"))
 
 
 @dataclass(frozen=True)
@@ -39,53 +38,23 @@ class Environments:
     cloudpickle_old: Path  # --target dir with cloudpickle OLD_CLOUDPICKLE
 
 
-def _run(args, what: str) -> None:
-    proc = subprocess.run([str(a) for a in args], check=False, capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.fail(f"building the test environment failed at {what}:\n{proc.stdout}\n{proc.stderr}", pytrace=False)
-
-
-def _build_once(target: Path, build) -> Path:
-    """Build ``target`` unless a complete build is cached; a half-built one is thrown away."""
-    marker = target / ".kernelproxy-tests-complete"
-    if marker.exists():
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    build(target)
-    marker.write_text(time.ctime())
-    return target
-
-
-def _pip(python: Path, *args) -> list:
-    return [python, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q", *args]
-
-
 @pytest.fixture(scope="session")
 def environments() -> Environments:
     key = f"py{platform.python_version()}-cloudpickle{cloudpickle.__version__}"
-    root = CACHE_ROOT / key
+    root = TEST_CACHE / key
     root.mkdir(parents=True, exist_ok=True)
 
     def build_venv(target: Path) -> None:
-        _run([sys.executable, "-m", "venv", target], "python -m venv")
-        _run(_pip(target / "bin" / "python", "install", "ipykernel"), "pip install ipykernel")
+        run_build_step([sys.executable, "-m", "venv", target], "python -m venv")
+        run_build_step(pip_command(target / "bin" / "python", "install", "ipykernel"), "pip install ipykernel")
 
     def build_bare(target: Path) -> None:
-        _run([sys.executable, "-m", "venv", "--without-pip", target], "python -m venv --without-pip")
+        run_build_step([sys.executable, "-m", "venv", "--without-pip", target], "python -m venv --without-pip")
 
-    def target_dir(version: str):
-        def build(target: Path) -> None:
-            _run(
-                _pip(Path(sys.executable), "install", "--no-deps", "--target", target, f"cloudpickle=={version}"),
-                f"pip install --target cloudpickle=={version}",
-            )
-
-        return build
-
-    venv = _build_once(root / "venv-ipykernel", build_venv)
-    bare = _build_once(root / "venv-bare", build_bare)
-    same = _build_once(root / f"cloudpickle-{cloudpickle.__version__}", target_dir(cloudpickle.__version__))
-    old = _build_once(root / f"cloudpickle-{OLD_CLOUDPICKLE}", target_dir(OLD_CLOUDPICKLE))
+    venv = build_once(root / "venv-ipykernel", build_venv)
+    bare = build_once(root / "venv-bare", build_bare)
+    same = pip_target("cloudpickle", cloudpickle.__version__)
+    old = pip_target("cloudpickle", OLD_CLOUDPICKLE)
     envs = Environments(venv / "bin" / "python", bare / "bin" / "python", same, old)
 
     # The environments must really be what the tests assume, or the tests prove nothing.

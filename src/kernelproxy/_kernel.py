@@ -107,6 +107,7 @@ class _KernelState:
         self.restarted = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         self.generation = 0  # counts restarts: refs from an older generation are stale
+        self.sent_code = serialization.CodeSet()  # functions whose source this kernel has (for its tracebacks)
         self._releases: collections.deque[tuple[int, int]] = collections.deque()
         self._release_task: asyncio.Future[Any] | None = None
         self.connection: KernelConnection = self._new_connection()
@@ -228,6 +229,7 @@ class _KernelState:
                 except Exception as exc:
                     raise KernelStartError(f"could not restart the kernel: {exc}") from exc
                 self.generation += 1
+                self.sent_code.clear()
                 self.connection = self._new_connection()
                 try:
                     await self.open(ready_timeout)
@@ -402,7 +404,9 @@ class AsyncKernel:
 
     async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], keep: bool) -> Message:
         with pickling_for(self._state):
-            frames = serialization.dumps((fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs))
+            frames = serialization.dumps(
+                (fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs), sent_code=self._state.sent_code
+            )
         header = {"op": "call", "keep": keep}
         return await self._request(header, frames, self._options.timeout, f"call of {_name(fn)}")
 
@@ -419,7 +423,7 @@ class AsyncKernel:
         """Evaluate a RemoteRef's path in one round trip: its value, or (keep) a new RemoteRef."""
         check_fresh(root)
         with pickling_for(self._state):
-            frames = serialization.dumps(path, parts={"the ref's arguments": path}) if path else []
+            frames = serialization.dumps(path, parts={"the ref's arguments": path}, sent_code=self._state.sent_code) if path else []
         header = {"op": "ref_eval", "root": root.id, "keep": keep}
         what = f"RemoteRef #{root.id}"
         reply, out = await self._request(header, frames, self._options.timeout, what)
@@ -449,7 +453,7 @@ class AsyncKernel:
         if not merged:
             return
         with pickling_for(self._state):
-            frames = serialization.dumps(merged, parts=merged)
+            frames = serialization.dumps(merged, parts=merged, sent_code=self._state.sent_code)
         await self._request({"op": "push"}, frames, self._options.timeout, f"push of {', '.join(merged)}")
 
     async def pull(self, *names: str, timeout: float | None = None) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import types
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
@@ -28,33 +29,42 @@ from .agent import _agent as agent
 OUT_OF_BAND_MIN = 64 * 1024
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, plus the agent's faster reductions of datetime and string arrays."""
+CodeSet = agent.CodeSet  # the code objects already described to one kernel
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, plus the agent's reductions: faster datetime and string arrays, code that keeps its source."""
+
+    def __init__(self, *args: Any, sent_code: CodeSet | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         numpy = sys.modules.get("numpy")  # not imported: no ndarray in the value either
         self._ndarray = None if numpy is None else numpy.ndarray
+        self._sent_code = sent_code
 
     def reducer_override(self, obj: Any) -> Any:  # called for almost every object: keep the common path short
         if type(obj) is self._ndarray:
             reduced = agent._array_reduce(obj)  # type: ignore[no-untyped-call]  # one copy, shared with the agent
             if reduced is not None:
                 return reduced
+        elif type(obj) is types.CodeType:
+            return agent.code_reduce(self, obj, self._sent_code)  # type: ignore[no-untyped-call]
         return super().reducer_override(obj)
 
 
-def _pickle(value: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool]) -> bytes:
+def _pickle(value: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool], sent_code: CodeSet | None) -> bytes:
     with io.BytesIO() as file:
-        _Pickler(file, protocol=5, buffer_callback=buffer_callback).dump(value)
+        _Pickler(file, protocol=5, buffer_callback=buffer_callback, sent_code=sent_code).dump(value)
         return file.getvalue()
 
 
-def dumps(value: Any, *, parts: Mapping[str, Any] | None = None) -> list[memoryview]:
+def dumps(value: Any, *, parts: Mapping[str, Any] | None = None, sent_code: CodeSet | None = None) -> list[memoryview]:
     """Pickle ``value`` into frames.
 
     ``parts`` names the pieces of ``value`` as the user wrote them (``args[0]``,
     ``kwargs['x']``, a pushed name): on failure the error names the one that broke.
+    Functions pickled by value carry their file name and source lines, for the
+    kernel's tracebacks; ``sent_code`` holds the code already described to the
+    receiving kernel, whose lines are not sent again (None: describe all).
     """
     buffers: list[memoryview] = []
 
@@ -66,10 +76,12 @@ def dumps(value: Any, *, parts: Mapping[str, Any] | None = None) -> list[memoryv
         return False
 
     try:
-        main = _pickle(value, keep_large_out_of_band)
-    except KernelProxyError:
-        raise  # a RemoteRef that may not travel says why itself (stale, or another kernel's)
-    except Exception as exc:
+        main = _pickle(value, keep_large_out_of_band, sent_code)
+    except BaseException as exc:
+        if sent_code is not None:
+            sent_code.clear()  # this pickle described code that will never arrive
+        if isinstance(exc, KernelProxyError) or not isinstance(exc, Exception):
+            raise  # a RemoteRef that may not travel says why itself (stale, or another kernel's)
         raise SerializationError(_describe_pickling_failure(parts or {"the value": value}, exc)) from exc
     return [memoryview(main), *buffers]
 

@@ -83,6 +83,7 @@ import os
 import platform
 import sys
 import traceback
+from types import CodeType
 
 PROTOCOL = 1
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
@@ -168,6 +169,8 @@ def _pickler_class():
                     reduced = _array_reduce(obj)
                     if reduced is not None:
                         return reduced
+                elif type(obj) is CodeType:
+                    return code_reduce(self, obj, None)
                 return base.reducer_override(self, obj)
 
         _pickler.append(Pickler)
@@ -254,7 +257,7 @@ def _strings_reduce(obj, numpy):
 
     data = pickle.PickleBuffer(pieces[0] if len(pieces) == 1 else b"".join(pieces))
     rebuild = operator.methodcaller("_strings_rebuild", data, ends, holes, values, obj.shape, order)
-    return (rebuild, (_ModuleNamed(HOST_MODULE if __name__ == MODULE_NAME else MODULE_NAME),))
+    return (rebuild, (_receiving_agent(),))
 
 
 def _strings_rebuild(data, ends, holes, values, shape, order):
@@ -271,6 +274,94 @@ def _strings_rebuild(data, ends, holes, values, shape, order):
     for index, value in zip(holes, values):
         flat[index] = value
     return flat.reshape(shape, order=order)
+
+
+def _receiving_agent():
+    """Pickles as the agent module of the side that unpickles (the kernel's, or the host's copy)."""
+    return _ModuleNamed(HOST_MODULE if __name__ == MODULE_NAME else MODULE_NAME)
+
+
+# --------------------------------------------------------------------- code objects and their source
+
+_sources = {}  # file name -> {line number: source line} of code received by value
+
+
+def code_reduce(pickler, code, sent):
+    """Reduce a code object so that it keeps its real file name and brings its source lines.
+
+    cloudpickle (>= 3.1.3) names the file of all code it pickles by value
+    ``<dynamic-code>``; and the receiving side usually cannot read the sender's
+    file (another machine, a notebook cell). So the code travels as
+    cloudpickle reduces it, plus its real ``co_filename`` and the source lines
+    its line table covers, which ``_restore_code`` on the receiving side puts
+    back and registers for tracebacks. ``sent`` (a ``CodeSet`` or None)
+    remembers the code objects already described to the receiver: their lines
+    are not sent again.
+    """
+    import operator
+
+    rebuild, args = pickler.dispatch_table[CodeType](code)
+    filename, first, lines = code.co_filename, code.co_firstlineno, None
+    if sent is None or sent.add(code):
+        lines = _source_lines(code)
+    restore = operator.methodcaller("_restore_code", rebuild, args, filename, first, lines)
+    return (restore, (_receiving_agent(),))
+
+
+def _source_lines(code):
+    """The source lines from the first to the last line of ``code``, or None if unknown."""
+    import dis
+
+    last = max([line for _, line in dis.findlinestarts(code) if line is not None] or [code.co_firstlineno])
+    lines = linecache.getlines(code.co_filename)[code.co_firstlineno - 1 : last]
+    return lines or None
+
+
+def _restore_code(rebuild, args, filename, first, lines):
+    """The receiving side of ``code_reduce``: the code object, its file name put back, its lines registered."""
+    code = rebuild(*args)
+    if code.co_filename != filename:
+        code = code.replace(co_filename=filename)
+    if lines:
+        known = _sources.setdefault(filename, {})
+        known.update(zip(range(first, first + len(lines)), lines))
+        _publish_source(filename)
+    return code
+
+
+def _publish_source(filename):
+    """Put the lines received for ``filename`` into linecache, over the file's own lines if it exists here."""
+    known = _sources[filename]
+    lines = []
+    if not filename.startswith("<") and os.path.isfile(filename):
+        lines = linecache.updatecache(filename)  # the file exists here too: unknown lines come from it
+    lines = list(lines) + ["\n"] * (max(known) - len(lines))
+    for number, text in known.items():
+        lines[number - 1] = text
+    # mtime None: linecache.checkcache() keeps the entry (there is no file to compare it with)
+    linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+
+
+class CodeSet(object):
+    """Code objects, by identity, held weakly: the functions already described to one receiver."""
+
+    def __init__(self):
+        self._refs = {}
+
+    def add(self, code):
+        """Add ``code``; return True if it was not there yet."""
+        key = id(code)
+        ref = self._refs.get(key)
+        if ref is not None and ref() is code:
+            return False
+        import weakref
+
+        self._refs[key] = weakref.ref(code, lambda _, key=key: self._refs.pop(key, None))
+        return True
+
+    def clear(self):
+        """Forget them all (a pickle that described some was never sent, or the receiver restarted)."""
+        self._refs.clear()
 
 
 class _ModuleNamed(object):
@@ -313,7 +404,22 @@ def _user_traceback(exc):
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == AGENT_FILENAME:
         tb = tb.tb_next
+    _republish_sources(exc)
     return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _republish_sources(exc):
+    """Make sure linecache has the received source of every frame of ``exc`` (and of its chain)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            filename = tb.tb_frame.f_code.co_filename
+            if filename in _sources and filename not in linecache.cache:
+                _publish_source(filename)
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
 
 
 def _exception_reply(exc, kind="exception"):
