@@ -29,7 +29,7 @@ def test_request_whose_buffers_were_altered_is_refused_in_the_kernel(comm_kernel
     data = {"header": {"op": "push"}, "digest": comm_module.digest_frames(transport.digest, frames)}
     altered = [frames[0], np.zeros_like(original).data]  # same sizes, other bytes: HMAC would not notice
     content = {"comm_id": transport._comm_id, "data": data}
-    request = transport._conn.request("shell", "comm_msg", content, buffers=altered, comm_id=transport._comm_id)
+    request = transport._conn.request("shell", "comm_msg", content, buffers=altered, matcher=transport.reply_matcher())
     reply = comm_kernel._portal.run(request)
     header = reply["content"]["data"]["header"]
     assert header["status"] == "error" and header["kind"] == "protocol"

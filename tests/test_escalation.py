@@ -93,3 +93,44 @@ def test_on_timeout_restart_leaves_an_interruptible_kernel_alone(kernel):
 def test_bad_on_timeout_is_refused():
     with pytest.raises(ValueError, match="on_timeout"):
         kernelproxy.CallOptions(on_timeout="explode")  # type: ignore[arg-type]
+
+
+def test_concurrent_timeouts_each_report_their_own_fate(kernel):
+    """A runs and ignores SIGINT, B waits behind it: each is told what happened to it, not to the other."""
+    call_a = kernel.options(timeout=1).submit(sleep_ignoring_sigint, 6)
+    time.sleep(0.3)  # A is running
+    call_b = kernel.options(timeout=2.5).submit(int, "7")
+    with pytest.raises(kernelproxy.CallTimeout) as a_info:
+        call_a.result(timeout=20)
+    with pytest.raises(kernelproxy.CallTimeout) as b_info:
+        call_b.result(timeout=20)
+    assert "ignored the interrupt" in str(a_info.value)
+    assert "queued behind other work" not in str(a_info.value)
+    assert "queued behind other work" in str(b_info.value)
+    assert "ignored the interrupt" not in str(b_info.value)
+    kernel.restart()
+
+
+def test_on_timeout_restart_follows_the_call_that_ignored_the_interrupt(kernel):
+    """Only the call that ignored the interrupt restarts the kernel; a queued call behind it does not."""
+    kernel["kept"] = 1
+    call_a = kernel.options(timeout=1).submit(sleep_ignoring_sigint, 6)  # on_timeout="interrupt"
+    time.sleep(0.3)
+    call_b = kernel.options(timeout=2.5, on_timeout="restart").submit(int, "7")
+    with pytest.raises(kernelproxy.CallTimeout, match="ignored the interrupt"):
+        call_a.result(timeout=20)
+    with pytest.raises(kernelproxy.CallTimeout, match="queued behind other work") as b_info:
+        call_b.result(timeout=20)
+    assert "restarted" not in str(b_info.value)
+    time.sleep(4)  # A's sleep ends; B then starts and is interrupted, the kernel keeps its namespace
+    assert kernel["kept"] == 1
+
+
+def test_tiny_timeout_on_an_idle_kernel_does_not_claim_other_work(kernel):
+    for _ in range(20):
+        try:
+            kernel.options(timeout=0.001).call(time.sleep, 0.2)
+        except kernelproxy.CallTimeout as exc:
+            assert "queued behind other work" not in str(exc), str(exc)
+        time.sleep(0.3)  # let the kernel finish and go idle
+    assert kernel.call(int, "8") == 8

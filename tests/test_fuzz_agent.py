@@ -727,7 +727,7 @@ def run(kernel: kernelproxy.Kernel, coro: Any, timeout: float = REPLY_TIMEOUT) -
 def raw_comm_request(kernel: kernelproxy.Kernel, data: Any, buffers: list[Any], timeout: float = REPLY_TIMEOUT) -> Any:
     transport = kernel.aio._state.transport
     content = {"comm_id": transport._comm_id, "data": data}
-    request = transport._conn.request("shell", "comm_msg", content, buffers=buffers, comm_id=transport._comm_id)
+    request = transport._conn.request("shell", "comm_msg", content, buffers=buffers, matcher=transport.reply_matcher())
     return run(kernel, request, timeout)
 
 
@@ -826,7 +826,7 @@ def test_real_comm_msg_without_data_gets_an_error_reply(kernel, transport):
     CASES["real-comm-no-data"] += 1
     transport_ = kernel.aio._state.transport
     content = {"comm_id": transport_._comm_id}
-    request = transport_._conn.request("shell", "comm_msg", content, comm_id=transport_._comm_id)
+    request = transport_._conn.request("shell", "comm_msg", content, matcher=transport_.reply_matcher())
     try:
         reply = run(kernel, request, timeout=5)
     except (asyncio.TimeoutError, TimeoutError):

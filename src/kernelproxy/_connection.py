@@ -14,14 +14,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, cast
+from typing import Any, Callable, Dict, Literal, Protocol, cast
 
 from ._exceptions import KernelDiedError, SerializationError
+from ._protocol import Interrupt, Outcome, Stage
 from ._wires.base import Wire
 
 log = logging.getLogger("kernelproxy")
 
 IopubListener = Callable[[dict[str, Any]], None]
+Match = Literal["reply", "part", "other"]
 ProcessCheck = Callable[[], Awaitable["int | None"]]  # exit code once the process is gone, else None
 
 LIVENESS_INTERVAL = 1.0  # seconds between the wire's liveness checks (heartbeats)
@@ -30,19 +32,37 @@ IDLE_GRACE = 5.0  # seconds to wait, after a reply, for the output that precedes
 INTERRUPT_GRACE = 2.0  # seconds an interrupted request has to answer before we say the kernel ignored it
 
 
+class ReplyMatcher(Protocol):
+    """How a request tells its reply from the other messages it causes (comm replies have no shell reply)."""
+
+    wait_idle: bool  # with a listener, return the reply only after IOPub 'idle' (output may follow the reply)
+
+    def __call__(self, channel: str, msg: dict[str, Any]) -> Match:
+        """"reply": ``msg`` is the reply; "part": a piece of it, consumed; "other": any other message."""
+
+
+class ShellReply:
+    """The default: the reply is the request's ``*_reply`` on shell or control."""
+
+    wait_idle = True
+
+    def __call__(self, channel: str, msg: dict[str, Any]) -> Match:
+        return "other" if channel == "iopub" else "reply"
+
+
+SHELL_REPLY = ShellReply()
+
+
 @dataclass(eq=False)
 class _Pending:
     """One request waiting for its reply (and, with a listener, its IOPub 'idle')."""
 
     msg_id: str
     reply: asyncio.Future[Any]
+    outcome: Outcome
+    matcher: ReplyMatcher = SHELL_REPLY
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     listener: IopubListener | None = None
-    abandoned: bool = False  # cancelled by the host; interrupt it once it starts
-    interrupted: bool = False  # once only: a second SIGINT could land after the reply, in an idle kernel
-    comm_id: str | None = None  # the reply is this comm's next message (on IOPub or shell), not a shell reply
-    # Sees each candidate reply first; returns True for a part of a reply sent in several messages.
-    on_part: Callable[[dict[str, Any]], bool] | None = None
 
 
 class KernelConnection:
@@ -64,8 +84,6 @@ class KernelConnection:
         self._monitor_task: asyncio.Task[None] | None = None
         self.dead: KernelDiedError | None = None
         self.restarted_by_server = False  # the kernel died and its server started a fresh one in its place
-        self.interrupt_ignored = False  # the last abandoned request did not answer its interrupt in time
-        self.abandoned_while_queued = False  # the last abandoned request had not started yet
 
     @property
     def rejected_messages(self) -> int:
@@ -90,6 +108,8 @@ class KernelConnection:
     def fail_all(self, error: BaseException) -> None:
         """Fail every waiting request with ``error``."""
         for pending in list(self._pending.values()):
+            if isinstance(error, KernelDiedError):
+                pending.outcome.died = error
             if not pending.reply.done():
                 pending.reply.set_exception(error)
             pending.idle.set()
@@ -108,41 +128,40 @@ class KernelConnection:
         msg_type: str,
         content: dict[str, Any],
         *,
-        listener: IopubListener | None = None,
         buffers: list[Any] | None = None,
-        comm_id: str | None = None,
-        on_part: Callable[[dict[str, Any]], bool] | None = None,
-        wait_idle: bool = True,
+        listener: IopubListener | None = None,
+        matcher: ReplyMatcher = SHELL_REPLY,
+        outcome: Outcome | None = None,
     ) -> dict[str, Any]:
         """Send one request and return its reply message.
 
         With a ``listener``, IOPub messages caused by the request are passed
         to it until the kernel reports 'idle', and the reply is returned only
-        after that, so no output is lost behind it; ``wait_idle=False`` when the
-        reply itself travels on IOPub behind the output (comm replies).
-        With a ``comm_id``, the reply is the comm_msg (or comm_close) the
-        request causes on that comm, as comm messages have no shell reply.
-        If the caller is cancelled, the request is abandoned: interrupted if the
-        kernel is running it, or as soon as it starts.
+        after that (unless the ``matcher`` says the reply itself comes after
+        the output), so no output is lost behind it. ``matcher`` tells the
+        reply from other messages. ``outcome`` records the request's fate for
+        its caller. If the caller is cancelled, the request is abandoned:
+        interrupted if the kernel is running it, or as soon as it starts.
         """
         if self.dead is not None:
             raise self.dead
+        outcome = outcome if outcome is not None else Outcome()
         msg = self.session.msg(msg_type, content)
         try:
             encoded = self.wire.encode(msg)  # before registering: a request that cannot be sent leaves no trace
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError included: a lone surrogate in a name...
             raise SerializationError(f"cannot encode the {msg_type} (its JSON part): {exc}") from exc
         msg_id = msg["header"]["msg_id"]
-        pending = _Pending(
-            msg_id, asyncio.get_running_loop().create_future(), listener=listener, comm_id=comm_id, on_part=on_part
-        )
+        pending = _Pending(msg_id, asyncio.get_running_loop().create_future(), outcome, matcher, listener=listener)
         pending.reply.add_done_callback(_consume_outcome)  # an abandoned request's failure is nobody's error
         self._pending[msg_id] = pending
+        outcome.msg_id = msg_id
+        outcome.stage = Stage.SENT  # from here on it may have reached the kernel
         try:
             await self.wire.send(channel, encoded, buffers)
             # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits
             reply = await asyncio.shield(pending.reply)
-            if listener is not None and wait_idle:
+            if listener is not None and matcher.wait_idle:
                 try:
                     await asyncio.wait_for(pending.idle.wait(), IDLE_GRACE)
                 except asyncio.TimeoutError:
@@ -153,7 +172,7 @@ class KernelConnection:
                 await asyncio.shield(self._abandon(pending))
             raise
         finally:
-            if not pending.abandoned:
+            if not outcome.abandoned:
                 self._pending.pop(msg_id, None)
 
     async def send(
@@ -165,7 +184,12 @@ class KernelConnection:
         await self.wire.send(channel, self.wire.encode(self.session.msg(msg_type, content)), buffers)
 
     async def execute(
-        self, user_expressions: dict[str, str], *, extra: dict[str, Any] | None = None, listener: IopubListener | None = None
+        self,
+        user_expressions: dict[str, str],
+        *,
+        extra: dict[str, Any] | None = None,
+        listener: IopubListener | None = None,
+        outcome: Outcome | None = None,
     ) -> dict[str, Any]:
         """A silent execute_request that runs no cell code, only ``user_expressions``.
 
@@ -182,11 +206,7 @@ class KernelConnection:
         }
         if extra:
             content.update(extra)
-        reply = await self.request("shell", "execute_request", content, listener=listener)
-        return cast(Dict[str, Any], reply["content"])
-
-    async def kernel_info(self, timeout: float) -> dict[str, Any]:
-        reply = await asyncio.wait_for(self.request("shell", "kernel_info_request", {}), timeout)
+        reply = await self.request("shell", "execute_request", content, listener=listener, outcome=outcome)
         return cast(Dict[str, Any], reply["content"])
 
     async def wait_ready(self, timeout: float) -> dict[str, Any]:
@@ -205,7 +225,7 @@ class KernelConnection:
             if remaining <= 0:
                 raise asyncio.TimeoutError
             msg = self.session.msg("kernel_info_request", {})
-            pending = _Pending(msg["header"]["msg_id"], loop.create_future(), listener=_setter(seen))
+            pending = _Pending(msg["header"]["msg_id"], loop.create_future(), Outcome(), listener=_setter(seen))
             self._pending[pending.msg_id] = pending
             try:
                 await self.wire.send("shell", self.wire.encode(msg))
@@ -224,21 +244,26 @@ class KernelConnection:
 
     async def _abandon(self, pending: _Pending) -> None:
         """The caller gave up on ``pending``: stop its remote work, leave the kernel usable."""
-        pending.abandoned = True
-        self.interrupt_ignored = False
-        self.abandoned_while_queued = self._running != pending.msg_id
-        if not self.abandoned_while_queued:
-            pending.interrupted = True
+        outcome = pending.outcome
+        outcome.abandoned = True
+        if outcome.stage is Stage.RUNNING:
             await self._interrupt_and_wait(pending)
-        # Otherwise it is still queued; _read_iopub interrupts it when it starts.
+        elif self._running is not None and self._running != pending.msg_id:
+            outcome.queued_behind = self._running  # _route_iopub interrupts it when it starts
+        # Otherwise the kernel has not said it started it: _route_iopub interrupts it when it does.
 
     async def _interrupt_and_wait(self, pending: _Pending) -> None:
+        outcome = pending.outcome
+        outcome.interrupt = Interrupt.ANSWERED  # once only: a second SIGINT could land after the reply, in an idle kernel
         try:
             await self._interrupter()
             await asyncio.wait_for(asyncio.shield(pending.reply), INTERRUPT_GRACE)
         except asyncio.TimeoutError:
-            self.interrupt_ignored = True  # stuck in code that ignores SIGINT; its reply is dropped if it comes
+            outcome.interrupt = Interrupt.IGNORED  # stuck in code that ignores SIGINT; its reply is dropped if it comes
+        except KernelDiedError:
+            pass  # recorded in the outcome by fail_all()
         except Exception as exc:
+            outcome.interrupt = Interrupt.FAILED
             log.debug("interrupting an abandoned request: %r", exc)
         finally:
             if pending.reply.done() or self.dead is not None:
@@ -250,21 +275,25 @@ class KernelConnection:
         if channel == "iopub":
             self._route_iopub(msg)
         elif channel in ("shell", "control"):
-            self._route_reply(msg)
+            self._route_reply(channel, msg)
 
-    def _route_reply(self, msg: dict[str, Any]) -> None:
+    def _route_reply(self, channel: str, msg: dict[str, Any]) -> None:
         pending = self._pending.get(msg["parent_header"].get("msg_id", ""))
         if pending is not None:  # else a reply to an abandoned request, or to another client
-            self._resolve(pending, msg)
+            self._offer(pending, channel, msg)
 
-    def _resolve(self, pending: _Pending, msg: dict[str, Any]) -> None:
-        """``msg`` answers ``pending`` (or is a part of its answer)."""
-        if pending.on_part is not None and pending.on_part(msg):
-            return
-        if pending.abandoned:
-            self._pending.pop(pending.msg_id, None)
-        if not pending.reply.done():
-            pending.reply.set_result(msg)
+    def _offer(self, pending: _Pending, channel: str, msg: dict[str, Any]) -> bool:
+        """Resolve ``pending`` if ``msg`` is its reply; say whether ``msg`` was consumed (reply or part)."""
+        match = pending.matcher(channel, msg)
+        if match == "other":
+            return False
+        if match == "reply":
+            pending.outcome.stage = Stage.ANSWERED
+            if pending.outcome.abandoned:
+                self._pending.pop(pending.msg_id, None)
+            if not pending.reply.done():
+                pending.reply.set_result(msg)
+        return True
 
     def _route_iopub(self, msg: dict[str, Any]) -> None:
         parent_id = msg["parent_header"].get("msg_id")
@@ -287,16 +316,12 @@ class KernelConnection:
         pending = self._pending.get(parent_id or "")
         if pending is None:
             return
-        if pending.abandoned and not pending.interrupted and self._running == parent_id and not pending.reply.done():
-            pending.interrupted = True  # abandoned while queued, and it has started now
-            asyncio.ensure_future(self._interrupt_and_wait(pending))
-        if (
-            pending.comm_id is not None
-            and msg["msg_type"] in ("comm_msg", "comm_close")
-            and msg["content"].get("comm_id") == pending.comm_id
-            and not pending.reply.done()
-        ):
-            self._resolve(pending, msg)
+        outcome = pending.outcome
+        if self._running == parent_id and outcome.stage is Stage.SENT:
+            outcome.stage = Stage.RUNNING
+            if outcome.abandoned and outcome.interrupt is Interrupt.NONE and not pending.reply.done():
+                asyncio.ensure_future(self._interrupt_and_wait(pending))  # abandoned while queued; started now
+        if not pending.reply.done() and self._offer(pending, "iopub", msg):
             return
         if pending.listener is not None:
             try:

@@ -19,6 +19,7 @@ The tree::
     └── ProtocolError            a reply kernelproxy cannot read: corruption or a version mismatch
 
     KernelRestartedWarning (UserWarning)  auto_restart replaced a dead kernel with a fresh one
+    RemoteTraceback (Exception)           the ``__cause__`` of a re-raised remote exception: the kernel's traceback
 
 Exceptions raised by *your* code in the kernel are raised here as their own
 type (``ValueError`` stays ``ValueError``) with the remote traceback attached
@@ -40,6 +41,7 @@ __all__ = [
     "KernelStartError",
     "ProtocolError",
     "RemoteError",
+    "RemoteTraceback",
     "SerializationError",
     "ServerError",
     "ServerUnreachableError",
@@ -144,3 +146,14 @@ class ProtocolError(KernelProxyError):
 
 class KernelRestartedWarning(UserWarning):
     """Warned when ``start(..., auto_restart=True)`` replaced a dead kernel: its namespace is empty."""
+
+
+class RemoteTraceback(Exception):
+    """The ``__cause__`` of an exception re-raised from the kernel: the kernel-side traceback, as text."""
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback.rstrip()}\n"""'

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from jupyter_client.manager import AsyncKernelManager
 
+from . import _protocol as protocol
 from . import _serialization as serialization
 from ._bootstrap import check_environment, install_agent
 from ._connection import KernelConnection
@@ -35,7 +36,6 @@ from ._exceptions import (
     KernelRestartedWarning,
     KernelStartError,
     ProtocolError,
-    RemoteError,
     SerializationError,
 )
 from ._server import ServerKernelControl
@@ -65,17 +65,6 @@ class State(enum.Enum):
     READY = "ready"
     RESTARTING = "restarting"
     CLOSED = "closed"
-
-
-class RemoteTraceback(Exception):
-    """Carries the kernel-side traceback as the ``__cause__`` of a re-raised remote exception."""
-
-    def __init__(self, traceback: str) -> None:
-        super().__init__(traceback)
-        self.traceback = traceback
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.traceback.rstrip()}\n"""'
 
 
 class _KernelState:
@@ -193,13 +182,19 @@ class _KernelState:
         assert self.transport is not None
         return self.transport
 
-    async def request(self, header: dict[str, Any], frames: list[Any], listener: Callable[[dict[str, Any]], None] | None) -> Message:
+    async def request(
+        self,
+        header: protocol.Header,
+        frames: list[Any],
+        listener: Callable[[dict[str, Any]], None] | None,
+        outcome: protocol.Outcome | None = None,
+    ) -> Message:
         transport = await self.usable_transport()
         try:
-            return await transport.request(header, frames, listener=listener)
+            return await transport.request(header, frames, listener=listener, outcome=outcome)
         except AgentMissingError:  # the kernel was restarted behind our back: the request never ran
             await install_agent(self.connection)
-            return await transport.request(header, frames, listener=listener)
+            return await transport.request(header, frames, listener=listener, outcome=outcome)
 
     async def restart(self, ready_timeout: float, *, only_if_dead: bool = False) -> bool:
         """Restart the kernel; with ``only_if_dead``, only if no one restarted it meanwhile. Say if it did."""
@@ -269,7 +264,7 @@ class _KernelState:
             if not ids or self.state is not State.READY or self.connection.dead is not None:
                 continue
             try:
-                await asyncio.wait_for(self.request({"op": "release", "ids": ids}, [], None), RELEASE_TIMEOUT)
+                await asyncio.wait_for(self.request(protocol.release(ids), [], None), RELEASE_TIMEOUT)
             except Exception as exc:  # the kernel went away (its objects with it) or is busy for long
                 log.debug("releasing kept objects failed: %r", exc)
 
@@ -407,13 +402,13 @@ class AsyncKernel:
             frames = serialization.dumps(
                 (fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs), sent_code=self._state.sent_code
             )
-        header = {"op": "call", "keep": keep}
+        header = protocol.call(keep=keep)
         return await self._request(header, frames, self._options.timeout, f"call of {_name(fn)}")
 
     async def ref(self, name: str, *, timeout: float | None = None) -> RemoteRef:
         """A RemoteRef to the object a kernel variable names now (KeyError if there is none)."""
         _check_names((name,))
-        reply, _ = await self._request({"op": "ref_name", "name": name}, [], timeout, f"ref({name!r})")
+        reply, _ = await self._request(protocol.ref_name(name), [], timeout, f"ref({name!r})")
         return self._new_ref(reply)
 
     def _new_ref(self, reply: dict[str, Any]) -> RemoteRef:
@@ -424,7 +419,7 @@ class AsyncKernel:
         check_fresh(root)
         with pickling_for(self._state):
             frames = serialization.dumps(path, parts={"the ref's arguments": path}, sent_code=self._state.sent_code) if path else []
-        header = {"op": "ref_eval", "root": root.id, "keep": keep}
+        header = protocol.ref_eval(root.id, keep=keep)
         what = f"RemoteRef #{root.id}"
         reply, out = await self._request(header, frames, self._options.timeout, what)
         if keep:
@@ -454,35 +449,35 @@ class AsyncKernel:
             return
         with pickling_for(self._state):
             frames = serialization.dumps(merged, parts=merged, sent_code=self._state.sent_code)
-        await self._request({"op": "push"}, frames, self._options.timeout, f"push of {', '.join(merged)}")
+        await self._request(protocol.push(), frames, self._options.timeout, f"push of {', '.join(merged)}")
 
     async def pull(self, *names: str, timeout: float | None = None) -> Any:
         """Values of variables in the kernel: one name gives its value, several a tuple."""
         if not names:
             raise TypeError("pull() needs at least one variable name")
         _check_names(names)
-        _, out = await self._request({"op": "pull", "names": list[Any](names)}, [], timeout, f"pull of {', '.join(names)}")
+        _, out = await self._request(protocol.pull(list(names)), [], timeout, f"pull of {', '.join(names)}")
         values = serialization.loads(out, what=f"the value of {', '.join(names)}")
         return values[0] if len(names) == 1 else values
 
     async def exec(self, code: str, *, timeout: float | None = None) -> None:
         """Run Python statements in the kernel's user namespace (plain Python, no IPython magics)."""
-        await self._request({"op": "exec", "code": code}, [], timeout, "exec()")
+        await self._request(protocol.exec_(code), [], timeout, "exec()")
 
     async def eval(self, expression: str, *, timeout: float | None = None) -> Any:
         """Evaluate a Python expression in the kernel's user namespace and return its value."""
-        _, out = await self._request({"op": "eval", "expr": expression}, [], timeout, "eval()")
+        _, out = await self._request(protocol.eval_(expression), [], timeout, "eval()")
         return serialization.loads(out, what=f"the value of {expression!r}")
 
     async def delete(self, *names: str, timeout: float | None = None) -> None:
         """Delete variables from the kernel's namespace (KeyError if one is missing)."""
         _check_names(names)
-        await self._request({"op": "delete", "names": list[Any](names)}, [], timeout, "delete()")
+        await self._request(protocol.delete(list(names)), [], timeout, "delete()")
 
     async def contains(self, name: str, *, timeout: float | None = None) -> bool:
         """Whether the kernel's namespace has a variable ``name``."""
         _check_names((name,))
-        header, _ = await self._request({"op": "contains", "name": name}, [], timeout, "contains()")
+        header, _ = await self._request(protocol.contains(name), [], timeout, "contains()")
         return bool(header["result"])
 
     async def _call_frames(
@@ -492,16 +487,16 @@ class AsyncKernel:
 
         For KernelPool, which pickles on the caller's thread and labels each task's output.
         """
-        _, out = await self._request({"op": "call"}, frames, timeout, f"call of {what}", listener)
+        _, out = await self._request(protocol.call(), frames, timeout, f"call of {what}", listener)
         return serialization.loads(out, what=f"the result of {what}")
 
     async def _push_frames(self, frames: list[Any], names: list[str]) -> None:
         """Push values pickled beforehand (frames of ``{name: value}``): KernelPool pickles once for all kernels."""
-        await self._request({"op": "push"}, frames, self._options.timeout, f"push of {', '.join(names)}")
+        await self._request(protocol.push(), frames, self._options.timeout, f"push of {', '.join(names)}")
 
     async def _request(
         self,
-        header: dict[str, Any],
+        header: protocol.Header,
         frames: list[Any],
         timeout: float | None,
         what: str,
@@ -510,35 +505,30 @@ class AsyncKernel:
         timeout = self._options.timeout if timeout is None else timeout
         if isinstance(listener, Unset):
             listener = _forward_output if self._options.output == "forward" else None
-        request = self._state.request(header, frames, listener)
+        outcome = protocol.Outcome()
+        request = self._state.request(header, frames, listener, outcome)
         try:
             reply, out = await (asyncio.wait_for(request, timeout) if timeout is not None else request)
-        except asyncio.TimeoutError:
-            aftermath = await self._after_timeout()
-            raise CallTimeout(f"{what} did not finish within {timeout} s; {aftermath}") from None
+        except asyncio.TimeoutError as exc:
+            aftermath = await self._after_timeout(outcome)
+            raise CallTimeout(f"{what} did not finish within {timeout} s; {aftermath}") from exc
         if reply.get("status") == "ok":
             return reply, out
-        raise _reply_error(reply, out, what)
+        raise protocol.reply_error(reply, out, what, serialization.loads)
 
-    async def _after_timeout(self) -> str:
+    async def _after_timeout(self, outcome: protocol.Outcome) -> str:
         """Escalate after a timed-out call (its request was already interrupted); say what happened."""
-        connection = self._state.connection
-        if connection.dead is not None:
-            return f"interrupting the kernel ended it ({connection.dead}); call restart() for a fresh one"
-        if connection.abandoned_while_queued:
-            return (
-                "it was still queued behind other work in the kernel (which runs one request at a time); "
-                "it is interrupted as soon as it starts"
-            )
-        if not connection.interrupt_ignored:
-            return "its remote work was interrupted and the kernel is usable"
-        if self._options.on_timeout == "restart" and self._state.owned:
+        if outcome.died is None and self._state.connection.dead is not None:
+            outcome.died = self._state.connection.dead  # e.g. the interrupt ended the kernel (xeus-python)
+        if (
+            outcome.interrupt is protocol.Interrupt.IGNORED
+            and outcome.died is None
+            and self._options.on_timeout == "restart"
+            and self._state.owned
+        ):
             await self._state.restart(self._state.ready_timeout)
             return "the kernel ignored the interrupt, so it was restarted (on_timeout='restart'): its namespace is empty"
-        return (
-            "the kernel ignored the interrupt (stuck in code that blocks SIGINT?) and is still busy: "
-            "call restart(), or use on_timeout='restart' to have timeouts do it"
-        )
+        return outcome.describe()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -578,34 +568,6 @@ def _forward_output(msg: dict[str, Any]) -> None:
         if stream is not None:
             stream.write(msg["content"].get("text", ""))
             stream.flush()
-
-
-def _reply_error(reply: dict[str, Any], frames: list[Any], what: str) -> BaseException:
-    """The exception a failed reply stands for."""
-    kind = reply.get("kind")
-    ename, evalue, tb = reply.get("ename", "?"), reply.get("evalue", ""), reply.get("traceback", "")
-    if kind == "exception":
-        exc: Any = None
-        if frames:
-            try:
-                exc = serialization.loads(frames, what="the remote exception")
-            except SerializationError:
-                exc = None
-        if not isinstance(exc, Exception):  # also keeps SystemExit/KeyboardInterrupt from acting here
-            return RemoteError(ename, evalue, tb)
-        exc.__cause__ = RemoteTraceback(tb)
-        return exc
-    if kind == "interrupted":
-        return CallInterrupted(f"{what} was interrupted in the kernel\n{tb}".rstrip())
-    if kind == "deserialize":
-        return SerializationError(
-            f"the kernel could not unpickle the {what}: {evalue}. If a module is missing, install it in the "
-            "kernel's environment, or have cloudpickle send it by value: "
-            "cloudpickle.register_pickle_by_value(module)"
-        )
-    if kind == "serialize":
-        return SerializationError(f"{what}: {evalue}")
-    return ProtocolError(f"{what} failed in kernelproxy's agent: {ename}: {evalue}")
 
 
 def _check_names(names: tuple[Any, ...]) -> None:

@@ -8,13 +8,13 @@ serialization, errors, timeouts, works the same over any transport.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Dict, List, Tuple
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from .._connection import IopubListener as IopubListener  # re-exported for the transports
 from .._exceptions import ProtocolError
-
-# A request or reply: the JSON-able header and the binary frames (see agent/_agent.py).
-Message = Tuple[Dict[str, Any], List[Any]]
+from .._protocol import Message as Message
+from .._protocol import Outcome as Outcome
 
 
 class AgentMissingError(ProtocolError):
@@ -32,10 +32,18 @@ class Transport(abc.ABC):
         return self.name
 
     @abc.abstractmethod
-    async def request(self, header: dict[str, Any], frames: list[Any], *, listener: IopubListener | None = None) -> Message:
+    async def request(
+        self,
+        header: Mapping[str, Any],
+        frames: list[Any],
+        *,
+        listener: IopubListener | None = None,
+        outcome: Outcome | None = None,
+    ) -> Message:
         """Send one request; return the agent's reply header and frames.
 
-        ``listener`` receives the IOPub messages (stream output...) the request causes.
+        ``listener`` receives the IOPub messages (stream output...) the request causes;
+        ``outcome`` records how far the request got, for its caller.
         Cancelling the awaiting task abandons the request and interrupts its remote work.
         """
 

@@ -25,14 +25,15 @@ import asyncio
 import hashlib
 import os
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import blake3
 
-from .._connection import KernelConnection
+from .._connection import KernelConnection, Match
 from .._exceptions import ProtocolError
 from ..agent import _agent as agent
-from .base import IopubListener, Message, Transport
+from .base import IopubListener, Message, Outcome, Transport
 
 DIGESTS = ("blake3", "sha256")  # offered to the agent, best first
 PROBE_SIZE = 256 * 1024  # bytes echoed at negotiation: proves binary buffers survive the path
@@ -82,7 +83,8 @@ class CommTransport(Transport):
         }
         content = {"comm_id": comm_id, "target_name": agent.COMM_TARGET, "data": data}
         try:
-            reply = await asyncio.wait_for(connection.request("shell", "comm_open", content, comm_id=comm_id), timeout)
+            matcher = _CommReply(comm_id, parts=False, wait_idle=False)
+            reply = await asyncio.wait_for(connection.request("shell", "comm_open", content, matcher=matcher), timeout)
         except asyncio.TimeoutError:
             raise ProtocolError(f"the kernel did not answer kernelproxy's comm_open within {timeout} s") from None
         opened = reply["content"].get("data", {})
@@ -96,9 +98,16 @@ class CommTransport(Transport):
             raise ProtocolError("binary buffers did not survive a round trip through the kernel's comms")
         return transport
 
-    async def request(self, header: dict[str, Any], frames: list[Any], *, listener: IopubListener | None = None) -> Message:
+    async def request(
+        self,
+        header: Mapping[str, Any],
+        frames: list[Any],
+        *,
+        listener: IopubListener | None = None,
+        outcome: Outcome | None = None,
+    ) -> Message:
         data: dict[str, Any] = {"header": header, "digest": digest_frames(self.digest, frames)}
-        reply_parts = _Assembly(self._comm_id) if self._part_size is not None else None  # only limited wires
+        matcher = self.reply_matcher()
         async with self._slots:
             if self._part_size is not None and sum(memoryview(f).nbytes for f in frames) > self._part_size:
                 data["upload"] = uuid.uuid4().hex
@@ -106,20 +115,12 @@ class CommTransport(Transport):
                 frames = []
             content = {"comm_id": self._comm_id, "data": data}
             reply = await self._conn.request(
-                "shell", "comm_msg", content, buffers=frames, listener=listener, comm_id=self._comm_id,
-                on_part=reply_parts.add if reply_parts is not None else None,
-                # On IOPub the reply comes after the call's output (the agent flushes first): no 'idle' to wait for.
-                wait_idle=self._reply_on != "iopub",
+                "shell", "comm_msg", content, buffers=frames, listener=listener, matcher=matcher, outcome=outcome
             )
         if reply["msg_type"] == "comm_close":
             raise ProtocolError(f"the kernel closed kernelproxy's comm: {reply['content'].get('data')!r:.200}")
         data = reply["content"].get("data", {})
-        if "parts" in data:
-            if reply_parts is None:
-                raise ProtocolError("the kernel's agent sent a reply in parts over a wire that needs none")
-            buffers = reply_parts.frames(data)
-        else:
-            buffers = reply.get("buffers", [])
+        buffers = matcher.frames(data) if "parts" in data else reply.get("buffers", [])
         if data.get("digest") != digest_frames(self.digest, buffers):
             raise ProtocolError(
                 "a reply's binary buffers do not match their signed digest (altered in transit?); refused, not unpickled"
@@ -128,6 +129,11 @@ class CommTransport(Transport):
         if not isinstance(reply_header, dict):
             raise ProtocolError(f"malformed reply from the kernel's agent: {data!r:.200}")
         return reply_header, list(buffers)
+
+    def reply_matcher(self) -> _CommReply:
+        """Recognises the reply to one request on this comm."""
+        # On IOPub the reply comes after the call's output (the agent flushes first): no 'idle' to wait for.
+        return _CommReply(self._comm_id, parts=self._part_size is not None, wait_idle=self._reply_on != "iopub")
 
     async def _send_parts(self, upload: str, frames: list[Any]) -> None:
         """Send the frames of one request as parts no bigger than the wire carries, ahead of the request.
@@ -154,22 +160,33 @@ class CommTransport(Transport):
             await self._conn.send("shell", "comm_close", {"comm_id": self._comm_id, "data": {}})
 
 
-class _Assembly:
-    """The frames of a reply that the agent sent in parts, rebuilt as they arrive."""
+class _CommReply:
+    """Matches the reply to a comm request: the next message on our comm (comm_msg or comm_close), on any channel.
 
-    def __init__(self, comm_id: str) -> None:
+    Where the wire limits message size, the reply's frames may come first as
+    ``part`` messages; they are consumed here and put together.
+    """
+
+    def __init__(self, comm_id: str, *, parts: bool, wait_idle: bool) -> None:
         self._comm_id = comm_id
+        self._parts = parts
+        self.wait_idle = wait_idle
         self._frames: list[bytearray] = []
         self._error: str | None = None
 
-    def add(self, msg: dict[str, Any]) -> bool:
-        """Take ``msg`` if it is one of our parts (True); anything else is left to the caller."""
+    def __call__(self, channel: str, msg: dict[str, Any]) -> Match:
         content = msg["content"]
+        if msg["msg_type"] not in ("comm_msg", "comm_close") or content.get("comm_id") != self._comm_id:
+            return "other"
         data = content.get("data")
-        if content.get("comm_id") != self._comm_id or not isinstance(data, dict) or "part" not in data:
-            return False
+        if isinstance(data, dict) and "part" in data:
+            self._add(data["part"], msg.get("buffers", []))
+            return "part"
+        return "reply"
+
+    def _add(self, part: Any, buffers: list[Any]) -> None:
         try:
-            part, (buffer,) = data["part"], msg["buffers"]
+            (buffer,) = buffers
             if not self._frames:
                 self._frames = [bytearray(size) for size in part["sizes"]]
             frame, offset, view = self._frames[part["index"]], part["offset"], memoryview(buffer).cast("B")
@@ -178,9 +195,10 @@ class _Assembly:
             frame[offset : offset + len(view)] = view
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             self._error = self._error or f"{type(exc).__name__}: {exc}"
-        return True
 
     def frames(self, data: dict[str, Any]) -> list[Any]:
+        if not self._parts:
+            raise ProtocolError("the kernel's agent sent a reply in parts over a wire that needs none")
         if self._error is not None or len(self._frames) != data["parts"]:
             raise ProtocolError(f"a reply sent in parts could not be put together ({self._error or 'parts missing'})")
         return list(self._frames)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any, Callable
 
 import pybase64
@@ -32,7 +32,7 @@ import pybase64
 from .._connection import KernelConnection
 from .._exceptions import ProtocolError
 from ..agent import _agent as agent
-from .base import AgentMissingError, IopubListener, Message, Transport
+from .base import AgentMissingError, IopubListener, Message, Outcome, Transport
 
 CHUNK_SIZE = 16 * 1024 * 1024
 WINDOW = 2
@@ -68,7 +68,14 @@ class ExecuteTransport(Transport):
     def description(self) -> str:
         return f"execute (base64 frames as {'request content' if self._content_frames else 'literals'})"
 
-    async def request(self, header: dict[str, Any], frames: list[Any], *, listener: IopubListener | None = None) -> Message:
+    async def request(
+        self,
+        header: Mapping[str, Any],
+        frames: list[Any],
+        *,
+        listener: IopubListener | None = None,
+        outcome: Outcome | None = None,
+    ) -> Message:
         tid = uuid.uuid4().hex
         header_literal = repr(json.dumps(header))
         sizes = [memoryview(frame).nbytes for frame in frames]
@@ -83,7 +90,7 @@ class ExecuteTransport(Transport):
                 await self._upload(tid, frames, sizes)
                 source, extra = repr(tid), None
             expression = f"{AGENT}.ex(globals(), {header_literal}, {source}, {self._inline_limit}, {tid!r})"
-            reply = await self.expression(expression, extra=extra, listener=listener)
+            reply = await self.expression(expression, extra=extra, listener=listener, outcome=outcome)
             if "tid" in reply:
                 out = await self._download(tid, reply.pop("sizes"))
             else:
@@ -93,9 +100,16 @@ class ExecuteTransport(Transport):
             self._forget(tid)
             raise
 
-    async def expression(self, expression: str, *, extra: dict[str, Any] | None = None, listener: IopubListener | None = None) -> Any:
+    async def expression(
+        self,
+        expression: str,
+        *,
+        extra: dict[str, Any] | None = None,
+        listener: IopubListener | None = None,
+        outcome: Outcome | None = None,
+    ) -> Any:
         """Evaluate one agent expression; return the payload of its display bundle (or None)."""
-        content = await self._conn.execute({EXPRESSION_KEY: expression}, extra=extra, listener=listener)
+        content = await self._conn.execute({EXPRESSION_KEY: expression}, extra=extra, listener=listener, outcome=outcome)
         return read_expression_result(content)
 
     # ------------------------------------------------------------------ chunking

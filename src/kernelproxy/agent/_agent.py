@@ -346,9 +346,11 @@ class CodeSet(object):
     """Code objects, by identity, held weakly: the functions already described to one receiver."""
 
     def __init__(self):
+        # type: () -> None
         self._refs = {}
 
     def add(self, code):
+        # type: (CodeType) -> bool
         """Add ``code``; return True if it was not there yet."""
         key = id(code)
         ref = self._refs.get(key)
@@ -360,6 +362,7 @@ class CodeSet(object):
         return True
 
     def clear(self):
+        # type: () -> None
         """Forget them all (a pickle that described some was never sent, or the receiver restarted)."""
         self._refs.clear()
 

@@ -1,0 +1,214 @@
+"""The agent's wire protocol on the host side, free of I/O.
+
+What a request is (``Request``: its header, built by one function per kind,
+and the frames of pickled values), what a reply means (``reply_error``), and
+the fate of each request (``Outcome``), which the connection records and the
+caller reads after a timeout or a cancellation. The agent's docstring
+(``agent/_agent.py``) is the specification; the codecs both sides share
+(pickler, out-of-band threshold, digests, parts) live there once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Dict, List, Literal, Tuple, TypedDict, Union
+
+from ._exceptions import (
+    CallInterrupted,
+    KernelDiedError,
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+)
+
+# A reply: the agent's JSON header and the binary frames.
+Message = Tuple[Dict[str, Any], List[Any]]
+
+
+# ---------------------------------------------------------------------- requests
+
+
+class CallHeader(TypedDict):
+    op: Literal["call"]
+    keep: bool  # keep the result in the kernel (a RemoteRef) instead of returning it
+
+
+class PushHeader(TypedDict):
+    op: Literal["push"]
+
+
+class NamesHeader(TypedDict):
+    op: Literal["pull", "delete"]
+    names: List[str]
+
+
+class NameHeader(TypedDict):
+    op: Literal["contains", "ref_name"]
+    name: str
+
+
+class ExecHeader(TypedDict):
+    op: Literal["exec"]
+    code: str
+
+
+class EvalHeader(TypedDict):
+    op: Literal["eval"]
+    expr: str
+
+
+class RefEvalHeader(TypedDict):
+    op: Literal["ref_eval"]
+    root: int
+    keep: bool
+
+
+class ReleaseHeader(TypedDict):
+    op: Literal["release"]
+    ids: List[int]
+
+
+class EchoHeader(TypedDict):
+    op: Literal["echo"]
+
+
+Header = Union[
+    CallHeader, PushHeader, NamesHeader, NameHeader, ExecHeader, EvalHeader, RefEvalHeader, ReleaseHeader, EchoHeader
+]
+
+
+def call(*, keep: bool = False) -> CallHeader:
+    return {"op": "call", "keep": keep}
+
+
+def push() -> PushHeader:
+    return {"op": "push"}
+
+
+def pull(names: list[str]) -> NamesHeader:
+    return {"op": "pull", "names": names}
+
+
+def delete(names: list[str]) -> NamesHeader:
+    return {"op": "delete", "names": names}
+
+
+def contains(name: str) -> NameHeader:
+    return {"op": "contains", "name": name}
+
+
+def ref_name(name: str) -> NameHeader:
+    return {"op": "ref_name", "name": name}
+
+
+def exec_(code: str) -> ExecHeader:
+    return {"op": "exec", "code": code}
+
+
+def eval_(expression: str) -> EvalHeader:
+    return {"op": "eval", "expr": expression}
+
+
+def ref_eval(root: int, *, keep: bool) -> RefEvalHeader:
+    return {"op": "ref_eval", "root": root, "keep": keep}
+
+
+def release(ids: list[int]) -> ReleaseHeader:
+    return {"op": "release", "ids": ids}
+
+
+def echo() -> EchoHeader:
+    return {"op": "echo"}
+
+
+# ---------------------------------------------------------------------- the fate of one request
+
+
+class Stage(enum.Enum):
+    """How far a request got."""
+
+    PREPARING = "preparing"  # not sent yet (pickled, waiting for a slot, parts still going out)
+    SENT = "sent"  # sent; the kernel has not been seen starting it
+    RUNNING = "running"  # the kernel said it started it (IOPub 'busy' with it as parent)
+    ANSWERED = "answered"  # its reply arrived
+
+
+class Interrupt(enum.Enum):
+    """What interrupting an abandoned request did."""
+
+    NONE = "none"  # not interrupted (yet)
+    ANSWERED = "answered"  # the request ended within the grace period
+    IGNORED = "ignored"  # it did not end: code that blocks SIGINT, or a kernel that ignores interrupts
+    FAILED = "failed"  # sending the interrupt failed
+
+
+@dataclass(eq=False)
+class Outcome:
+    """One request's fate, recorded by the connection and read by its caller: never shared between requests.
+
+    After a timeout or a cancellation the caller reads it to say what
+    happened: never sent, queued behind other work, interrupted, ignored the
+    interrupt, or died with the kernel.
+    """
+
+    stage: Stage = Stage.PREPARING
+    msg_id: str | None = None  # the Jupyter message carrying it now (a transfer may take several)
+    queued_behind: str | None = None  # when abandoned before it started: the msg_id the kernel was busy with
+    interrupt: Interrupt = Interrupt.NONE
+    died: KernelDiedError | None = None
+    abandoned: bool = False
+
+    def describe(self) -> str:
+        """What became of the request after it was abandoned, in words for an error message."""
+        if self.died is not None:
+            return f"the kernel died ({self.died}); call restart() for a fresh one"
+        if self.stage is Stage.PREPARING:
+            return "it had not been sent to the kernel yet, and never will be: nothing ran"
+        if self.stage is Stage.SENT and self.interrupt is Interrupt.NONE:
+            if self.queued_behind is not None:
+                return (
+                    "it was still queued behind other work in the kernel (which runs one request at a time); "
+                    "it is interrupted as soon as it starts"
+                )
+            return "the kernel had not started it yet; it is interrupted as soon as it starts"
+        if self.interrupt is Interrupt.IGNORED:
+            return (
+                "the kernel ignored the interrupt (stuck in code that blocks SIGINT?) and is still busy: "
+                "call restart(), or use on_timeout='restart' to have timeouts do it"
+            )
+        if self.interrupt is Interrupt.FAILED:
+            return "interrupting the kernel failed; it may still be running the call"
+        return "its remote work was interrupted and the kernel is usable"
+
+
+# ---------------------------------------------------------------------- replies
+
+
+def reply_error(reply: dict[str, Any], frames: list[Any], what: str, loads: Any) -> BaseException:
+    """The exception a failed reply stands for; ``loads`` unpickles the remote exception's frames."""
+    kind = reply.get("kind")
+    ename, evalue, tb = reply.get("ename", "?"), reply.get("evalue", ""), reply.get("traceback", "")
+    if kind == "exception":
+        exc: Any = None
+        if frames:
+            try:
+                exc = loads(frames, what="the remote exception")
+            except SerializationError:
+                exc = None
+        if not isinstance(exc, Exception):  # also keeps SystemExit/KeyboardInterrupt from acting here
+            return RemoteError(ename, evalue, tb)
+        exc.__cause__ = RemoteTraceback(tb)
+        return exc
+    if kind == "interrupted":
+        return CallInterrupted(f"{what} was interrupted in the kernel\n{tb}".rstrip())
+    if kind == "deserialize":
+        return SerializationError(
+            f"the kernel could not unpickle the {what}: {evalue}. If a module is missing, install it in the "
+            "kernel's environment, or have cloudpickle send it by value: "
+            "cloudpickle.register_pickle_by_value(module)"
+        )
+    if kind == "serialize":
+        return SerializationError(f"{what}: {evalue}")
+    return ProtocolError(f"{what} failed in kernelproxy's agent: {ename}: {evalue}")
