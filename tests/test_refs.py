@@ -197,3 +197,31 @@ def test_async_refs_return_coroutines(transport):
             return prediction.tolist(), (await kept.get()).tolist()
 
     assert asyncio.run(main()) == ([4.0, 8.0], [8.0, 16.0])
+
+
+def test_async_refs_refuse_answers_python_needs_at_once(transport):
+    """bool/in/len/iteration cannot await: an AsyncRemoteRef says so instead of answering wrongly."""
+
+    async def main():
+        async with await kernelproxy.start_async(transport=transport) as kernel:
+            ref = await kernel.call_ref(list, [1, 2, 3])
+            assert isinstance(ref, kernelproxy.AsyncRemoteRef)
+            for attempt in (lambda: bool(ref), lambda: 99 in ref, lambda: len(ref), lambda: list(ref)):
+                with pytest.raises(TypeError, match="await"):
+                    attempt()
+            assert await ref.get() == [1, 2, 3]
+            assert await ref.attr("__len__")() == 3
+            assert await (ref + [4]) == [1, 2, 3, 4]
+            assert await ref[1].get() == 2
+            named = await kernel.ref("__name__")
+            assert isinstance(named, kernelproxy.AsyncRemoteRef) and await named.get() == "__main__"
+
+    asyncio.run(main())
+
+
+def test_blocking_refs_answer_at_once(kernel):
+    ref = kernel.call_ref(list, [1, 2, 3])
+    assert isinstance(ref, kernelproxy.RemoteRef) and not isinstance(ref, kernelproxy.AsyncRemoteRef)
+    assert bool(ref) is True and (99 in ref) is False and (2 in ref) is True and len(ref) == 3
+    assert isinstance(ref[0], kernelproxy.RemoteRef) and ref[0].get() == 1
+    assert isinstance(ref.call_ref("copy"), kernelproxy.RemoteRef)

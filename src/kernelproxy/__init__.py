@@ -27,7 +27,7 @@ from ._exceptions import (
 )
 from ._kernel import AsyncKernel
 from ._pool import AsyncKernelPool, KernelPool
-from ._refs import RemoteRef
+from ._refs import AsyncRemoteRef, RemoteRef
 from ._sync import Kernel
 from ._types import CallOptions, KernelInfo
 
@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncKernel",
     "AsyncKernelPool",
+    "AsyncRemoteRef",
     "AuthenticationError",
     "CallInterrupted",
     "CallOptions",

@@ -19,7 +19,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Awaitable, Mapping
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from jupyter_client.manager import AsyncKernelManager
 
@@ -39,15 +39,12 @@ from ._exceptions import (
     SerializationError,
 )
 from ._server import ServerKernelControl
-from ._refs import RemoteRef, _Root, check_fresh, pickling_for
+from ._refs import AsyncRemoteRef, Path, _Root, check_fresh, pickling_for
 from ._transports.base import AgentMissingError, Message, Transport
 from ._transports.comm import CommTransport
 from ._transports.execute import ExecuteTransport
 from ._types import UNSET, CallOptions, KernelInfo, OnTimeout, Output, Unset
 from ._wires.base import Wire
-
-if TYPE_CHECKING:
-    from ._portal import Portal
 
 T = TypeVar("T")
 TRANSPORTS = ("auto", "comm", "execute")
@@ -344,10 +341,9 @@ class AsyncKernel:
     Every method is a coroutine except ``submit``, ``remote`` and ``options``.
     """
 
-    def __init__(self, state: _KernelState, options: CallOptions, portal: Portal | None = None) -> None:
+    def __init__(self, state: _KernelState, options: CallOptions) -> None:
         self._state = state
         self._options = options
-        self._portal = portal  # set for the blocking Kernel's view: its RemoteRefs then block too
 
     # ------------------------------------------------------------------ views and info
 
@@ -366,7 +362,7 @@ class AsyncKernel:
             options = dataclasses.replace(options, output=output)
         if not isinstance(on_timeout, Unset):
             options = dataclasses.replace(options, on_timeout=on_timeout)
-        return AsyncKernel(self._state, options, self._portal)
+        return AsyncKernel(self._state, options)
 
     @property
     def call_options(self) -> CallOptions:
@@ -392,10 +388,13 @@ class AsyncKernel:
         result: T = serialization.loads(out, what=f"the result of {_name(fn)}")
         return result
 
-    async def call_ref(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteRef:
-        """Run ``fn(*args, **kwargs)`` in the kernel and keep the result there: return a RemoteRef to it."""
+    async def call_ref(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> AsyncRemoteRef:
+        """Run ``fn(*args, **kwargs)`` in the kernel and keep the result there: return a ref to it."""
+        return AsyncRemoteRef(self, await self._call_keep(fn, args, kwargs))
+
+    async def _call_keep(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Root:
         reply, _ = await self._call(fn, args, kwargs, keep=True)
-        return self._new_ref(reply)
+        return _Root(self._state, reply["ref"])
 
     async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], keep: bool) -> Message:
         with pickling_for(self._state):
@@ -405,26 +404,30 @@ class AsyncKernel:
         header = protocol.call(keep=keep)
         return await self._request(header, frames, self._options.timeout, f"call of {_name(fn)}")
 
-    async def ref(self, name: str, *, timeout: float | None = None) -> RemoteRef:
-        """A RemoteRef to the object a kernel variable names now (KeyError if there is none)."""
+    async def ref(self, name: str, *, timeout: float | None = None) -> AsyncRemoteRef:
+        """A ref to the object a kernel variable names now (KeyError if there is none)."""
+        return AsyncRemoteRef(self, await self._name_keep(name, timeout))
+
+    async def _name_keep(self, name: str, timeout: float | None) -> _Root:
         _check_names((name,))
         reply, _ = await self._request(protocol.ref_name(name), [], timeout, f"ref({name!r})")
-        return self._new_ref(reply)
+        return _Root(self._state, reply["ref"])
 
-    def _new_ref(self, reply: dict[str, Any]) -> RemoteRef:
-        return RemoteRef(self, _Root(self._state, reply["ref"]), (), self._portal)
+    async def _ref_value(self, root: _Root, path: Path) -> Any:
+        """The value at a ref's path, in one round trip."""
+        _, out = await self._ref_eval(root, path, keep=False)
+        return serialization.loads(out, what=f"the value of RemoteRef #{root.id}")
 
-    async def _ref_eval(self, root: _Root, path: tuple[Any, ...], keep: bool, portal: Portal | None) -> Any:
-        """Evaluate a RemoteRef's path in one round trip: its value, or (keep) a new RemoteRef."""
+    async def _ref_keep(self, root: _Root, path: Path) -> _Root:
+        """Keep the object at a ref's path in the kernel, in one round trip."""
+        reply, _ = await self._ref_eval(root, path, keep=True)
+        return _Root(self._state, reply["ref"])
+
+    async def _ref_eval(self, root: _Root, path: Path, keep: bool) -> Message:
         check_fresh(root)
         with pickling_for(self._state):
             frames = serialization.dumps(path, parts={"the ref's arguments": path}, sent_code=self._state.sent_code) if path else []
-        header = protocol.ref_eval(root.id, keep=keep)
-        what = f"RemoteRef #{root.id}"
-        reply, out = await self._request(header, frames, self._options.timeout, what)
-        if keep:
-            return RemoteRef(self, _Root(self._state, reply["ref"]), (), portal)
-        return serialization.loads(out, what=f"the value of {what}")
+        return await self._request(protocol.ref_eval(root.id, keep=keep), frames, self._options.timeout, f"RemoteRef #{root.id}")
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Task[T]:
         """Start ``call(fn, *args, **kwargs)`` as a task and return it."""

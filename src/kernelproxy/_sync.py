@@ -29,7 +29,7 @@ class Kernel:
     """
 
     def __init__(self, core: AsyncKernel, portal: Portal) -> None:
-        self._core = AsyncKernel(core._state, core.call_options, portal)  # a view whose RemoteRefs block
+        self._core = core
         self._portal = portal
 
     @property
@@ -64,11 +64,11 @@ class Kernel:
 
     def call_ref(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteRef:
         """Run ``fn(*args, **kwargs)`` in the kernel, keep the result there, return a RemoteRef to it."""
-        return self._portal.run(self._core.call_ref(fn, *args, **kwargs))
+        return RemoteRef(self._core, self._portal.run(self._core._call_keep(fn, args, kwargs)), portal=self._portal)
 
     def ref(self, name: str, *, timeout: float | None = None) -> RemoteRef:
         """A RemoteRef to the object a kernel variable names now."""
-        return self._portal.run(self._core.ref(name, timeout=timeout))
+        return RemoteRef(self._core, self._portal.run(self._core._name_keep(name, timeout)), portal=self._portal)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         """Start ``call(fn, *args, **kwargs)`` and return a concurrent.futures.Future[Any]."""
