@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import json
 import subprocess
@@ -10,10 +11,14 @@ import sys
 import types
 from importlib import resources
 
+import pytest
+
 import kernelproxy
 
 # Dunder methods of the mapping protocol and the context managers, which differ by design.
 SYNC_ONLY = {"aio"}
+POOL_EXECUTOR_ONLY: set = set()  # Executor's members KernelPool inherits are all shared
+POOL_ASYNC_ONLY = {"start"}  # an AsyncKernelPool starts on `async with` or start(); a KernelPool when made
 
 
 def agent_source() -> str:
@@ -97,13 +102,35 @@ def test_mapping_dunders_on_kernel():
         assert callable(getattr(kernelproxy.AsyncKernel, dunder)), dunder
 
 
-def test_start_and_connect_signatures_match_their_async_twins():
-    assert inspect.signature(kernelproxy.start) == inspect.signature(kernelproxy.start_async).replace(
-        return_annotation=inspect.signature(kernelproxy.start).return_annotation
-    )
-    assert inspect.signature(kernelproxy.connect) == inspect.signature(kernelproxy.connect_async).replace(
-        return_annotation=inspect.signature(kernelproxy.connect).return_annotation
-    )
+def parameters(member) -> list:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(member).parameters.values()]
+
+
+@pytest.mark.parametrize("name", ["start", "connect", "connect_server"])
+def test_api_functions_match_their_async_twins(name):
+    assert parameters(getattr(kernelproxy, name)) == parameters(getattr(kernelproxy, f"{name}_async"))
+
+
+def test_kernel_pool_and_async_kernel_pool_have_the_same_api():
+    sync_members = public_members(kernelproxy.KernelPool) - POOL_EXECUTOR_ONLY
+    assert sync_members == public_members(kernelproxy.AsyncKernelPool) - POOL_ASYNC_ONLY
+    for name in sync_members:
+        sync_member = inspect.getattr_static(kernelproxy.KernelPool, name)
+        async_member = inspect.getattr_static(kernelproxy.AsyncKernelPool, name)
+        assert type(sync_member) is type(async_member), name
+        if not isinstance(sync_member, property):
+            assert parameters(getattr(kernelproxy.KernelPool, name)) == parameters(
+                getattr(kernelproxy.AsyncKernelPool, name)
+            ), name
+    assert parameters(kernelproxy.KernelPool.__init__) == parameters(kernelproxy.AsyncKernelPool.__init__)
+
+
+def test_remote_ref_and_async_remote_ref_have_the_same_api():
+    assert public_members(kernelproxy.RemoteRef) == public_members(kernelproxy.AsyncRemoteRef)
+    for name in public_members(kernelproxy.RemoteRef):
+        assert parameters(getattr(kernelproxy.RemoteRef, name)) == parameters(
+            getattr(kernelproxy.AsyncRemoteRef, name)
+        ), name
 
 
 # ---------------------------------------------------------------------- the agent
@@ -252,3 +279,22 @@ def test_agent_source_is_what_kernelproxy_ships():
     from kernelproxy.agent import _agent
 
     assert agent_source() == inspect.getsource(_agent)
+
+
+# The sha256 of the agent's source at each REVISION. A change to the agent without a new REVISION would leave
+# long-lived kernels running the old code for new hosts: raise REVISION in _agent.py and add its hash here.
+AGENT_REVISIONS = {
+    2: "54f0523d2a76b1b65c3bc74a8e944486b4f62c4eda038ffb9adc4a93a081ad63",
+}
+
+
+def test_agent_changes_come_with_a_new_revision():
+    from kernelproxy.agent import _agent
+
+    digest = hashlib.sha256(agent_source().encode("utf-8")).hexdigest()
+    assert _agent.REVISION == max(AGENT_REVISIONS), "record the new revision's hash in AGENT_REVISIONS"
+    assert AGENT_REVISIONS[_agent.REVISION] == digest, (
+        f"the agent's source changed (sha256 {digest}) but its REVISION ({_agent.REVISION}) did not: kernels "
+        "that have the older source installed would keep it. Raise REVISION in _agent.py and record "
+        "the new hash in AGENT_REVISIONS."
+    )

@@ -6,67 +6,26 @@ import asyncio
 import functools
 import json
 import os
-import shutil
-import sys
-import tempfile
 from collections.abc import Sequence
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-import zmq.asyncio
 from jupyter_client import find_connection_file
 from jupyter_client.asynchronous.client import AsyncKernelClient
-from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
-from jupyter_client.manager import AsyncKernelManager
 
+from ._control import ConnectedControl, ServerControl
 from ._exceptions import ConnectionFileError, KernelDiedError, KernelStartError
 from ._kernel import AsyncKernel, _KernelState, check_transport_name
+from ._launch import DEFAULT_STARTUP_TIMEOUT, local_spec, start_local, zmq_context
 from ._portal import get_portal
+from ._server import DEFAULT_CONNECT_TIMEOUT, ServerAddress, ServerClient, ServerKernelControl
+from ._ssh import SshTunnel
 from ._sync import Kernel
 from ._types import CallOptions, OnTimeout, Output
-from ._ssh import SshTunnel
-from ._server import ServerAddress, ServerClient, ServerKernelControl
 from ._wires.websocket_wire import SERVER_MESSAGE_LIMIT, V1_PROTOCOL, WebsocketWire
 from ._wires.zmq_wire import ZmqWire
 
-DEFAULT_STARTUP_TIMEOUT = 60.0
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_SERVER_CONNECT_TIMEOUT = 5.0  # seconds to reach a server at all: an unreachable one fails fast
+DEFAULT_ATTACH_TIMEOUT = 10.0  # seconds a running kernel has to answer connect()
 REQUIRED_CONNECTION_KEYS = ("shell_port", "iopub_port", "control_port", "hb_port", "ip", "key")
-
-_context: zmq.asyncio.Context | None = None
-
-
-def _zmq_context() -> zmq.asyncio.Context:
-    """One zmq context (one IO thread of zmq's) for every kernel of this process."""
-    global _context
-    if _context is None:
-        _context = zmq.asyncio.Context()
-    return _context
-
-
-class _ThisPythonFirst(KernelSpecManager):
-    """Kernelspec lookup where "python3" means this interpreter's ipykernel.
-
-    Pickles only travel between equal Python versions, so the default kernel
-    must be this very interpreter, whatever "python3" kernelspec is installed.
-    """
-
-    python: Optional[str] = None
-
-    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        if self.python is not None or kernel_name == "python3":
-            return python_kernel_spec(self.python or sys.executable)
-        return super().get_kernel_spec(kernel_name)
-
-
-def python_kernel_spec(python: str) -> KernelSpec:
-    return KernelSpec(
-        argv=[python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        display_name=f"Python ({python})",
-        language="python",
-        interrupt_mode="signal",
-        metadata={"debugger": False},
-    )
 
 
 async def start_async(
@@ -85,103 +44,14 @@ async def start_async(
 ) -> AsyncKernel:
     """Start a local kernel and return an AsyncKernel for it (see ``start``)."""
     call_options = CallOptions(timeout=timeout, output=output, on_timeout=on_timeout)
-    check_transport_name(transport)  # before anything starts
-    spec_manager = _ThisPythonFirst()
-    spec_manager.python = python
-    private_dir = _private_sockets(kernel_name, python, options)
-    manager = AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=spec_manager, **options)
-    kernel_env = {**os.environ, **(env or {})}
-    try:
-        await manager.start_kernel(cwd=os.fspath(cwd) if cwd is not None else None, env=kernel_env)
-    except BaseException as exc:
-        if private_dir is not None:
-            shutil.rmtree(private_dir, ignore_errors=True)
-        error = _start_error(exc, kernel_name)
-        if error is None:
-            raise
-        raise error from exc
-    is_ipykernel = python is not None or kernel_name == "python3"
-    return await _kernel_from_manager(
-        manager,
-        transport,
-        call_options,
-        startup_timeout,
-        private_dir,
-        is_ipykernel=is_ipykernel,
-        auto_restart=auto_restart,
-    )
-
-
-def _private_sockets(kernel_name: str, python: str | None, options: dict[str, Any]) -> str | None:
-    """Put an ipykernel's sockets in a fresh private directory (returned), unless the caller chose an ip.
-
-    IPC sockets in a directory only we can enter: no other user (or host) can
-    reach the kernel. Adds the manager options for it to ``options``.
-    """
-    is_ipykernel = python is not None or kernel_name == "python3"  # other kernels may not support IPC
-    if os.name != "posix" or not is_ipykernel or "ip" in options:
-        return None
-    private_dir = tempfile.mkdtemp(prefix="kernelproxy-")
-    options.update(transport="ipc", ip=os.path.join(private_dir, "kernel"))
-    options.setdefault("connection_file", os.path.join(private_dir, "kernel.json"))
-    return private_dir
-
-
-def _start_error(exc: BaseException, kernel_name: str) -> KernelStartError | None:
-    """What to raise when a kernel manager's start_kernel() raised ``exc`` (None: re-raise it)."""
-    if isinstance(exc, NoSuchKernel):
-        return KernelStartError(
-            f"no kernelspec named {kernel_name!r} (see `jupyter kernelspec list`); "
-            "or pass python='/path/to/python' to start that interpreter's ipykernel"
-        )
-    if isinstance(exc, Exception):
-        return KernelStartError(f"could not start kernel {kernel_name!r}: {type(exc).__name__}: {exc}")
-    return None
-
-
-async def _kernel_from_manager(
-    manager: AsyncKernelManager,
-    transport: str,
-    call_options: CallOptions,
-    startup_timeout: float,
-    private_dir: str | None,
-    *,
-    is_ipykernel: bool,
-    auto_restart: bool = False,
-) -> AsyncKernel:
-    """An AsyncKernel for the kernel ``manager`` has just started (start_async, KernelPool).
-
-    On failure the kernel is shut down and ``private_dir`` removed.
-    """
-    client = manager.client(context=_zmq_context())
-    state = _KernelState(
-        functools.partial(ZmqWire, client),
-        manager,
-        manager.connection_file,
-        transport,
-        private_dir=private_dir,
-        auto_restart=auto_restart,
-        ready_timeout=startup_timeout,
-    )
-    try:
-        await state.open(startup_timeout)
-    except BaseException as exc:
-        dead = state.connection.dead
-        await state.close(shutdown=True)
-        if isinstance(exc, asyncio.TimeoutError):
-            raise KernelStartError(f"the kernel did not become ready within {startup_timeout} s") from None
-        if isinstance(exc, KernelDiedError) or dead is not None:
-            argv = manager.kernel_spec.argv if manager.kernel_spec else "?"
-            hint = " Is ipykernel installed for that Python?" if is_ipykernel else " See the kernel's output above."
-            raise KernelStartError(f"the kernel exited while starting ({dead or exc}); command: {argv}.{hint}") from None
-        raise
-    return AsyncKernel(state, call_options)
+    spec = local_spec(kernel_name, python, cwd, env, startup_timeout, transport, options)
+    return await start_local(spec, call_options, auto_restart=auto_restart)
 
 
 async def connect_async(
     connection_file: str | os.PathLike[str],
     *,
-    startup_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    startup_timeout: float = DEFAULT_ATTACH_TIMEOUT,
     transport: str = "auto",
     timeout: float | None = None,
     output: Output = "forward",
@@ -196,11 +66,10 @@ async def connect_async(
     path = resolve_connection_file(connection_file)
     info = read_connection_file(path, allow_unsigned=allow_unsigned)
     tunnel = await SshTunnel.open(info, ssh, ssh_options=ssh_options) if ssh is not None else None
-    client = AsyncKernelClient(context=_zmq_context())
+    client = AsyncKernelClient(context=zmq_context())
     client.load_connection_info(tunnel.info if tunnel is not None else info)  # type: ignore[arg-type]
-    state = _KernelState(functools.partial(ZmqWire, client), None, path, transport)
-    if tunnel is not None:
-        state.closers.append(tunnel.close)
+    control = ConnectedControl([tunnel.close] if tunnel is not None else [])
+    state = _KernelState(functools.partial(ZmqWire, client), control, path, transport)
     try:
         await state.open(startup_timeout)
     except BaseException as exc:
@@ -210,7 +79,7 @@ async def connect_async(
                 f"no kernel answered at {path} within {startup_timeout} s "
                 f"({info.get('transport', 'tcp')}://{info['ip']}, shell port {info['shell_port']}): "
                 "is the kernel running, and is this its current connection file (key included)?"
-            ) from None
+            ) from exc
         raise
     return AsyncKernel(state, call_options)
 
@@ -225,7 +94,7 @@ async def connect_server_async(
     cwd: str | None = None,
     verify: bool | str = True,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
-    connect_timeout: float = DEFAULT_SERVER_CONNECT_TIMEOUT,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     transport: str = "auto",
     timeout: float | None = None,
     output: Output = "forward",
@@ -248,10 +117,11 @@ async def connect_server_async(
     except BaseException:
         client.close()
         raise
-    control = ServerKernelControl(client, model["id"], owned=kernel_id is None)
+    control = ServerControl(ServerKernelControl(client, model["id"], owned=kernel_id is None))
+    server_kernel_id = model["id"]
 
     def make_wire() -> WebsocketWire:
-        return WebsocketWire(client, control.kernel_id, subprotocol=websocket_protocol, max_message_bytes=max_message_bytes)
+        return WebsocketWire(client, server_kernel_id, subprotocol=websocket_protocol, max_message_bytes=max_message_bytes)
 
     state = _KernelState(make_wire, control, None, transport)
     try:
@@ -260,8 +130,8 @@ async def connect_server_async(
         await state.close(shutdown=False)  # deletes the kernel if we started it
         if isinstance(exc, asyncio.TimeoutError):
             raise KernelStartError(
-                f"kernel {control.kernel_id} on {address.url} did not answer within {startup_timeout} s"
-            ) from None
+                f"kernel {server_kernel_id} on {address.url} did not answer within {startup_timeout} s"
+            ) from exc
         raise
     return AsyncKernel(state, call_options)
 
@@ -277,7 +147,7 @@ def resolve_connection_file(connection_file: str | os.PathLike[str]) -> str:
         raise ConnectionFileError(
             f"no connection file {text!r}: it is not a file, and no kernel-*.json in Jupyter's runtime "
             f"directory matches it ({exc}). Pass the full path, or a fragment of an existing kernel's file name."
-        ) from None
+        ) from exc
 
 
 def read_connection_file(path: str, *, allow_unsigned: bool = False) -> dict[str, Any]:
@@ -285,9 +155,9 @@ def read_connection_file(path: str, *, allow_unsigned: bool = False) -> dict[str
         with open(path, encoding="utf-8") as file:
             info = json.load(file)
     except OSError as exc:
-        raise ConnectionFileError(f"cannot read connection file {path}: {exc.strerror or exc}") from None
+        raise ConnectionFileError(f"cannot read connection file {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
-        raise ConnectionFileError(f"connection file {path} is not valid JSON: {exc}") from None
+        raise ConnectionFileError(f"connection file {path} is not valid JSON: {exc}") from exc
     if not isinstance(info, dict):
         raise ConnectionFileError(f"connection file {path} does not hold a JSON object")
     missing = [key for key in REQUIRED_CONNECTION_KEYS if key not in info]
@@ -360,7 +230,7 @@ def connect_server(
     cwd: str | None = None,
     verify: bool | str = True,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
-    connect_timeout: float = DEFAULT_SERVER_CONNECT_TIMEOUT,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     transport: str = "auto",
     timeout: float | None = None,
     output: Output = "forward",
@@ -411,7 +281,7 @@ def connect_server(
 def connect(
     connection_file: str | os.PathLike[str],
     *,
-    startup_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    startup_timeout: float = DEFAULT_ATTACH_TIMEOUT,
     transport: str = "auto",
     timeout: float | None = None,
     output: Output = "forward",

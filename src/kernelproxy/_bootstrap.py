@@ -2,8 +2,10 @@
 
 The agent's source travels in one silent ``user_expressions`` entry that
 executes it as module ``_kernelproxy_agent_v<N>`` in ``sys.modules``, unless a
-module of that name (same protocol) is already there: installing is
-idempotent, and several hosts can share a kernel. The same expression calls
+module of that name (same protocol) and the same or a newer ``REVISION`` is
+already there: installing is idempotent, several hosts can share a kernel, and
+an older revision left in a long-lived kernel is replaced (keeping its kept
+objects, so other hosts' refs still resolve). The same expression calls
 ``hello()``, whose JSON answer the host checks before any pickle is sent.
 """
 
@@ -28,14 +30,15 @@ def agent_source() -> str:
 
 
 def install_expression(probe: str) -> str:
-    """One expression: install the agent unless present, then return its hello(probe) bundle."""
+    """One expression: install the agent unless this revision or a newer one is there; return its hello(probe)."""
     source = base64.b64encode(agent_source().encode("utf-8")).decode("ascii")
     compile_source = (
         f"compile(__import__('base64').b64decode('{source}').decode('utf-8'), {agent.AGENT_FILENAME!r}, 'exec')"
     )
     return (
-        "(lambda sys, name: sys.modules[name] if name in sys.modules else "
-        f"(lambda module: (exec({compile_source}, module.__dict__), sys.modules.setdefault(name, module))[1])"
+        "(lambda sys, name: sys.modules[name] "
+        f"if getattr(sys.modules.get(name), 'REVISION', 0) >= {agent.REVISION} else "
+        f"(lambda module: (exec({compile_source}, module.__dict__), module._install(module))[1])"
         "(__import__('types').ModuleType(name))"
         f")(__import__('sys'), {agent.MODULE_NAME!r}).hello({probe!r})"
     )

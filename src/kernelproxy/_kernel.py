@@ -14,36 +14,30 @@ import dataclasses
 import enum
 import functools
 import logging
-import shutil
 import sys
 import warnings
 import weakref
 from collections.abc import Awaitable, Mapping
-from typing import Any, Callable, TypeVar
-
-from jupyter_client.manager import AsyncKernelManager
+from typing import Any, Callable, Literal, TypeVar
 
 from . import _protocol as protocol
 from . import _serialization as serialization
 from ._bootstrap import check_environment, install_agent
 from ._connection import KernelConnection
 from ._exceptions import (
-    CallInterrupted,
     CallTimeout,
     KernelClosedError,
     KernelDiedError,
-    KernelProxyError,
     KernelRestartedWarning,
     KernelStartError,
     ProtocolError,
-    SerializationError,
 )
-from ._server import ServerKernelControl
+from ._control import KernelControl
 from ._refs import AsyncRemoteRef, Path, _Root, check_fresh, pickling_for
 from ._transports.base import AgentMissingError, Message, Transport
 from ._transports.comm import CommTransport
 from ._transports.execute import ExecuteTransport
-from ._types import UNSET, CallOptions, KernelInfo, OnTimeout, Output, Unset
+from ._types import UNSET, CallOptions, KernelInfo, KernelStatus, OnTimeout, Output, Unset
 from ._wires.base import Wire
 
 T = TypeVar("T")
@@ -70,22 +64,19 @@ class _KernelState:
     def __init__(
         self,
         make_wire: Callable[[], Wire],
-        manager: AsyncKernelManager | ServerKernelControl | None,
+        control: KernelControl,
         connection_file: str | None,
         transport: str,
         *,
-        private_dir: str | None = None,
         auto_restart: bool = False,
         ready_timeout: float = 60.0,
     ) -> None:
         check_transport_name(transport)
         self.make_wire = make_wire  # a fresh wire per connection (restarts reconnect)
-        self.closers: list[Callable[[], Awaitable[None]]] = []  # run at close, after the connection (SSH tunnels)
-        self.manager = manager
+        self.control = control
         self.connection_file = connection_file
         self.requested_transport = transport
-        self.private_dir = private_dir  # holds the IPC sockets of a kernel we started; removed at close
-        if auto_restart and manager is None:
+        if auto_restart and not control.restartable:
             raise ValueError("auto_restart needs a kernel that kernelproxy starts; connect() cannot restart one")
         self.auto_restart = auto_restart
         self.ready_timeout = ready_timeout
@@ -99,27 +90,31 @@ class _KernelState:
         self.connection: KernelConnection = self._new_connection()
         self.transport: Transport | None = None
         self.info: KernelInfo | None = None
-        if manager is not None:
+        if control.owned:
             _started_kernels.add(self)
 
     @property
     def owned(self) -> bool:
         """Started by kernelproxy (here or on a server): it goes when we close."""
-        if isinstance(self.manager, ServerKernelControl):
-            return self.manager.owned
-        return self.manager is not None
+        return self.control.owned
+
+    def status(self) -> KernelStatus:
+        dead = self.connection.dead
+        if self.state is State.CLOSED:
+            state: Literal["ready", "restarting", "dead", "closed"] = "closed"
+        elif self.state is State.RESTARTING:
+            state = "restarting"
+        else:
+            state = "dead" if dead is not None else "ready"
+        return KernelStatus(state, self.generation, self.owned, str(dead) if dead is not None else None)
 
     def _new_connection(self) -> KernelConnection:
-        if not isinstance(self.manager, AsyncKernelManager):  # no local process: the wire reports deaths
-            interrupter = self.manager.interrupt_kernel if self.manager is not None else None
-            return KernelConnection(self.make_wire(), interrupter=interrupter)
-        manager = self.manager
-
-        async def exit_code() -> int | None:
-            provisioner = manager.provisioner
-            return await provisioner.poll() if provisioner is not None else 0
-
-        return KernelConnection(self.make_wire(), process_check=exit_code, interrupter=manager.interrupt_kernel)
+        connection = KernelConnection(
+            self.make_wire(),
+            process_check=self.control.process_check(),  # None: no local process, the wire reports deaths
+            interrupter=lambda: self.control.interrupt(connection),
+        )
+        return connection
 
     async def open(self, ready_timeout: float) -> None:
         """Connect, wait for the kernel, install the agent, check versions, pick the transport."""
@@ -140,8 +135,9 @@ class _KernelState:
             transport=transport.description + self.connection.wire.description,
             connection_file=self.connection_file,
             agent_protocol=hello["protocol"],
-            server=self.manager.client.address.url if isinstance(self.manager, ServerKernelControl) else None,
-            kernel_id=self.manager.kernel_id if isinstance(self.manager, ServerKernelControl) else None,
+            server=self.control.server,
+            kernel_id=self.control.kernel_id,
+            agent_revision=hello.get("revision", 0),
         )
 
     async def _negotiate_transport(self, hello: dict[str, Any]) -> Transport:
@@ -173,7 +169,7 @@ class _KernelState:
                         stacklevel=2,
                     )
                 return await self.usable_transport()
-            restartable = self.manager is not None  # started here, or on a server
+            restartable = self.control.restartable
             advice = "call restart() for a fresh one" if restartable else "start or connect to another kernel"
             raise KernelDiedError(f"{cause} earlier; {advice}")
         assert self.transport is not None
@@ -195,11 +191,8 @@ class _KernelState:
 
     async def restart(self, ready_timeout: float, *, only_if_dead: bool = False) -> bool:
         """Restart the kernel; with ``only_if_dead``, only if no one restarted it meanwhile. Say if it did."""
-        if self.manager is None:
-            raise KernelProxyError(
-                "restart() needs a kernel that kernelproxy started; this one was connected to with connect(), "
-                "so restart it where it was started"
-            )
+        if not self.control.restartable:
+            await self.control.restart(self.connection)  # raises: says why it cannot
         while self.state is State.RESTARTING:
             await self.restarted.wait()
         if self.state is State.CLOSED:
@@ -211,13 +204,9 @@ class _KernelState:
         try:
             self.connection.fail_all(KernelDiedError("the kernel was restarted while this call was running"))
             for attempt in range(RESTART_ATTEMPTS):
-                restarted_by_server = self.connection.restarted_by_server
                 await self.connection.close()
                 try:
-                    if restarted_by_server and isinstance(self.manager, ServerKernelControl):
-                        await self.manager.wait_settled()  # it is fresh already: restarting it again races the server
-                    else:
-                        await self.manager.restart_kernel(now=True)
+                    await self.control.restart(self.connection)
                 except Exception as exc:
                     raise KernelStartError(f"could not restart the kernel: {exc}") from exc
                 self.generation += 1
@@ -267,10 +256,7 @@ class _KernelState:
 
     async def interrupt(self) -> None:
         await self.usable_transport()
-        if self.manager is not None:
-            await self.manager.interrupt_kernel()
-        else:
-            await self.connection.interrupt_by_message()
+        await self.control.interrupt(self.connection)
 
     async def is_alive(self) -> bool:
         if self.state is State.CLOSED:
@@ -287,38 +273,15 @@ class _KernelState:
         try:
             if self.transport is not None:
                 await self.transport.close()
-            if self.manager is not None and (self.owned or shutdown):
-                await self.manager.shutdown_kernel(now=self.connection.dead is not None)
-            elif shutdown and self.connection.dead is None:
-                try:
-                    await asyncio.wait_for(self.connection.request("control", "shutdown_request", {"restart": False}), 5)
-                except (asyncio.TimeoutError, KernelProxyError):
-                    pass  # it is gone or going; nothing more we can do from here
+            if self.owned or shutdown:
+                await self.control.shutdown(self.connection)
         finally:
             await self.connection.close()
-            if isinstance(self.manager, ServerKernelControl):
-                self.manager.close()
-            for closer in self.closers:
-                await closer()
-            self._remove_private_dir()
-
-    def _remove_private_dir(self) -> None:
-        if self.private_dir is not None:
-            shutil.rmtree(self.private_dir, ignore_errors=True)
+            await self.control.release()
 
     def kill_now(self) -> None:
-        """Kill our kernel process without an event loop (interpreter exit)."""
-        if isinstance(self.manager, ServerKernelControl):
-            self.manager.delete_now()
-            return
-        provisioner = self.manager.provisioner if self.manager is not None else None
-        process = getattr(provisioner, "process", None)
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
-        if self.manager is not None:
-            self.manager.cleanup_connection_file()
-        self._remove_private_dir()
+        """Stop our kernel without an event loop (interpreter exit)."""
+        self.control.kill_now()
 
 
 _started_kernels: weakref.WeakSet[_KernelState] = weakref.WeakSet()
@@ -367,6 +330,11 @@ class AsyncKernel:
     @property
     def call_options(self) -> CallOptions:
         return self._options
+
+    @property
+    def status(self) -> KernelStatus:
+        """Whether the kernel is ready, restarting, dead or closed, as far as kernelproxy knows now."""
+        return self._state.status()
 
     @property
     def info(self) -> KernelInfo:

@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 from ._kernel import AsyncKernel
 from ._portal import Portal
 from ._refs import RemoteRef
-from ._types import UNSET, CallOptions, KernelInfo, OnTimeout, Output, Unset
+from ._types import UNSET, CallOptions, KernelInfo, KernelStatus, OnTimeout, Output, Unset
 
 T = TypeVar("T")
 
@@ -50,6 +50,11 @@ class Kernel:
     @property
     def call_options(self) -> CallOptions:
         return self._core.call_options
+
+    @property
+    def status(self) -> KernelStatus:
+        """Whether the kernel is ready, restarting, dead or closed, as far as kernelproxy knows now (no round trip)."""
+        return self._core.status
 
     @property
     def info(self) -> KernelInfo:

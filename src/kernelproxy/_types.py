@@ -61,3 +61,14 @@ class KernelInfo:
     agent_protocol: int
     server: Optional[str] = None  # the Jupyter Server or gateway's URL, for kernels reached through one
     kernel_id: Optional[str] = None  # the kernel's id on that server
+    agent_revision: int = 0  # the agent's revision in the kernel (this kernelproxy's, or a newer one's)
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Where a kernel stands now (``Kernel.status``): cheap, no round trip."""
+
+    state: Literal["ready", "restarting", "dead", "closed"]
+    restarts: int  # how often kernelproxy restarted it: refs made before the last restart are stale
+    owned: bool  # kernelproxy started it (here or on a server): closing the Kernel stops it
+    death: Optional[str] = None  # why it is dead, when it is

@@ -86,6 +86,9 @@ import traceback
 from types import CodeType
 
 PROTOCOL = 1
+# Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
+# an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
+REVISION = 2
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -648,6 +651,27 @@ def dispatch(header, frames, ns):
         return _exception_reply(exc)
 
 
+# --------------------------------------------------------------------- install
+
+# State that outlives an upgrade: other clients' kept objects and transfers in flight.
+_SHARED_STATE = ("_exec_counter", "_uploads", "_outbox", "_objects", "_next_object_id", "_sources")
+
+
+def _install(module):
+    """Make ``module`` (this file, just executed) the agent, taking over an older revision's state.
+
+    The state is shared, not copied: comms opened through the older revision
+    keep running its code on the same objects.
+    """
+    older = sys.modules.get(MODULE_NAME)
+    if older is not None:
+        for name in _SHARED_STATE:
+            if hasattr(older, name):
+                setattr(module, name, getattr(older, name))
+    sys.modules[MODULE_NAME] = module
+    return module
+
+
 # --------------------------------------------------------------------- handshake
 
 
@@ -663,6 +687,7 @@ def hello(probe=None):
         {
             "status": "ok",
             "protocol": PROTOCOL,
+            "revision": REVISION,
             "python": platform.python_version(),
             "implementation": platform.python_implementation(),
             "executable": sys.executable,

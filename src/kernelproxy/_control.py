@@ -1,0 +1,159 @@
+"""Kernel control: starting over, interrupting and stopping a kernel, whoever runs it.
+
+Requests and replies travel on the kernel's channels (``_connection``); the
+kernel's *process* is someone's business: ours (a local kernel kernelproxy
+started, through jupyter_client's ``AsyncKernelManager``), a server's (its
+REST API), or nobody's we can reach (a kernel we connected to: only messages
+on its control channel). One small contract, three implementations, so the
+rest of kernelproxy never asks which kind of kernel it has.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import shutil
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Callable
+
+from ._exceptions import KernelProxyError
+
+if TYPE_CHECKING:
+    from jupyter_client.manager import AsyncKernelManager
+
+    from ._connection import KernelConnection, ProcessCheck
+    from ._server import ServerKernelControl
+
+SHUTDOWN_REQUEST_TIMEOUT = 5.0  # seconds a connected kernel has to answer a shutdown_request
+
+
+class KernelControl(abc.ABC):
+    """What can be done to one kernel besides sending it requests."""
+
+    owned: bool = False  # kernelproxy started it: closing the Kernel stops it
+    restartable: bool = False  # restart() gives a fresh kernel
+    server: str | None = None  # the Jupyter Server or gateway's URL, for kernels reached through one
+    kernel_id: str | None = None  # the kernel's id there
+
+    def process_check(self) -> ProcessCheck | None:
+        """A way to ask whether the kernel's process exited (local kernels only)."""
+        return None
+
+    @abc.abstractmethod
+    async def interrupt(self, connection: KernelConnection) -> None:
+        """Interrupt what the kernel runs."""
+
+    async def restart(self, connection: KernelConnection) -> None:
+        """Start the kernel afresh (``connection`` is the old one, closed already)."""
+        raise KernelProxyError(
+            "restart() needs a kernel that kernelproxy started; this one was connected to with connect(), "
+            "so restart it where it was started"
+        )
+
+    @abc.abstractmethod
+    async def shutdown(self, connection: KernelConnection) -> None:
+        """Stop the kernel."""
+
+    async def release(self) -> None:
+        """Free what this side holds for the kernel (HTTP clients, tunnels, private files); after shutdown."""
+
+    def kill_now(self) -> None:
+        """At interpreter exit, without an event loop: stop a kernel we own, leave nothing behind."""
+
+
+class LocalControl(KernelControl):
+    """A kernel process kernelproxy started here, through jupyter_client's AsyncKernelManager."""
+
+    owned = True
+    restartable = True
+
+    def __init__(self, manager: AsyncKernelManager, private_dir: str | None) -> None:
+        self.manager = manager
+        self.private_dir = private_dir  # holds the kernel's IPC sockets and connection file; removed at the end
+
+    def process_check(self) -> ProcessCheck:
+        manager = self.manager
+
+        async def exit_code() -> int | None:
+            provisioner = manager.provisioner
+            return await provisioner.poll() if provisioner is not None else 0
+
+        return exit_code
+
+    async def interrupt(self, connection: KernelConnection) -> None:
+        await self.manager.interrupt_kernel()
+
+    async def restart(self, connection: KernelConnection) -> None:
+        await self.manager.restart_kernel(now=True)
+
+    async def shutdown(self, connection: KernelConnection) -> None:
+        await self.manager.shutdown_kernel(now=connection.dead is not None)
+
+    async def release(self) -> None:
+        self._remove_private_dir()
+
+    def kill_now(self) -> None:
+        process = getattr(self.manager.provisioner, "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        self.manager.cleanup_connection_file()
+        self._remove_private_dir()
+
+    def _remove_private_dir(self) -> None:
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+class ServerControl(KernelControl):
+    """A kernel of a Jupyter Server or gateway, controlled through its REST API."""
+
+    restartable = True
+
+    def __init__(self, kernel: ServerKernelControl) -> None:
+        self.kernel = kernel
+        self.owned = kernel.owned
+        self.server = kernel.client.address.url
+        self.kernel_id = kernel.kernel_id
+
+    async def interrupt(self, connection: KernelConnection) -> None:
+        await self.kernel.interrupt_kernel()
+
+    async def restart(self, connection: KernelConnection) -> None:
+        if connection.restarted_by_server:
+            await self.kernel.wait_settled()  # it is fresh already: restarting it again races the server
+        else:
+            await self.kernel.restart_kernel()
+
+    async def shutdown(self, connection: KernelConnection) -> None:
+        await self.kernel.shutdown_kernel()
+
+    async def release(self) -> None:
+        self.kernel.close()
+
+    def kill_now(self) -> None:
+        self.kernel.delete_now()
+
+
+class ConnectedControl(KernelControl):
+    """A kernel someone else runs, reached by its connection file: only its control channel is ours."""
+
+    def __init__(self, closers: list[Callable[[], Awaitable[None]]] | None = None) -> None:
+        self.closers = closers or []  # run at release (an SSH tunnel)
+
+    async def interrupt(self, connection: KernelConnection) -> None:
+        await connection.interrupt_by_message()
+
+    async def shutdown(self, connection: KernelConnection) -> None:
+        if connection.dead is not None:
+            return
+        try:
+            await asyncio.wait_for(
+                connection.request("control", "shutdown_request", {"restart": False}), SHUTDOWN_REQUEST_TIMEOUT
+            )
+        except (asyncio.TimeoutError, KernelProxyError):
+            pass  # it is gone or going; nothing more we can do from here
+
+    async def release(self) -> None:
+        for closer in self.closers:
+            await closer()

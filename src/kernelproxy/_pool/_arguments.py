@@ -1,0 +1,132 @@
+"""Checking what users pass to a pool, and cutting map() input into tasks; shared by both pool APIs."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, TypeVar, Union
+
+from ._scheduler import Scheduler
+from ._tasks import Sink, Task, TaskOptions
+
+Progress = Union[bool, Mapping[str, Any]]
+F = TypeVar("F")
+
+
+def split_sources(kernels: int | Iterable[Any] | None, kind: type, pool: str) -> tuple[int, list[Any]]:
+    """(number of kernels to start, given kernels and connection files)."""
+    if kernels is None:
+        return os.cpu_count() or 1, []
+    if isinstance(kernels, bool):
+        raise TypeError("kernels must be a number of kernels or a list of kernels and connection files, not a bool")
+    if isinstance(kernels, int):
+        if kernels < 1:
+            raise ValueError(f"a pool needs at least one kernel, not {kernels}")
+        return kernels, []
+    if isinstance(kernels, (str, os.PathLike)):
+        raise TypeError("pass a list of connection files, not one file name")
+    sources = list(kernels)
+    if not sources:
+        raise ValueError("a pool needs at least one kernel: the list is empty")
+    for source in sources:
+        if not isinstance(source, (kind, str, os.PathLike)):
+            raise TypeError(f"{pool} takes {kind.__name__} objects or connection files, not {type(source).__name__}")
+    return 0, sources
+
+
+def check_count(n: int) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive number of kernels, not {n!r}")
+    return n
+
+
+def check_names(values: Mapping[str, Any] | None, named: dict[str, Any]) -> dict[str, Any]:
+    merged = {**(values or {}), **named}
+    bad = [name for name in merged if not (isinstance(name, str) and name.isidentifier())]
+    if bad:
+        raise ValueError(f"push() needs variable names that are identifiers, got {bad!r}")
+    return merged
+
+
+def server_spec(url: str, token: str | None, kernel_name: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """connect_server_async() arguments for each kernel of a server pool."""
+    return {"url": url, "token": token, "kernel_name": kernel_name, **options}
+
+
+def chunks(iterables: tuple[Iterable[Any], ...], chunksize: int) -> list[list[tuple[Any, ...]]]:
+    if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+        raise ValueError(f"chunksize must be an int >= 1, not {chunksize!r}")
+    items = list(zip(*iterables))
+    return [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+
+
+def map_tasks(
+    scheduler: Scheduler,
+    fn: Callable[..., Any],
+    items: list[list[tuple[Any, ...]]],
+    chunked: bool,
+    options: TaskOptions,
+    new_future: Callable[[], F],
+    sink_of: Callable[[F], Sink],
+    counter: ProgressCounter | None,
+) -> tuple[list[F], list[Task]]:
+    """One future and one task per chunk of map() items; unless ``chunked``, each task is a plain call of one item."""
+    futures: list[F] = []
+    tasks: list[Task] = []
+    first = 0
+    for chunk in items:
+        future = new_future()
+        if counter is not None:
+            counter.track(future, len(chunk))
+        sink = sink_of(future)
+        if chunked:
+            task = scheduler.make_chunk_task(fn, chunk, first, options, sink)
+        else:
+            task = scheduler.make_task(fn, chunk[0], {}, options, sink)
+        first += len(chunk)
+        futures.append(future)
+        if task is not None:
+            tasks.append(task)
+    return futures, tasks
+
+
+def progress_bar(progress: Progress, total: int) -> Any:
+    """A tqdm bar counting map() items, or None. ``progress`` may be a dict of tqdm arguments."""
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise ImportError("map(progress=...) needs tqdm: pip install tqdm") from exc
+
+    settings: dict[str, Any] = {"total": total, "unit": "item", "desc": "KernelPool.map"}
+    if isinstance(progress, Mapping):
+        settings.update(progress)
+    return tqdm(**settings)
+
+
+class ProgressCounter:
+    """Advances a progress bar as map() tasks finish (on the loop's thread); closes it at the end."""
+
+    def __init__(self, bar: Any, tasks: int) -> None:
+        self.bar = bar
+        self.left = tasks
+        self.lock = threading.Lock()
+        if tasks == 0:
+            bar.close()
+
+    def track(self, future: Any, size: int) -> None:
+        future.add_done_callback(lambda f: self.done(size, f.cancelled()))
+
+    def done(self, size: int, cancelled: bool) -> None:
+        with self.lock:
+            if not cancelled:
+                self.bar.update(size)
+            self.left -= 1
+            if self.left == 0:
+                self.bar.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self.bar.close()

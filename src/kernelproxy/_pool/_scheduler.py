@@ -1,0 +1,291 @@
+"""The pool's scheduler: one worker coroutine per kernel feeding it tasks from the queue.
+
+It runs on one event loop (kernelproxy's IO thread for ``KernelPool``, the
+caller's loop for ``AsyncKernelPool``); ``make_task``, ``make_chunk_task``,
+``enqueue_threadsafe`` and ``close_submissions`` may be called from any thread.
+Decisions (which task, how many per kernel, what a death means) are the
+policy's (``_policy``); kernels are the supervisor's (``_supervisor``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from .. import _serialization as serialization
+from .._exceptions import CallInterrupted, KernelClosedError, KernelDiedError
+from .._launch import LocalSpec
+from . import _policy as policy
+from ._supervisor import KernelSource, Slot, Supervisor, died_of
+from ._tasks import RUN_CHUNK, LoopSink, Sink, Task, TaskOptions, TaskOutput, function_name
+
+log = logging.getLogger("kernelproxy")
+
+IDLE_CHECK = 1.0  # seconds between liveness checks of an idle kernel
+
+
+class Scheduler:
+    """Queue, workers and the fate of tasks; shared by both pool APIs."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        local: LocalSpec | None,
+        server: dict[str, Any] | None,
+        connect_timeout: float,
+        prefetch: bool,
+    ) -> None:
+        self.loop = loop
+        self.prefetch = prefetch
+        self._kernel_plan = (local, server, connect_timeout)
+        self.supervisor: Supervisor | None = None  # made on the loop (Python 3.9 binds locks to a loop)
+        self.queue = policy.TaskQueue()
+        self.idle: collections.deque[asyncio.Future[None]] = collections.deque()  # workers of idle kernels
+        self.prefetching: collections.deque[asyncio.Future[None]] = collections.deque()  # of busy, short-task ones
+        self.task_ids = itertools.count()
+        self.running = 0
+        self.draining = False  # shutting down: workers leave once the queue is empty
+        self.closed = False  # no new submissions (set under submit_lock)
+        self.broken: KernelDiedError | None = None  # no kernel left
+        self.submit_lock = threading.Lock()
+        self.closing: asyncio.Future[None] | None = None  # shutting down the kernels once the tasks are done
+
+    @property
+    def slots(self) -> list[Slot]:
+        return self.supervisor.slots if self.supervisor is not None else []
+
+    # ------------------------------------------------------------------ tasks (any thread)
+
+    def make_task(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], options: TaskOptions, sink: Sink
+    ) -> Task | None:
+        """Pickle a call into a task; on a pickling error fail ``sink`` and return None."""
+        task_id = next(self.task_ids)
+        try:
+            frames = serialization.dumps((fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs))
+        except Exception as exc:
+            sink.fail(exc)
+            return None
+        return Task(task_id, frames, function_name(fn), 1, options, sink, options.retries)
+
+    def make_chunk_task(
+        self, fn: Callable[..., Any], chunk: list[tuple[Any, ...]], first: int, options: TaskOptions, sink: Sink
+    ) -> Task | None:
+        """Pickle one map() chunk (items ``first``...) into a task that runs them in one call."""
+        task_id = next(self.task_ids)
+        parts = {"the function": fn, **{f"item {first + i}": args for i, args in enumerate(chunk)}}
+        try:
+            frames = serialization.dumps((RUN_CHUNK, (fn, chunk), {}), parts=parts)
+        except Exception as exc:
+            sink.fail(exc)
+            return None
+        return Task(task_id, frames, function_name(fn), len(chunk), options, sink, options.retries)
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if self.broken is not None:
+            raise KernelDiedError(str(self.broken))
+
+    def enqueue_threadsafe(self, tasks: list[Task]) -> None:
+        with self.submit_lock:
+            self.check_open()
+            self.loop.call_soon_threadsafe(self.enqueue, tasks)
+
+    def close_submissions(self) -> None:
+        with self.submit_lock:
+            self.closed = True
+
+    # ------------------------------------------------------------------ queue (loop)
+
+    def enqueue(self, tasks: list[Task], front: bool = False) -> None:
+        if self.broken is not None:
+            for task in tasks:
+                if task.started or task.sink.claim():
+                    task.sink.fail(KernelDiedError(str(self.broken)))
+            return
+        self.queue.add(tasks, front=front)
+        self.wake(len(tasks))
+
+    def wake(self, count: int | None = None) -> None:
+        """Wake ``count`` waiting workers (all with None): idle kernels first, then those that could prefetch."""
+        for waiters in (self.idle, self.prefetching):
+            while waiters and (count is None or count > 0):
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    if count is not None:
+                        count -= 1
+
+    def abandon(self, tasks: list[Task]) -> None:
+        policy.abandon(tasks)
+
+    # ------------------------------------------------------------------ lifecycle (loop)
+
+    async def start(self, count: int, sources: Sequence[KernelSource]) -> None:
+        """Start ``count`` kernels and take the given ones; then start a worker per kernel."""
+        local, server, connect_timeout = self._kernel_plan
+        self.supervisor = Supervisor(local, server, connect_timeout)
+        await self.supervisor.start(count, sources)
+        for slot in self.supervisor.slots:
+            slot.worker = asyncio.ensure_future(self._work(slot))
+
+    async def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        """Stop taking tasks; with ``wait``, return once every task is done and every kernel closed."""
+        if cancel_futures:
+            self.queue.cancel_unstarted()
+        self.draining = True
+        self.wake()
+        if self.closing is None:
+            self.closing = asyncio.ensure_future(self._finish())
+        if wait:
+            await asyncio.shield(self.closing)
+
+    async def _finish(self) -> None:
+        workers = [slot.worker for slot in self.slots if slot.worker is not None]
+        await asyncio.gather(*workers, return_exceptions=True)
+        if self.supervisor is not None:
+            await self.supervisor.close_kernels()
+
+    async def push(self, names: list[str], frames: list[memoryview]) -> None:
+        assert self.supervisor is not None
+        await self.supervisor.push(names, frames)
+
+    def working_kernels(self) -> list[Any]:
+        return self.supervisor.working_kernels() if self.supervisor is not None else []
+
+    # ------------------------------------------------------------------ workers (loop)
+
+    async def _work(self, slot: Slot) -> None:
+        """Feed one kernel: one task at a time, or two when its tasks are short (see ``policy.capacity``)."""
+        assert self.supervisor is not None
+        inflight: set[asyncio.Future[None]] = set()
+        try:
+            while True:
+                if slot.unusable:
+                    if inflight:  # they end at once: the connection failed them
+                        await asyncio.wait(inflight)
+                        inflight.clear()
+                    if self._all_done():
+                        return  # nothing left to run on a replacement; close_kernels() cleans up the dead one
+                    await self.supervisor.replace(slot)
+                    if slot.retired:
+                        self._check_any_left()
+                        return
+                    continue
+                if slot.restarted_elsewhere:  # restarted outside the pool: push again
+                    try:
+                        await self.supervisor.push_all(slot, slot.kernel)
+                    except Exception as exc:
+                        log.warning("pushing the pool's values to restarted kernel %d failed: %s", slot.index, exc)
+                        await asyncio.sleep(IDLE_CHECK)
+                        continue
+                waiter: asyncio.Future[None] | None = None
+                limit = policy.capacity(
+                    prefetch=self.prefetch, service=slot.service, default_timeout=slot.kernel.call_options.timeout
+                )
+                if len(inflight) < limit:
+                    task = self.queue.pop(second=bool(inflight))
+                    if task is not None:
+                        inflight.add(asyncio.ensure_future(self._run(slot, task)))
+                        continue
+                    if self._all_done():
+                        self.wake()  # let the other workers see it too
+                        return
+                    waiter = self.loop.create_future()
+                    (self.prefetching if inflight else self.idle).append(waiter)
+                await asyncio.wait(
+                    inflight | ({waiter} if waiter else set()), timeout=IDLE_CHECK, return_when=asyncio.FIRST_COMPLETED
+                )
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()
+                    for waiters in (self.idle, self.prefetching):
+                        if waiter in waiters:
+                            waiters.remove(waiter)
+                inflight = {running for running in inflight if not running.done()}
+        except asyncio.CancelledError:
+            for running in inflight:
+                running.cancel()
+            raise
+        except Exception:  # a bug here must not hang callers: say so, and leave the kernel out
+            log.exception("kernelproxy pool worker %d failed", slot.index)
+            slot.retired = True
+            self._check_any_left()
+
+    def _all_done(self) -> bool:
+        return self.draining and not self.queue and self.running == 0
+
+    async def _run(self, slot: Slot, task: Task) -> None:
+        kernel = slot.kernel
+        sent = self.loop.time()
+        task.behind, task.ended = (slot.holding[-1] if slot.holding else None), False
+        slot.holding.append(task)
+        output = TaskOutput(task.id) if task.options.output == "forward" else None
+        request = asyncio.ensure_future(kernel._call_frames(task.frames, task.name, task.options.timeout, output))
+        if isinstance(task.sink, LoopSink):  # cancelling an asyncio future interrupts its remote work
+            task.sink.future.add_done_callback(lambda future: request.cancel() if future.cancelled() else None)
+        self.running += 1
+        try:
+            try:
+                await asyncio.wait({request})
+            except asyncio.CancelledError:
+                request.cancel()
+                task.sink.fail(KernelClosedError("the pool was torn down while this task ran"))
+                raise
+            finally:
+                if output is not None:
+                    output.flush()
+            died = request.done() and not request.cancelled() and died_of(request.exception(), kernel)
+            task.ended = not died
+            if request.cancelled():
+                task.sink.fail(
+                    CallInterrupted(f"task {task.id} ({task.name}) was cancelled; its remote work was interrupted")
+                )
+                return
+            done = self.loop.time()
+            # the kernel's own time for it, not its wait behind another
+            slot.service = policy.moving_service(slot.service, done - max(sent, slot.last_done))
+            slot.last_done = done
+            exc = request.exception()
+            if exc is None:
+                task.sink.resolve(request.result())
+            elif died:
+                self._lost(task, slot, exc)
+            else:
+                task.sink.fail(exc)
+        finally:
+            slot.holding.remove(task)
+            self.running -= 1
+            if self.draining and self.running == 0:
+                self.wake()
+
+    def _lost(self, task: Task, slot: Slot, exc: BaseException) -> None:
+        """``task`` was sent to a kernel that died: run it again if it never started or has retries, else fail it."""
+        fate = policy.fate_of_lost(task)
+        if fate is policy.Fate.REQUEUE:
+            log.debug("task %d never ran on kernel %d, which died; it goes back to the queue", task.id, slot.index)
+        elif fate is policy.Fate.RETRY:
+            task.retries_left -= 1
+            log.warning("kernel %d died during task %d (%s): %s; retrying the task", slot.index, task.id, task.name, exc)
+        else:
+            what = "retries exhausted; " if task.options.retries else ""
+            task.sink.fail(
+                KernelDiedError(
+                    f"the kernel running task {task.id} ({task.name}) died: {exc}; {what}the pool replaces that kernel"
+                )
+            )
+            return
+        self.enqueue([task], front=True)
+
+    def _check_any_left(self) -> None:
+        if all(slot.retired for slot in self.slots) and self.broken is None:
+            self.broken = KernelDiedError("every kernel of the pool died and none could be replaced")
+            for task in self.queue.take_all():
+                if task.started or task.sink.claim():
+                    task.sink.fail(KernelDiedError(str(self.broken)))
+            self.wake()

@@ -1,0 +1,164 @@
+"""What a pool runs: tasks, their options, and where their outcomes go."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import dataclasses
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any, Callable, Protocol
+
+from .._types import CallOptions, Output, Unset
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+    """How the tasks of a pool (or of a view, ``pool.options(...)``) run."""
+
+    retries: int = 0
+    timeout: float | None = None
+    output: Output = "forward"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be a non-negative int, not {self.retries!r}")
+        CallOptions(timeout=self.timeout, output=self.output)  # validates both
+
+    def replace(self, retries: int | Unset, timeout: float | None | Unset, output: Output | Unset) -> TaskOptions:
+        changes: dict[str, Any] = {}
+        if not isinstance(retries, Unset):
+            changes["retries"] = retries
+        if not isinstance(timeout, Unset):
+            changes["timeout"] = timeout
+        if not isinstance(output, Unset):
+            changes["output"] = output
+        return dataclasses.replace(self, **changes)
+
+
+class Sink(Protocol):
+    """Where a task's outcome goes: a concurrent.futures.Future or an asyncio.Future."""
+
+    def claim(self) -> bool:
+        """Mark the task running; False if it was cancelled before it started."""
+
+    def resolve(self, value: Any) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not started."""
+
+
+class ThreadSink:
+    """KernelPool's futures: concurrent.futures semantics (a running future cannot be cancelled)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: concurrent.futures.Future[Any]) -> None:
+        self.future = future
+
+    def claim(self) -> bool:
+        return self.future.set_running_or_notify_cancel()
+
+    def resolve(self, value: Any) -> None:
+        if not self.future.done():  # only the loop's thread sets it; a running future cannot be cancelled
+            self.future.set_result(value)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
+
+
+class LoopSink:
+    """AsyncKernelPool's futures: cancelling one interrupts its remote work, also while it runs."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+
+    def claim(self) -> bool:
+        return not self.future.done()
+
+    def resolve(self, value: Any) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
+
+
+@dataclasses.dataclass(eq=False)
+class Task:
+    id: int
+    frames: list[memoryview]  # pickled (fn, args, kwargs)
+    name: str  # the function's name, for messages
+    size: int  # items it covers (a map chunk's length), for progress bars
+    options: TaskOptions
+    sink: Sink
+    retries_left: int
+    started: bool = False
+    abandoned: bool = False  # its caller no longer wants it (map() closed early)
+    behind: Task | None = None  # the task its kernel was busy with when it was sent there
+    ended: bool = False  # its call ended, other than by the death of its kernel
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*args) for args in chunk]
+
+
+def _by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` that cloudpickle sends by value, so the kernel does not need kernelproxy."""
+    clone = types.FunctionType(fn.__code__, {"__builtins__": builtins}, fn.__name__)
+    clone.__module__ = "_kernelproxy_pool"  # not an importable module: pickled by value
+    clone.__qualname__ = fn.__qualname__
+    return clone
+
+
+RUN_CHUNK = _by_value(_run_chunk)  # runs one map() chunk in the kernel
+
+
+def function_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+class TaskOutput:
+    """An IOPub listener that writes a task's output line by line, each line prefixed ``[task N] ``."""
+
+    __slots__ = ("partial", "prefix")
+
+    def __init__(self, task_id: int) -> None:
+        self.prefix = f"[task {task_id}] "
+        self.partial = {"stdout": "", "stderr": ""}
+
+    def __call__(self, msg: dict[str, Any]) -> None:
+        if msg["msg_type"] != "stream":
+            return
+        name = "stderr" if msg["content"].get("name") == "stderr" else "stdout"
+        lines = (self.partial[name] + msg["content"].get("text", "")).split("\n")
+        self.partial[name] = lines.pop()
+        if lines:
+            self._write(name, "".join(f"{self.prefix}{line}\n" for line in lines))
+
+    def flush(self) -> None:
+        for name, text in self.partial.items():
+            if text:
+                self._write(name, f"{self.prefix}{text}\n")
+                self.partial[name] = ""
+
+    @staticmethod
+    def _write(name: str, text: str) -> None:
+        stream = sys.stderr if name == "stderr" else sys.stdout
+        if stream is not None:
+            stream.write(text)
+            stream.flush()
