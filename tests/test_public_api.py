@@ -298,3 +298,19 @@ def test_agent_changes_come_with_a_new_revision():
         "that have the older source installed would keep it. Raise REVISION in _agent.py and record "
         "the new hash in AGENT_REVISIONS."
     )
+
+
+def test_every_public_name_is_in_the_api_reference():
+    """Each name in __all__ has a ``::: kernelproxy.NAME`` block on a page of docs/reference/ (mkdocs renders it)."""
+    import pathlib
+    import re
+
+    import pytest
+
+    reference = pathlib.Path(__file__).resolve().parent.parent / "docs" / "reference"
+    if not reference.is_dir():
+        pytest.skip("no docs/reference/ next to the tests (an installed copy)")
+    pages = "\n".join(page.read_text(encoding="utf-8") for page in sorted(reference.glob("*.md")))
+    documented = set(re.findall(r"^::: kernelproxy\.(\w+)\s*$", pages, flags=re.MULTILINE))
+    missing = sorted(set(kernelproxy.__all__) - {"__version__"} - documented)
+    assert not missing, f"add '::: kernelproxy.NAME' to a page of docs/reference/ for: {missing}"

@@ -29,7 +29,7 @@ from ._kernel import AsyncKernel
 from ._pool import AsyncKernelPool, KernelPool
 from ._refs import AsyncRemoteRef, RemoteRef
 from ._sync import Kernel
-from ._types import CallOptions, KernelInfo
+from ._types import CallOptions, KernelInfo, KernelStatus
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "KernelProxyError",
     "KernelRestartedWarning",
     "KernelStartError",
+    "KernelStatus",
     "ProtocolError",
     "RemoteError",
     "RemoteRef",

@@ -188,18 +188,21 @@ def start(
 ) -> Kernel:
     """Start a local kernel and return a Kernel for it.
 
-    kernel_name: a kernelspec; the default "python3" is this interpreter's
-        ipykernel (pickles need the same Python on both sides).
-    python: start this interpreter's ipykernel instead (another virtualenv);
-        it needs ipykernel and cloudpickle, not kernelproxy.
-    cwd, env: the kernel's working directory, and variables added to this
-        process's environment for it.
-    startup_timeout: seconds to wait for the kernel to answer.
-    transport: "auto" (comm where the kernel supports it, else execute), "comm" or "execute".
-    timeout, output, on_timeout: default call options (see ``CallOptions``).
-    auto_restart: when the kernel dies, the next call starts a fresh one
-        (with a KernelRestartedWarning) instead of raising KernelDiedError.
-    options: passed to jupyter_client's AsyncKernelManager.
+    Args:
+        kernel_name: a kernelspec; the default "python3" is this interpreter's
+            ipykernel (pickles need the same Python on both sides).
+        python: start this interpreter's ipykernel instead (another virtualenv);
+            it needs ipykernel and cloudpickle, not kernelproxy.
+        cwd: the kernel's working directory.
+        env: variables added to this process's environment for the kernel.
+        startup_timeout: seconds to wait for the kernel to answer.
+        transport: "auto" (comm where the kernel supports it, else execute), "comm" or "execute".
+        timeout: default call option (see ``CallOptions``): seconds a call may take.
+        output: default call option (see ``CallOptions``): "forward" or "discard".
+        on_timeout: default call option (see ``CallOptions``): "interrupt" or "restart".
+        auto_restart: when the kernel dies, the next call starts a fresh one
+            (with a KernelRestartedWarning) instead of raising KernelDiedError.
+        **options: passed to jupyter_client's AsyncKernelManager.
     """
     portal = get_portal()
     core = portal.run(
@@ -244,15 +247,17 @@ def connect_server(
     server's default) and shut down when this Kernel is closed; with it, that
     running kernel is attached to and left running by ``close()``.
 
-    url: the server's address, e.g. "https://hub.example:8888" (with any base path).
-    token: the server's token (default: $JUPYTER_TOKEN), sent in the Authorization header.
-    env: variables for the new kernel; gateways pass the KERNEL_* ones to it, Jupyter Server ignores them.
-    cwd: the new kernel's working directory, relative to the server's root directory.
-    verify: TLS certificate check: True, False, or the path of a CA bundle.
-    connect_timeout: seconds to reach the server before ServerUnreachableError.
-    websocket_protocol: the websocket subprotocol to offer; None for the default protocol.
-    max_message_bytes: the server's websocket message limit (Tornado servers: 10 MiB);
-        bigger payloads travel in parts below it.
+    Args:
+        url: the server's address, e.g. "https://hub.example:8888" (with any base path).
+        token: the server's token (default: $JUPYTER_TOKEN), sent in the Authorization header.
+        env: variables for the new kernel; gateways pass the KERNEL_* ones to it, Jupyter Server ignores them.
+        cwd: the new kernel's working directory, relative to the server's root directory.
+        verify: TLS certificate check: True, False, or the path of a CA bundle.
+        connect_timeout: seconds to reach the server before ServerUnreachableError.
+        websocket_protocol: the websocket subprotocol to offer; None for the default protocol.
+        max_message_bytes: the server's websocket message limit (Tornado servers: 10 MiB);
+            bigger payloads travel in parts below it.
+
     The other options are ``start()``'s.
     """
     portal = get_portal()
@@ -297,10 +302,11 @@ def connect(
     unless ``allow_unsigned=True``: anyone who reaches such a kernel's ports
     could send what kernelproxy unpickles.
 
-    ssh: "user@host[:port]" to reach a kernel on another machine (its connection
-        file copied here) through one OpenSSH tunnel, closed with the Kernel.
-        Key-based login only: kernelproxy cannot answer password prompts.
-    ssh_options: extra ssh arguments, e.g. ["-i", "~/.ssh/cluster_key"].
+    Args:
+        ssh: "user@host[:port]" to reach a kernel on another machine (its connection
+            file copied here) through one OpenSSH tunnel, closed with the Kernel.
+            Key-based login only: kernelproxy cannot answer password prompts.
+        ssh_options: extra ssh arguments, e.g. ["-i", "~/.ssh/cluster_key"].
     """
     portal = get_portal()
     core = portal.run(

@@ -329,6 +329,7 @@ class AsyncKernel:
 
     @property
     def call_options(self) -> CallOptions:
+        """This view's call options: ``timeout``, ``output``, ``on_timeout``."""
         return self._options
 
     @property
@@ -351,13 +352,40 @@ class AsyncKernel:
     # ------------------------------------------------------------------ calls
 
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` in the kernel and return its result."""
+        """Run ``fn(*args, **kwargs)`` in the kernel and return its result.
+
+        Every keyword goes to ``fn``, so the timeout is the view's call option: ``ak.options(timeout=5).call(fn)``.
+
+        Raises:
+            Exception: what ``fn`` raised, as its own type; the remote traceback is its ``__cause__``.
+            RemoteError: ``fn`` raised an exception that cannot be re-raised here (unknown class, unpicklable).
+            CallTimeout: the call outlived its timeout (counted from the request, time queued in the kernel
+                included). The kernel was interrupted and the message says what happened: normally the work
+                stopped and the kernel is usable; a kernel that ignores the interrupt is reported still busy
+                2 s later, or restarted with ``on_timeout="restart"``.
+            CallInterrupted: ``interrupt()`` stopped the remote work.
+            SerializationError: ``fn``, an argument or the result could not be pickled or unpickled.
+            StaleRefError: a RemoteRef argument points into the kernel before a restart.
+            KernelDiedError: the kernel died before or during the call.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         _, out = await self._call(fn, args, kwargs, keep=False)
         result: T = serialization.loads(out, what=f"the result of {_name(fn)}")
         return result
 
     async def call_ref(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> AsyncRemoteRef:
-        """Run ``fn(*args, **kwargs)`` in the kernel and keep the result there: return a ref to it."""
+        """Run ``fn(*args, **kwargs)`` in the kernel and keep the result there: return a ref to it.
+
+        The timeout is the view's call option, as for ``call()``: ``ak.options(timeout=5).call_ref(fn)``.
+
+        Raises:
+            Exception: what ``fn`` raised, as its own type (``RemoteError`` if it cannot be re-raised here).
+            CallTimeout: the call outlived its timeout; the kernel was interrupted (see ``call()``).
+            CallInterrupted: ``interrupt()`` stopped the remote work.
+            SerializationError: ``fn`` or an argument could not be pickled or unpickled.
+            KernelDiedError: the kernel died before or during the call.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         return AsyncRemoteRef(self, await self._call_keep(fn, args, kwargs))
 
     async def _call_keep(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Root:
@@ -398,7 +426,12 @@ class AsyncKernel:
         return await self._request(protocol.ref_eval(root.id, keep=keep), frames, self._options.timeout, f"RemoteRef #{root.id}")
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Task[T]:
-        """Start ``call(fn, *args, **kwargs)`` as a task and return it."""
+        """Start ``call(fn, *args, **kwargs)`` as an asyncio task and return it.
+
+        Awaiting the task raises what ``call()`` raises: ``fn``'s own exception, ``CallTimeout`` after the
+        view's timeout call option (``ak.options(timeout=5).submit(fn)``), ``SerializationError``,
+        ``KernelDiedError``... Cancelling the task interrupts the remote work.
+        """
         return asyncio.ensure_future(self.call(fn, *args, **kwargs))
 
     def remote(self, fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
@@ -411,7 +444,17 @@ class AsyncKernel:
         return run_remotely
 
     async def push(self, values: Mapping[str, Any] | None = None, /, **named: Any) -> None:
-        """Set variables in the kernel's namespace: ``push(df=frame)`` or ``push({"df": frame})``."""
+        """Set variables in the kernel's namespace: ``push(df=frame)`` or ``push({"df": frame})``.
+
+        Every keyword is a variable, so the timeout is the view's call option: ``ak.options(timeout=5).push(...)``.
+
+        Raises:
+            ValueError: a name is not a Python identifier.
+            SerializationError: a value could not be pickled (the message names it); nothing was sent.
+            CallTimeout: the push outlived its timeout; the kernel was interrupted (see ``call()``).
+            KernelDiedError: the kernel died before or during the push.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         merged = {**(values or {}), **named}
         if not all(isinstance(name, str) and name.isidentifier() for name in merged):
             bad = [name for name in merged if not (isinstance(name, str) and name.isidentifier())]
@@ -423,7 +466,19 @@ class AsyncKernel:
         await self._request(protocol.push(), frames, self._options.timeout, f"push of {', '.join(merged)}")
 
     async def pull(self, *names: str, timeout: float | None = None) -> Any:
-        """Values of variables in the kernel: one name gives its value, several a tuple."""
+        """Values of variables in the kernel: one name gives its value, several a tuple.
+
+        Args:
+            *names: the variables' names.
+            timeout: seconds before ``CallTimeout``; None (the default) takes the view's call option.
+
+        Raises:
+            KeyError: a name is not defined in the kernel.
+            SerializationError: a value could not be pickled in the kernel or unpickled here.
+            CallTimeout: the pull outlived its timeout; the kernel was interrupted (see ``call()``).
+            KernelDiedError: the kernel died before or during the pull.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         if not names:
             raise TypeError("pull() needs at least one variable name")
         _check_names(names)
@@ -432,11 +487,36 @@ class AsyncKernel:
         return values[0] if len(names) == 1 else values
 
     async def exec(self, code: str, *, timeout: float | None = None) -> None:
-        """Run Python statements in the kernel's user namespace (plain Python, no IPython magics)."""
+        """Run Python statements in the kernel's user namespace (plain Python, no IPython magics).
+
+        Args:
+            code: the statements.
+            timeout: seconds before ``CallTimeout``; None (the default) takes the view's call option.
+
+        Raises:
+            Exception: what the code raised (``SyntaxError`` included), as its own type.
+            CallTimeout: the code outlived its timeout; the kernel was interrupted (see ``call()``).
+            CallInterrupted: ``interrupt()`` stopped it.
+            KernelDiedError: the kernel died before or during the request.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         await self._request(protocol.exec_(code), [], timeout, "exec()")
 
     async def eval(self, expression: str, *, timeout: float | None = None) -> Any:
-        """Evaluate a Python expression in the kernel's user namespace and return its value."""
+        """Evaluate a Python expression in the kernel's user namespace and return its value.
+
+        Args:
+            expression: a Python expression (not a statement).
+            timeout: seconds before ``CallTimeout``; None (the default) takes the view's call option.
+
+        Raises:
+            Exception: what the evaluation raised (``SyntaxError``, ``NameError``...), as its own type.
+            SerializationError: the value could not be pickled in the kernel or unpickled here.
+            CallTimeout: the evaluation outlived its timeout; the kernel was interrupted (see ``call()``).
+            CallInterrupted: ``interrupt()`` stopped it.
+            KernelDiedError: the kernel died before or during the request.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         _, out = await self._request(protocol.eval_(expression), [], timeout, "eval()")
         return serialization.loads(out, what=f"the value of {expression!r}")
 

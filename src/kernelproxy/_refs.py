@@ -143,13 +143,17 @@ class _RefBase:
 
 
 class RemoteRef(_RefBase):
-    """A handle to an object in the kernel, for the blocking API; see the module docstring.
+    """A handle to an object that stays in the kernel, for the blocking API: ``k.call_ref(...)``, ``k.ref(name)``.
 
     ``ref.attr``, ``ref[key]`` build lazy refs; ``ref(...)``, ``ref.get()``,
     ``len(ref)``, ``ref + 1``... fetch a value (one round trip);
     ``ref.call_ref("method", ...)`` keeps the result in the kernel.
     Names starting with ``_``, and ``get``, ``call_ref``, ``attr``, are not
     forwarded: reach such remote attributes with ``ref.attr(name)``.
+
+    The kernel keeps the object while a handle to it (or to a ref derived from
+    it) is alive here. A ref used after its kernel restarted raises
+    ``StaleRefError``; after ``shutdown()``, ``KernelClosedError``.
     """
 
     __slots__ = ("_portal",)

@@ -49,6 +49,7 @@ class Kernel:
 
     @property
     def call_options(self) -> CallOptions:
+        """This view's call options: ``timeout``, ``output``, ``on_timeout``."""
         return self._core.call_options
 
     @property
@@ -64,11 +65,38 @@ class Kernel:
     # ------------------------------------------------------------------ calls
 
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` in the kernel and return its result."""
+        """Run ``fn(*args, **kwargs)`` in the kernel and return its result.
+
+        Every keyword goes to ``fn``, so the timeout is the view's call option: ``k.options(timeout=5).call(fn)``.
+
+        Raises:
+            Exception: what ``fn`` raised, as its own type; the remote traceback is its ``__cause__``.
+            RemoteError: ``fn`` raised an exception that cannot be re-raised here (unknown class, unpicklable).
+            CallTimeout: the call outlived its timeout (counted from the request, time queued in the kernel
+                included). The kernel was interrupted and the message says what happened: normally the work
+                stopped and the kernel is usable; a kernel that ignores the interrupt is reported still busy
+                2 s later, or restarted with ``on_timeout="restart"``.
+            CallInterrupted: ``interrupt()`` stopped the remote work.
+            SerializationError: ``fn``, an argument or the result could not be pickled or unpickled.
+            StaleRefError: a RemoteRef argument points into the kernel before a restart.
+            KernelDiedError: the kernel died before or during the call.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         return self._portal.run(self._core.call(fn, *args, **kwargs))
 
     def call_ref(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteRef:
-        """Run ``fn(*args, **kwargs)`` in the kernel, keep the result there, return a RemoteRef to it."""
+        """Run ``fn(*args, **kwargs)`` in the kernel, keep the result there, return a RemoteRef to it.
+
+        The timeout is the view's call option, as for ``call()``: ``k.options(timeout=5).call_ref(fn)``.
+
+        Raises:
+            Exception: what ``fn`` raised, as its own type (``RemoteError`` if it cannot be re-raised here).
+            CallTimeout: the call outlived its timeout; the kernel was interrupted (see ``call()``).
+            CallInterrupted: ``interrupt()`` stopped the remote work.
+            SerializationError: ``fn`` or an argument could not be pickled or unpickled.
+            KernelDiedError: the kernel died before or during the call.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         return RemoteRef(self._core, self._portal.run(self._core._call_keep(fn, args, kwargs)), portal=self._portal)
 
     def ref(self, name: str, *, timeout: float | None = None) -> RemoteRef:
@@ -76,7 +104,12 @@ class Kernel:
         return RemoteRef(self._core, self._portal.run(self._core._name_keep(name, timeout)), portal=self._portal)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
-        """Start ``call(fn, *args, **kwargs)`` and return a concurrent.futures.Future[Any]."""
+        """Start ``call(fn, *args, **kwargs)`` and return a ``concurrent.futures.Future`` for its result.
+
+        The future's ``result()`` raises what ``call()`` raises: ``fn``'s own exception, ``CallTimeout`` after the
+        view's timeout call option (``k.options(timeout=5).submit(fn)``), ``SerializationError``,
+        ``KernelDiedError``... Cancelling the future interrupts the remote work.
+        """
         return self._portal.submit(self._core.call(fn, *args, **kwargs))
 
     def remote(self, fn: Callable[..., T]) -> Callable[..., T]:
@@ -89,19 +122,66 @@ class Kernel:
         return run_remotely
 
     def push(self, values: Mapping[str, Any] | None = None, /, **named: Any) -> None:
-        """Set variables in the kernel: ``push(df=frame)`` or ``push({"df": frame})``."""
+        """Set variables in the kernel: ``push(df=frame)`` or ``push({"df": frame})``.
+
+        Every keyword is a variable, so the timeout is the view's call option: ``k.options(timeout=5).push(...)``.
+
+        Raises:
+            ValueError: a name is not a Python identifier.
+            SerializationError: a value could not be pickled (the message names it); nothing was sent.
+            CallTimeout: the push outlived its timeout; the kernel was interrupted (see ``call()``).
+            KernelDiedError: the kernel died before or during the push.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         self._portal.run(self._core.push(values, **named))
 
     def pull(self, *names: str, timeout: float | None = None) -> Any:
-        """Values of kernel variables: one name gives its value, several a tuple."""
+        """Values of kernel variables: one name gives its value, several a tuple.
+
+        Args:
+            *names: the variables' names.
+            timeout: seconds before ``CallTimeout``; None (the default) takes the view's call option.
+
+        Raises:
+            KeyError: a name is not defined in the kernel.
+            SerializationError: a value could not be pickled in the kernel or unpickled here.
+            CallTimeout: the pull outlived its timeout; the kernel was interrupted (see ``call()``).
+            KernelDiedError: the kernel died before or during the pull.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         return self._portal.run(self._core.pull(*names, timeout=timeout))
 
     def exec(self, code: str, *, timeout: float | None = None) -> None:
-        """Run Python statements in the kernel's user namespace."""
+        """Run Python statements in the kernel's user namespace (plain Python, no IPython magics).
+
+        Args:
+            code: the statements.
+            timeout: seconds before ``CallTimeout``; None (the default) takes the view's call option.
+
+        Raises:
+            Exception: what the code raised (``SyntaxError`` included), as its own type.
+            CallTimeout: the code outlived its timeout; the kernel was interrupted (see ``call()``).
+            CallInterrupted: ``interrupt()`` stopped it.
+            KernelDiedError: the kernel died before or during the request.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         self._portal.run(self._core.exec(code, timeout=timeout))
 
     def eval(self, expression: str, *, timeout: float | None = None) -> Any:
-        """Evaluate an expression in the kernel's user namespace and return its value."""
+        """Evaluate an expression in the kernel's user namespace and return its value.
+
+        Args:
+            expression: a Python expression (not a statement).
+            timeout: seconds before ``CallTimeout``; None (the default) takes the view's call option.
+
+        Raises:
+            Exception: what the evaluation raised (``SyntaxError``, ``NameError``...), as its own type.
+            SerializationError: the value could not be pickled in the kernel or unpickled here.
+            CallTimeout: the evaluation outlived its timeout; the kernel was interrupted (see ``call()``).
+            CallInterrupted: ``interrupt()`` stopped it.
+            KernelDiedError: the kernel died before or during the request.
+            KernelClosedError: the kernel was shut down or closed.
+        """
         return self._portal.run(self._core.eval(expression, timeout=timeout))
 
     def delete(self, *names: str, timeout: float | None = None) -> None:

@@ -23,13 +23,14 @@ UNSET = Unset.UNSET
 class CallOptions:
     """Per-call options; ``Kernel.options(...)`` returns a view of the kernel with other ones.
 
-    timeout: seconds a call may take before CallTimeout (None: no limit).
-    output: "forward" writes the kernel's stdout/stderr to this process's
-        sys.stdout/sys.stderr as it arrives; "discard" drops it.
-    on_timeout: what a timeout does. "interrupt" interrupts the kernel; if the
-        kernel ignores the interrupt (stuck in C code), CallTimeout says so and
-        the kernel stays busy. "restart" then also restarts the kernel (one
-        kernelproxy started), emptying its namespace.
+    Attributes:
+        timeout: seconds a call may take before CallTimeout (None: no limit).
+        output: "forward" writes the kernel's stdout/stderr to this process's
+            sys.stdout/sys.stderr as it arrives; "discard" drops it.
+        on_timeout: what a timeout does. "interrupt" interrupts the kernel; if the
+            kernel ignores the interrupt (stuck in C code), CallTimeout says so and
+            the kernel stays busy. "restart" then also restarts the kernel (one
+            kernelproxy started), emptying its namespace.
     """
 
     timeout: Optional[float] = None
@@ -47,7 +48,22 @@ class CallOptions:
 
 @dataclass(frozen=True)
 class KernelInfo:
-    """What kernelproxy knows about the kernel it talks to."""
+    """What kernelproxy knows about the kernel it talks to: ``k.info``.
+
+    Attributes:
+        implementation: the kernel's implementation, e.g. "ipython" (from its kernel_info_reply).
+        implementation_version: that implementation's version.
+        python: the kernel's Python version.
+        cloudpickle: the kernel's cloudpickle version.
+        pid: the kernel's process id (on its own machine).
+        executable: the path of the kernel's Python interpreter.
+        hostname: the machine the kernel runs on.
+        transport: "execute" (and its mode) or "comm", and the wire when not direct zmq.
+        connection_file: the kernel's connection file (None for kernels on a server).
+        agent_protocol: the version of the wire format spoken with kernelproxy's agent in the kernel.
+        server: the Jupyter Server or gateway's URL, for kernels reached through one.
+        kernel_id: the kernel's id on that server.
+    """
 
     implementation: str  # e.g. "ipython" (from kernel_info_reply)
     implementation_version: str

@@ -173,10 +173,12 @@ class AsyncKernelPool:
     async def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; then close the kernels once every submitted task is done.
 
-        wait: wait until then (else it happens in the background).
-        cancel_futures: cancel the tasks that have not started.
         Kernels the pool started are shut down, those it connected to are
         disconnected, kernels you gave it are left as they are.
+
+        Args:
+            wait: wait until then (else it happens in the background).
+            cancel_futures: cancel the tasks that have not started.
         """
         startup = self._startup
         if startup.started is None or startup.scheduler is None:

@@ -29,19 +29,21 @@ class KernelPool(concurrent.futures.Executor):
     running kernels, by connection file or as ``Kernel`` objects. Use it as a
     context manager, or call ``shutdown()``.
 
-    retries: how many times a task whose kernel died under it runs again on
-        another kernel (default 0: it raises KernelDiedError). Per task:
-        ``pool.options(retries=2).submit(fn, x)``.
-    timeout: seconds one task may run before CallTimeout; its kernel is
-        interrupted and stays in the pool (None: no limit).
-    output: "forward" (each line a task prints appears here prefixed with
-        ``[task N] ``) or "discard".
-    prefetch: a kernel whose tasks take under 0.1 s gets its next task while
-        it finishes the current one, when no kernel is idle (hides the round
-        trip; a task may then wait behind an unexpectedly long one). False:
-        a task only ever goes to an idle kernel.
-    kernel_name, python, cwd, env, startup_timeout, transport, options:
-        how local kernels start, as in ``kernelproxy.start()``.
+    Args:
+        retries: how many times a task whose kernel died under it runs again on
+            another kernel (default 0: it raises KernelDiedError). Per task:
+            ``pool.options(retries=2).submit(fn, x)``.
+        timeout: seconds one task may run before CallTimeout; its kernel is
+            interrupted and stays in the pool (None: no limit).
+        output: "forward" (each line a task prints appears here prefixed with
+            ``[task N] ``) or "discard".
+        prefetch: a kernel whose tasks take under 0.1 s gets its next task while
+            it finishes the current one, when no kernel is idle (hides the round
+            trip; a task may then wait behind an unexpectedly long one). False:
+            a task only ever goes to an idle kernel.
+
+    ``kernel_name``, ``python``, ``cwd``, ``env``, ``startup_timeout``, ``transport`` and other keywords
+    say how local kernels start, as in ``kernelproxy.start()``.
     """
 
     _pool: AsyncKernelPool
@@ -156,13 +158,14 @@ class KernelPool(concurrent.futures.Executor):
     ) -> Iterator[T]:
         """``fn`` over the items, in order, like ``Executor.map``; every item is sent now.
 
-        timeout: seconds from this call; the iterator raises TimeoutError when a
-            result is not there by then. Then, or when the iterator is closed
-            early, tasks not yet sent to a kernel are cancelled; those running
-            finish (as with concurrent.futures) and their results are dropped.
-        chunksize: items per task (one round trip each); raise it for many small items.
-        progress: True for a tqdm progress bar counting finished items, or a dict
-            of tqdm arguments (``{"desc": "scoring", "delay": 2}``).
+        Args:
+            timeout: seconds from this call; the iterator raises TimeoutError when a
+                result is not there by then. Then, or when the iterator is closed
+                early, tasks not yet sent to a kernel are cancelled; those running
+                finish (as with concurrent.futures) and their results are dropped.
+            chunksize: items per task (one round trip each); raise it for many small items.
+            progress: True for a tqdm progress bar counting finished items, or a dict
+                of tqdm arguments (``{"desc": "scoring", "delay": 2}``).
         """
         end_time = None if timeout is None else time.monotonic() + timeout
         items = arguments.chunks(iterables, chunksize)
@@ -214,10 +217,12 @@ class KernelPool(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; then close the kernels once every submitted task is done.
 
-        wait: block until then (else it happens in the background).
-        cancel_futures: cancel the tasks that have not started.
         Kernels the pool started are shut down, those it connected to are
         disconnected, Kernel objects you gave it are left as they are.
+
+        Args:
+            wait: block until then (else it happens in the background).
+            cancel_futures: cancel the tasks that have not started.
         """
         self._pool._scheduler().close_submissions()
         future = self._portal.submit(self._pool.shutdown(wait, cancel_futures=cancel_futures))
