@@ -74,6 +74,7 @@ def case_summary() -> Iterator[None]:
     print(f"\nFUZZ-CASES total={total} " + " ".join(f"{name}={count}" for name, count in sorted(CASES.items())))
     agent._objects.clear()
     agent._uploads.clear()
+    agent._parts.clear()
     agent._outbox.clear()
 
 
@@ -563,7 +564,7 @@ def test_comm_on_msg_answers_every_message_with_one_reply(request, algorithm):
         )
     if isinstance(data, dict) and "part" in data:  # parts are never answered: the request after them is
         assert comm.sent == [] and not comm.closed, comm.sent
-        agent._uploads.clear()
+        agent._parts.clear()
         return
     assert len(comm.sent) == 1 and not comm.closed, comm.sent
     reply, out = comm.sent[0]
@@ -622,7 +623,7 @@ def test_request_in_parts_is_assembled_and_answered_once():
     reply, out = comm.sent[0]
     assert check_reply_header(reply["header"])["status"] == "ok"
     assert [bytes(frame) for frame in out] == [b"abcdefghij"]
-    assert not agent._uploads
+    assert not agent._parts
 
 
 @pytest.mark.parametrize(
@@ -643,7 +644,7 @@ def test_a_part_that_cannot_be_placed_makes_its_request_refused(bad_part):
     with fake_ipython({}):
         send_comm(comm, *messages[0])
         send_comm(comm, {"part": bad_part}, [b"xyz"])
-        assert comm.sent == [] and "u1" not in agent._uploads
+        assert comm.sent == [] and "u1" not in agent._parts
         send_comm(comm, *messages[-1])
     header = check_reply_header(comm.sent[0][0]["header"])
     assert is_protocol_error(header) and "did not all arrive" in header["evalue"], header

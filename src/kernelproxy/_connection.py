@@ -321,6 +321,8 @@ class KernelConnection:
             outcome.stage = Stage.RUNNING
             if outcome.abandoned and outcome.interrupt is Interrupt.NONE and not pending.reply.done():
                 asyncio.ensure_future(self._interrupt_and_wait(pending))  # abandoned while queued; started now
+        elif self._running is None and outcome.stage is Stage.RUNNING and msg["msg_type"] == "status":
+            outcome.stage = Stage.FINISHED  # idle: interrupting it now would hit whatever runs next
         if not pending.reply.done() and self._offer(pending, "iopub", msg):
             return
         if pending.listener is not None:

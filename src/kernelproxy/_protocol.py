@@ -132,6 +132,7 @@ class Stage(enum.Enum):
     PREPARING = "preparing"  # not sent yet (pickled, waiting for a slot, parts still going out)
     SENT = "sent"  # sent; the kernel has not been seen starting it
     RUNNING = "running"  # the kernel said it started it (IOPub 'busy' with it as parent)
+    FINISHED = "finished"  # the kernel said it is done with it (IOPub 'idle'), and no reply came
     ANSWERED = "answered"  # its reply arrived
 
 
@@ -163,7 +164,8 @@ class Outcome:
     def describe(self) -> str:
         """What became of the request after it was abandoned, in words for an error message."""
         if self.died is not None:
-            return f"the kernel died ({self.died}); call restart() for a fresh one"
+            cause = "interrupting the kernel ended it" if self.interrupt is not Interrupt.NONE else "the kernel died"
+            return f"{cause} ({self.died}); call restart() for a fresh one"
         if self.stage is Stage.PREPARING:
             return "it had not been sent to the kernel yet, and never will be: nothing ran"
         if self.stage is Stage.SENT and self.interrupt is Interrupt.NONE:
@@ -173,6 +175,8 @@ class Outcome:
                     "it is interrupted as soon as it starts"
                 )
             return "the kernel had not started it yet; it is interrupted as soon as it starts"
+        if self.stage is Stage.FINISHED:
+            return "the kernel finished it without a reply that kernelproxy recognised (lost, or not answered)"
         if self.interrupt is Interrupt.IGNORED:
             return (
                 "the kernel ignored the interrupt (stuck in code that blocks SIGINT?) and is still busy: "

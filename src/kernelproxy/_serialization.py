@@ -1,11 +1,10 @@
-"""Host-side pickling: cloudpickle with pickle-protocol-5 out-of-band buffers.
+"""Host-side pickling: the agent's codec, and errors that say what did not pickle.
 
 A value becomes a list of *frames*: frame 0 is the pickle stream, frames 1..n
 are the out-of-band buffers (numpy data, bytes, ...), handed over without
-copying. Our pickler adds two array reductions, shared with the agent
-(``_array_reduce`` there): large datetime64/timedelta64 arrays travel as their
-int64 data out-of-band (numpy would copy them into the stream), and large
-object arrays of ``str`` as one UTF-8 buffer (numpy would pickle each string).
+copying. The codec lives once, in the agent module (``agent.dumps``), which
+both sides run: cloudpickle with protocol 5, faster reductions of datetime and
+string arrays, and code objects that keep their file name and source.
 When pickling fails we search the value for the innermost part that
 does not pickle, so the error can say ``args[1]['conn']: cannot pickle
 'socket' object`` instead of a bare cloudpickle traceback.
@@ -13,52 +12,20 @@ does not pickle, so the error can say ``args[1]['conn']: cannot pickle
 
 from __future__ import annotations
 
-import io
 import pickle
-import sys
-import types
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
 
 from ._exceptions import KernelProxyError, SerializationError
 from .agent import _agent as agent
 
-# Buffers smaller than this stay in-band (must match the agent's OUT_OF_BAND_MIN).
-OUT_OF_BAND_MIN = 64 * 1024
-
-
 CodeSet = agent.CodeSet  # the code objects already described to one kernel
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, plus the agent's reductions: faster datetime and string arrays, code that keeps its source."""
-
-    def __init__(self, *args: Any, sent_code: CodeSet | None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        numpy = sys.modules.get("numpy")  # not imported: no ndarray in the value either
-        self._ndarray = None if numpy is None else numpy.ndarray
-        self._sent_code = sent_code
-
-    def reducer_override(self, obj: Any) -> Any:  # called for almost every object: keep the common path short
-        if type(obj) is self._ndarray:
-            reduced = agent._array_reduce(obj)  # type: ignore[no-untyped-call]  # one copy, shared with the agent
-            if reduced is not None:
-                return reduced
-        elif type(obj) is types.CodeType:
-            return agent.code_reduce(self, obj, self._sent_code)  # type: ignore[no-untyped-call]
-        return super().reducer_override(obj)
-
-
-def _pickle(value: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool], sent_code: CodeSet | None) -> bytes:
-    with io.BytesIO() as file:
-        _Pickler(file, protocol=5, buffer_callback=buffer_callback, sent_code=sent_code).dump(value)
-        return file.getvalue()
-
-
 def dumps(value: Any, *, parts: Mapping[str, Any] | None = None, sent_code: CodeSet | None = None) -> list[memoryview]:
-    """Pickle ``value`` into frames.
+    """Pickle ``value`` into frames, with the agent's codec (the kernel unpickles with the same).
 
     ``parts`` names the pieces of ``value`` as the user wrote them (``args[0]``,
     ``kwargs['x']``, a pushed name): on failure the error names the one that broke.
@@ -66,24 +33,15 @@ def dumps(value: Any, *, parts: Mapping[str, Any] | None = None, sent_code: Code
     kernel's tracebacks; ``sent_code`` holds the code already described to the
     receiving kernel, whose lines are not sent again (None: describe all).
     """
-    buffers: list[memoryview] = []
-
-    def keep_large_out_of_band(buf: pickle.PickleBuffer) -> bool:
-        raw = buf.raw()
-        if raw.nbytes < OUT_OF_BAND_MIN:
-            return True  # true: serialize in-band
-        buffers.append(raw)
-        return False
-
     try:
-        main = _pickle(value, keep_large_out_of_band, sent_code)
+        frames: list[memoryview] = agent.dumps(value, sent_code)  # type: ignore[no-untyped-call]
     except BaseException as exc:
         if sent_code is not None:
             sent_code.clear()  # this pickle described code that will never arrive
         if isinstance(exc, KernelProxyError) or not isinstance(exc, Exception):
             raise  # a RemoteRef that may not travel says why itself (stale, or another kernel's)
         raise SerializationError(_describe_pickling_failure(parts or {"the value": value}, exc)) from exc
-    return [memoryview(main), *buffers]
+    return frames
 
 
 def call_parts(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

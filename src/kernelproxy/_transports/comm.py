@@ -22,13 +22,10 @@ messages beyond 1,000 a second, and shell replies reach only the requester.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
-
-import blake3
 
 from .._connection import KernelConnection, Match
 from .._exceptions import ProtocolError
@@ -44,11 +41,8 @@ PART_OVERHEAD = 64 * 1024  # room left in a wire message for the JSON around a p
 
 
 def digest_frames(algorithm: str, frames: list[Any]) -> str:
-    """Hash all frames, in order (must match the agent's DIGESTS)."""
-    hasher: Any = blake3.blake3(max_threads=blake3.blake3.AUTO) if algorithm == "blake3" else hashlib.sha256()
-    for frame in frames:
-        hasher.update(frame)
-    return str(hasher.hexdigest())
+    """Hash all frames, in order, as the agent does."""
+    return str(agent.DIGESTS[algorithm](frames))  # type: ignore[no-untyped-call]
 
 
 class CommTransport(Transport):
@@ -141,14 +135,10 @@ class CommTransport(Transport):
         If this is interrupted, the agent's half-built upload is dropped with an ``abort`` part.
         """
         assert self._part_size is not None
-        sizes = [memoryview(frame).nbytes for frame in frames]
         try:
-            for index, frame in enumerate(frames):
-                view = memoryview(frame).cast("B")
-                for offset in range(0, max(len(view), 1), self._part_size):
-                    part = {"upload": upload, "index": index, "offset": offset, "sizes": sizes}
-                    content = {"comm_id": self._comm_id, "data": {"part": part}}
-                    await self._conn.send("shell", "comm_msg", content, [view[offset : offset + self._part_size]])
+            for fields, piece in agent.split_parts(frames, self._part_size):  # type: ignore[no-untyped-call]
+                content = {"comm_id": self._comm_id, "data": {"part": {"upload": upload, **fields}}}
+                await self._conn.send("shell", "comm_msg", content, [piece])
         except BaseException:
             if self._conn.dead is None:
                 abort = {"comm_id": self._comm_id, "data": {"part": {"upload": upload, "abort": True}}}
@@ -171,7 +161,7 @@ class _CommReply:
         self._comm_id = comm_id
         self._parts = parts
         self.wait_idle = wait_idle
-        self._frames: list[bytearray] = []
+        self._assembly: Any = agent.PartsAssembly()  # type: ignore[no-untyped-call]
         self._error: str | None = None
 
     def __call__(self, channel: str, msg: dict[str, Any]) -> Match:
@@ -180,25 +170,17 @@ class _CommReply:
             return "other"
         data = content.get("data")
         if isinstance(data, dict) and "part" in data:
-            self._add(data["part"], msg.get("buffers", []))
+            try:
+                self._assembly.add(data["part"], msg.get("buffers", []))
+            except ValueError as exc:
+                self._error = self._error or str(exc)
             return "part"
         return "reply"
-
-    def _add(self, part: Any, buffers: list[Any]) -> None:
-        try:
-            (buffer,) = buffers
-            if not self._frames:
-                self._frames = [bytearray(size) for size in part["sizes"]]
-            frame, offset, view = self._frames[part["index"]], part["offset"], memoryview(buffer).cast("B")
-            if not 0 <= offset <= len(frame) - len(view):
-                raise ValueError(f"part [{offset}, {offset + len(view)}) outside a frame of {len(frame)} bytes")
-            frame[offset : offset + len(view)] = view
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            self._error = self._error or f"{type(exc).__name__}: {exc}"
 
     def frames(self, data: dict[str, Any]) -> list[Any]:
         if not self._parts:
             raise ProtocolError("the kernel's agent sent a reply in parts over a wire that needs none")
-        if self._error is not None or len(self._frames) != data["parts"]:
+        frames = self._assembly.frames or []
+        if self._error is not None or len(frames) != data["parts"]:
             raise ProtocolError(f"a reply sent in parts could not be put together ({self._error or 'parts missing'})")
-        return list(self._frames)
+        return list(frames)

@@ -88,7 +88,7 @@ from types import CodeType
 PROTOCOL = 1
 # Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
 # an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
-REVISION = 2
+REVISION = 3
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -117,6 +117,7 @@ COMM_TARGET = "kernelproxy.v%d" % PROTOCOL
 
 _exec_counter = [0]
 _uploads = {}  # transfer id -> list of bytearray frames being filled by put()
+_parts = {}  # upload id -> PartsAssembly: a comm request's frames arriving in parts
 _outbox = {}  # transfer id -> list of memoryview frames waiting for get()
 
 
@@ -129,8 +130,12 @@ def _cloudpickle():
 # --------------------------------------------------------------------- pickling
 
 
-def dumps(value):
-    """Pickle ``value``; return [main, *out_of_band_buffers] as memoryviews."""
+def dumps(value, sent_code=None):
+    """Pickle ``value``; return [main, *out_of_band_buffers] as memoryviews.
+
+    The codec of both sides: the host pickles with it too. ``sent_code`` (a
+    ``CodeSet``) names the code objects whose source the receiver has already.
+    """
     buffers = []
 
     def keep_large_out_of_band(buf):
@@ -143,7 +148,9 @@ def dumps(value):
     import io
 
     with io.BytesIO() as file:
-        _pickler_class()(file, protocol=5, buffer_callback=keep_large_out_of_band).dump(value)
+        pickler = _pickler_class()(file, protocol=5, buffer_callback=keep_large_out_of_band)
+        pickler.sent_code = sent_code
+        pickler.dump(value)
         main = file.getvalue()
     return [memoryview(main)] + buffers
 
@@ -162,6 +169,8 @@ def _pickler_class():
         class Pickler(base):
             """cloudpickle, plus array reductions that cut pickling time (see _array_reduce)."""
 
+            sent_code = None  # a CodeSet: code whose source the receiver has (see code_reduce)
+
             def __init__(self, *args, **kwargs):
                 base.__init__(self, *args, **kwargs)
                 numpy = sys.modules.get("numpy")  # not imported: no ndarray in the value either
@@ -173,7 +182,7 @@ def _pickler_class():
                     if reduced is not None:
                         return reduced
                 elif type(obj) is CodeType:
-                    return code_reduce(self, obj, None)
+                    return code_reduce(self, obj, self.sent_code)
                 return base.reducer_override(self, obj)
 
         _pickler.append(Pickler)
@@ -192,7 +201,7 @@ def _array_reduce(obj):
       own (about 0.3 us each, plus the memo). ``_strings_reduce`` sends the
       strings as one UTF-8 buffer instead.
 
-    Used on both sides: the host's pickler (kernelproxy._serialization) calls it too.
+    Used on both sides: the host pickles with this module's ``dumps`` too.
     """
     numpy = sys.modules.get("numpy")  # no numpy imported: no ndarray to see
     if numpy is None or type(obj) is not numpy.ndarray:
@@ -388,6 +397,8 @@ def loads(frames):
     import pickle
 
     _cloudpickle()  # make sure cloudpickle's reducers are importable
+    if _self and MODULE_NAME not in sys.modules:  # someone removed us: pickles name this module, put it back
+        sys.modules[MODULE_NAME] = _self[0]
     return pickle.loads(frames[0], buffers=frames[1:])
 
 
@@ -653,8 +664,9 @@ def dispatch(header, frames, ns):
 
 # --------------------------------------------------------------------- install
 
+_self = []  # this module, once installed (comms keep running it if someone removes it from sys.modules)
 # State that outlives an upgrade: other clients' kept objects and transfers in flight.
-_SHARED_STATE = ("_exec_counter", "_uploads", "_outbox", "_objects", "_next_object_id", "_sources")
+_SHARED_STATE = ("_exec_counter", "_uploads", "_parts", "_outbox", "_objects", "_next_object_id", "_sources")
 
 
 def _install(module):
@@ -669,6 +681,7 @@ def _install(module):
             if hasattr(older, name):
                 setattr(module, name, getattr(older, name))
     sys.modules[MODULE_NAME] = module
+    module._self[:] = [module]
     return module
 
 
@@ -822,16 +835,51 @@ def _sha256(frames):
     return hasher.hexdigest()
 
 
-DIGESTS = {"blake3": _blake3, "sha256": _sha256}
+DIGESTS = {"blake3": _blake3, "sha256": _sha256}  # the comm transport's buffer digests, best first
 
 
-def _digest_available(name):
+def digest_available(name):
     if name == "blake3":
         try:
             import blake3  # noqa: F401 - optional, a fast multi-threaded hash
         except ImportError:
             return False
     return name in DIGESTS
+
+
+# --------------------------------------------------------------------- parts: frames bigger than a message
+
+
+def split_parts(frames, part_size):
+    """Cut ``frames`` into pieces of at most ``part_size`` bytes: yield (fields, piece) for each part message.
+
+    ``fields`` (``index``, ``offset``, ``sizes``) say where the piece goes; ``PartsAssembly`` puts them back.
+    """
+    sizes = [memoryview(frame).nbytes for frame in frames]
+    for index, frame in enumerate(frames):
+        view = memoryview(frame).cast("B")
+        for offset in range(0, max(len(view), 1), part_size):
+            yield {"index": index, "offset": offset, "sizes": sizes}, view[offset : offset + part_size]
+
+
+class PartsAssembly(object):
+    """The frames of one message sent in parts, rebuilt as the parts arrive (either side)."""
+
+    def __init__(self):
+        self.frames = None  # bytearrays, made at the first part
+
+    def add(self, fields, buffers):
+        """Put one part in place; raise ValueError if it does not fit (a malformed or hostile part)."""
+        try:
+            (buffer,) = buffers
+            if self.frames is None:
+                self.frames = [bytearray(size) for size in fields["sizes"]]
+            frame, offset, data = self.frames[fields["index"]], fields["offset"], memoryview(buffer).cast("B")
+            if not 0 <= offset <= len(frame) - len(data):
+                raise ValueError("part [%d, %d) outside a frame of %d bytes" % (offset, offset + len(data), len(frame)))
+            frame[offset : offset + len(data)] = data
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ValueError("%s: %s" % (type(exc).__name__, exc)) from exc
 
 
 def listen():
@@ -847,7 +895,7 @@ def listen():
 def _on_comm_open(comm, open_msg):
     options = open_msg["content"]["data"]
     offered = options.get("digests", [])
-    algorithm = next((name for name in offered if _digest_available(name)), None)
+    algorithm = next((name for name in offered if digest_available(name)), None)
     if algorithm is None:
         comm.close({"error": "no common digest algorithm among %r" % (offered,)})
         return
@@ -918,13 +966,10 @@ def _receive_part(part, buffers):
         if part.get("abort"):
             _take_upload(upload)
             return
-        frames = _uploads.get(upload)
-        if frames is None:
-            frames = _uploads[upload] = [bytearray(size) for size in part["sizes"]]
-        frame, offset, data = frames[part["index"]], part["offset"], memoryview(buffers[0]).cast("B")
-        if not 0 <= offset <= len(frame) - len(data):
-            raise ValueError("part outside its frame")
-        frame[offset : offset + len(data)] = data
+        assembly = _parts.get(upload)
+        if assembly is None:
+            assembly = _parts[upload] = PartsAssembly()
+        assembly.add(part, buffers)
     except Exception:
         _take_upload(upload)
 
@@ -932,17 +977,15 @@ def _receive_part(part, buffers):
 def _take_upload(upload):
     """Remove and return an upload's frames; None if there is no such upload."""
     try:
-        return _uploads.pop(upload, None)
+        assembly = _parts.pop(upload, None)
     except TypeError:  # an unhashable id from a malformed message
         return None
+    return assembly.frames if assembly is not None else None
 
 
 def _send_parts(send, frames, part_size):
-    sizes = [memoryview(frame).nbytes for frame in frames]
-    for index, frame in enumerate(frames):
-        view = memoryview(frame).cast("B")
-        for offset in range(0, max(len(view), 1), part_size):
-            send({"part": {"index": index, "offset": offset, "sizes": sizes}}, [view[offset : offset + part_size]])
+    for fields, piece in split_parts(frames, part_size):
+        send({"part": fields}, [piece])
 
 
 def _shell_sender(comm):
