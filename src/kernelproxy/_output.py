@@ -66,6 +66,8 @@ def capture() -> contextvars.Context:
     Call it on the thread (in the task) that makes the call, at the time of the call.
     """
     context = contextvars.copy_context()
+    if "ipykernel" not in sys.modules:  # no parent headers to pin (the common case in scripts: keep it cheap)
+        return context
     shell = _ipython_shell()
     header = _parent_header(shell)
     if header is not None:
