@@ -30,6 +30,7 @@ CELLS = {
         import kernelproxy
         k = kernelproxy.start()
         pool = kernelproxy.KernelPool(2)
+        ak = await kernelproxy.connect_async(k.info.connection_file)  # an AsyncKernel on the notebook's loop
 
         def shout(word, lines=2):
             import sys
@@ -98,9 +99,7 @@ CELLS = {
         assert done.wait(60)
     """,
     "async": """
-        ak = await kernelproxy.connect_async(k.info.connection_file)
         await ak.call(shout, "AWAITED", 1)
-        await ak.close()
     """,
     "update": """
         k.call(progress, "UPDATED")
@@ -113,6 +112,7 @@ CELLS = {
         _ = list(pool.options(output="discard").map(shout, ["DISCARDED"]))
     """,
     "teardown": """
+        await ak.close()
         pool.shutdown()
         k.shutdown()
     """,
