@@ -1,7 +1,8 @@
 """Output and display in a real notebook: each call's remote output lands in the cell that made the call.
 
 One notebook is executed with nbclient on this interpreter's ipykernel (the host); its first cell
-creates a Kernel and a KernelPool(2), later cells call printing and displaying functions. Every remote
+creates a Kernel, a KernelPool(2) and an AsyncKernel, later cells call printing and displaying functions
+(also from threads they start). Every remote
 output carries a word naming the cell that made the call, so a test can check that each cell's saved
 outputs hold its own remote output and display, and nothing from other cells.
 """
@@ -14,15 +15,14 @@ import textwrap
 from typing import Any
 
 import pytest
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from traitlets import default
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("matplotlib")
 pytest.importorskip("pandas")
-
-from jupyter_client.kernelspec import KernelSpec, KernelSpecManager  # noqa: E402
-from jupyter_client.manager import AsyncKernelManager  # noqa: E402
-from traitlets import default  # noqa: E402
 
 CELLS = {
     "setup": """
