@@ -40,8 +40,9 @@ What is forwarded
   stdout and, the first time a display carried more than text, one notice on
   stderr says what was left out and how to see it.
 
-A pool labels each line of a task's output (``prefix="[task N] "``);
-displays carry no label.
+A pool labels each line of a task's output (``prefix="[task N] "``), also
+the text of its displays in plain Python; displays published through IPython
+carry no label.
 """
 
 from __future__ import annotations
