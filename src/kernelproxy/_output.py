@@ -120,9 +120,9 @@ class Forwarder:
         data = content.get("data")
         if not isinstance(data, dict):
             return
+        self._flush_partial()  # a task's unfinished line goes before its display
         shell = _ipython_shell()
         if shell is not None:
-            self._flush_partial()  # a task's unfinished line goes before its display
             metadata = content.get("metadata")
             transient = content.get("transient")
             shell.display_pub.publish(
