@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -256,6 +257,70 @@ def test_output_discard_from_start(transport, capsys):
         assert "silent start" not in capsys.readouterr().out
         k.options(output="forward").call(print, "forwarded now")
         assert "forwarded now" in capsys.readouterr().out
+
+
+class Rich:
+    """Displays as HTML where a frontend can, as text elsewhere."""
+
+    def _repr_html_(self):
+        return "<b>rich</b>"
+
+    def __repr__(self):
+        return "Rich as text"
+
+
+def show_rich():
+    from IPython.display import display
+
+    display(Rich())
+    return "shown"
+
+
+def test_output_discard_drops_displays(kernel, capsys):
+    assert kernel.options(output="discard").call(show_rich) == "shown"
+    assert capsys.readouterr() == ("", "")
+    assert kernel.call(show_rich) == "shown"
+    assert capsys.readouterr().out == "Rich as text\n"  # plain Python: the display's text/plain
+
+
+DISPLAYING_SCRIPT = """
+import kernelproxy
+
+class Rich:
+    def _repr_html_(self):
+        return "<b>rich</b>"
+
+    def __repr__(self):
+        return "Rich as text"
+
+def show(obj):
+    from IPython.display import display
+    display(obj)
+
+def progress():
+    from IPython.display import clear_output, display
+    handle = display("first", display_id=True)
+    handle.update("second")
+    clear_output()
+
+with kernelproxy.start() as k:
+    k.call(show, Rich())
+    k.call(show, "only text")
+    k.call(show, Rich())
+    k.call(progress)
+    print("done")
+"""
+
+
+def test_displays_in_a_plain_script(tmp_path):
+    """Without IPython the text/plain of each display is shown, and one notice says what was left out."""
+    script = tmp_path / "displaying.py"
+    script.write_text(DISPLAYING_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Rich as text\n'only text'\nRich as text\n'first'\n'second'\ndone\n"
+    assert proc.stderr.count("kernelproxy: a remote call displayed rich output (text/html)") == 1, proc.stderr
+    assert "Jupyter or IPython" in proc.stderr
 
 
 def test_concurrent_output_goes_to_host(kernel, capsys):

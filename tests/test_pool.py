@@ -273,6 +273,22 @@ def test_stdout_lines_are_attributed_to_their_task(pool, capsys):
     assert "z:" not in capsys.readouterr().out
 
 
+def displays_and_prints(item):
+    from IPython.display import display
+
+    print(f"{item}: unfinished", end="")
+    display(f"{item} displayed")
+    return item
+
+
+def test_task_displays_in_plain_python_are_labelled_text(pool, capsys):
+    assert pool.submit(displays_and_prints, "d").result(timeout=30) == "d"
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"\[task (\d+)\] d: unfinished\n\[task \1\] 'd displayed'\n", out), out
+    assert pool.options(output="discard").submit(displays_and_prints, "q").result(timeout=30) == "q"
+    assert capsys.readouterr().out == ""
+
+
 # ---------------------------------------------------------------------- dying kernels
 
 

@@ -14,7 +14,6 @@ import dataclasses
 import enum
 import functools
 import logging
-import sys
 import warnings
 import weakref
 from collections.abc import Awaitable, Mapping
@@ -33,6 +32,7 @@ from ._exceptions import (
     ProtocolError,
 )
 from ._control import KernelControl
+from ._output import Forwarder
 from ._refs import AsyncRemoteRef, Path, _Root, check_fresh, pickling_for
 from ._transports.base import AgentMissingError, Message, Transport
 from ._transports.comm import CommTransport
@@ -555,7 +555,7 @@ class AsyncKernel:
     ) -> Message:
         timeout = self._options.timeout if timeout is None else timeout
         if isinstance(listener, Unset):
-            listener = _forward_output if self._options.output == "forward" else None
+            listener = Forwarder() if self._options.output == "forward" else None  # to where the caller's output goes
         outcome = protocol.Outcome()
         request = self._state.request(header, frames, listener, outcome)
         try:
@@ -611,14 +611,6 @@ class AsyncKernel:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _forward_output(msg: dict[str, Any]) -> None:
-    if msg["msg_type"] == "stream":
-        stream = sys.stderr if msg["content"].get("name") == "stderr" else sys.stdout
-        if stream is not None:
-            stream.write(msg["content"].get("text", ""))
-            stream.flush()
 
 
 def _check_names(names: tuple[Any, ...]) -> None:

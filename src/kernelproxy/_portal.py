@@ -2,7 +2,9 @@
 
 The blocking API never touches the caller's event loop, so it works the same
 in scripts, threads and notebooks (where a loop is always running).
-One thread serves every Kernel in the process.
+One thread serves every Kernel in the process. Each coroutine runs in its
+caller's context, taken on the calling thread (``_output.capture``), so the
+output of a call goes where the caller's own output goes (its notebook cell).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import concurrent.futures
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from ._output import capture
 
 T = TypeVar("T")
 
@@ -34,7 +38,7 @@ class Portal:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the IO loop; return a future for its result."""
         self._check_thread(coro)
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return capture().run(asyncio.run_coroutine_threadsafe, coro, self._loop)  # the task copies that context
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the IO loop and wait for it.
@@ -65,7 +69,7 @@ class Portal:
             for task in tasks:
                 task.cancel()
 
-        self._loop.call_soon_threadsafe(start)
+        self._loop.call_soon_threadsafe(start, context=capture())  # the caller's context, for the task
         try:
             # Wait in slices on a private lock: signals and _thread.interrupt_main() get through at once,
             # and a KeyboardInterrupt cannot land inside a lock another thread needs.

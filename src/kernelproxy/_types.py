@@ -26,7 +26,9 @@ class CallOptions:
     Attributes:
         timeout: seconds a call may take before CallTimeout (None: no limit).
         output: "forward" writes the kernel's stdout/stderr to this process's
-            sys.stdout/sys.stderr as it arrives; "discard" drops it.
+            sys.stdout/sys.stderr as it arrives, and shows what the call displays
+            (in a notebook, both in the cell that made the call; in plain Python,
+            the text/plain of displays); "discard" drops both.
         on_timeout: what a timeout does. "interrupt" interrupts the kernel; if the
             kernel ignores the interrupt (stuck in C code), CallTimeout says so and
             the kernel stays busy. "restart" then also restarts the kernel (one

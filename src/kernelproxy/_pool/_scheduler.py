@@ -20,9 +20,10 @@ from typing import Any, Callable
 from .. import _serialization as serialization
 from .._exceptions import CallInterrupted, KernelClosedError, KernelDiedError
 from .._launch import LocalSpec
+from .._output import Forwarder
 from . import _policy as policy
 from ._supervisor import KernelSource, Slot, Supervisor, died_of
-from ._tasks import RUN_CHUNK, LoopSink, Sink, Task, TaskOptions, TaskOutput, function_name
+from ._tasks import RUN_CHUNK, LoopSink, Sink, Task, TaskOptions, function_name
 
 log = logging.getLogger("kernelproxy")
 
@@ -225,7 +226,7 @@ class Scheduler:
         sent = self.loop.time()
         task.behind, task.ended = (slot.holding[-1] if slot.holding else None), False
         slot.holding.append(task)
-        output = TaskOutput(task.id) if task.options.output == "forward" else None
+        output = Forwarder(task.output_to, f"[task {task.id}] ") if task.options.output == "forward" else None
         request = asyncio.ensure_future(kernel._call_frames(task.frames, task.name, task.options.timeout, output))
         if isinstance(task.sink, LoopSink):  # cancelling an asyncio future interrupts its remote work
             task.sink.future.add_done_callback(lambda future: request.cancel() if future.cancelled() else None)

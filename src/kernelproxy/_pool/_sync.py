@@ -36,7 +36,8 @@ class KernelPool(concurrent.futures.Executor):
         timeout: seconds one task may run before CallTimeout; its kernel is
             interrupted and stays in the pool (None: no limit).
         output: "forward" (each line a task prints appears here prefixed with
-            ``[task N] ``) or "discard".
+            ``[task N] ``, its displays as in ``Kernel``; in a notebook, in the
+            cell that submitted it) or "discard".
         prefetch: a kernel whose tasks take under 0.1 s gets its next task while
             it finishes the current one, when no kernel is idle (hides the round
             trip; a task may then wait behind an unexpectedly long one). False:

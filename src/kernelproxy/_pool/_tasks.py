@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import builtins
 import concurrent.futures
+import contextvars
 import dataclasses
-import sys
 import types
 from collections.abc import Sequence
 from typing import Any, Callable, Protocol
 
+from .._output import capture
 from .._types import CallOptions, Output, Unset
 
 
@@ -111,6 +112,8 @@ class Task:
     abandoned: bool = False  # its caller no longer wants it (map() closed early)
     behind: Task | None = None  # the task its kernel was busy with when it was sent there
     ended: bool = False  # its call ended, other than by the death of its kernel
+    # Where its output goes: taken where the task is made, on the submitting thread (or in its asyncio task).
+    output_to: contextvars.Context = dataclasses.field(default_factory=capture)
 
 
 def _run_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -130,35 +133,3 @@ RUN_CHUNK = _by_value(_run_chunk)  # runs one map() chunk in the kernel
 
 def function_name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
-
-
-class TaskOutput:
-    """An IOPub listener that writes a task's output line by line, each line prefixed ``[task N] ``."""
-
-    __slots__ = ("partial", "prefix")
-
-    def __init__(self, task_id: int) -> None:
-        self.prefix = f"[task {task_id}] "
-        self.partial = {"stdout": "", "stderr": ""}
-
-    def __call__(self, msg: dict[str, Any]) -> None:
-        if msg["msg_type"] != "stream":
-            return
-        name = "stderr" if msg["content"].get("name") == "stderr" else "stdout"
-        lines = (self.partial[name] + msg["content"].get("text", "")).split("\n")
-        self.partial[name] = lines.pop()
-        if lines:
-            self._write(name, "".join(f"{self.prefix}{line}\n" for line in lines))
-
-    def flush(self) -> None:
-        for name, text in self.partial.items():
-            if text:
-                self._write(name, f"{self.prefix}{text}\n")
-                self.partial[name] = ""
-
-    @staticmethod
-    def _write(name: str, text: str) -> None:
-        stream = sys.stderr if name == "stderr" else sys.stdout
-        if stream is not None:
-            stream.write(text)
-            stream.flush()
