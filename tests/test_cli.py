@@ -106,9 +106,16 @@ def test_list_shows_the_kernel_and_reports_a_dead_file(runtime_dir: Path, cli_ke
     dead = runtime_dir / "kernel-nobody-home.json"
     write_connection_file(str(dead), ip="127.0.0.1", key=b"some-key")  # nothing listens at its ports
     try:
-        began = time.monotonic()
-        result = run_cli(runtime_dir, "list", "--timeout", "1")
-        elapsed = time.monotonic() - began
+        with kernelproxy.connect(str(cli_kernel.connection_file)) as k:
+            busy = k.submit(time.sleep, 6)  # a busy kernel answers kernel_info on its control channel
+            time.sleep(0.3)
+            began = time.monotonic()
+            result = run_cli(runtime_dir, "list", "--timeout", "1")
+            elapsed = time.monotonic() - began
+            assert not busy.done(), "the kernel was not busy during list: make it sleep longer"
+            k.interrupt()
+            with pytest.raises(kernelproxy.CallInterrupted):
+                busy.result()
         assert result.returncode == 0, result.stderr
         lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
         alive = lines[str(cli_kernel.connection_file)]
@@ -226,6 +233,7 @@ def test_bench_on_a_given_kernel(runtime_dir: Path, cli_kernel: ExternalKernel) 
     assert rows["raw: kernel_info_request"].endswith("floor")
     assert "x kernel_info" in rows["raw: execute '1+2' silent"]
     assert re.search(r"[\d,]+/s +[\d.]+x one at a time$", rows["calls/s, 64 in flight (submit)"])
+    assert re.search(r"[\d,]+/s +-$", rows["calls/s, one at a time (call)"])
     for size in ("1 MB", "4 MB"):
         for verb in ("push", "pull"):
             assert re.search(r"[\d,]+ MB/s +[\d,]+ MB/s +[\d,]+ +[\d.]+x raw$", rows[f"{verb} {size}: k.{verb}(...)"])
