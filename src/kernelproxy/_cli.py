@@ -11,10 +11,10 @@ in Jupyter's runtime directory, as ``kernelproxy.connect`` takes it); with
 Commands attach to a kernel and ``close()`` it: a kernel they did not start keeps
 running. Only the public API and the REST client are used here.
 
-Exit status: 0 done; 1 the code ``exec`` ran raised (its remote traceback is on
-stderr); 2 bad usage; 3 kernelproxy could not do it (no such kernel, nobody
-answers, the server refused, the kernel died, a timeout), said in one line on
-stderr; 130 interrupted (Ctrl-C).
+Exit status: 0 done; 1 the code ``exec`` ran raised or was interrupted (its
+remote traceback is on stderr); 2 bad usage; 3 kernelproxy could not do it (no
+such kernel, nobody answers, the server refused, the kernel died, a timeout),
+said in one line on stderr; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -394,7 +394,7 @@ def _probe(path: str, timeout: float, processes: Mapping[str, _Process]) -> _Pro
             raise ValueError("not a kernel connection file")
     except (OSError, ValueError) as exc:
         return _Probe(path, "invalid", f"unreadable: {exc}")
-    process = processes.get(os.path.basename(path))
+    process = processes.get(os.path.realpath(path))
     with contextlib.closing(_RawKernel(info)) as raw:
         if not raw.ping(timeout):
             return _Probe(path, "dead", f"no heartbeat within {timeout:g} s")
@@ -417,7 +417,7 @@ def _probe(path: str, timeout: float, processes: Mapping[str, _Process]) -> _Pro
 
 
 def _kernel_processes() -> dict[str, _Process]:
-    """This machine's processes by the connection file name on their command line (Linux /proc; else none)."""
+    """This machine's processes by the connection files on their command lines (Linux /proc; elsewhere none)."""
     found: dict[str, _Process] = {}
     if not os.path.isdir("/proc/self"):
         return found
@@ -429,9 +429,13 @@ def _kernel_processes() -> dict[str, _Process]:
                 argv = [part.decode(errors="replace") for part in file.read().split(b"\0") if part]
         except OSError:
             continue
-        names = [os.path.basename(arg) for arg in argv if arg.endswith(".json")]
-        if not names:
+        files = [arg for arg in argv if arg.endswith(".json")]
+        if not files:
             continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")  # a relative path on the command line is relative to it
+        except OSError:
+            cwd = "/"
         executable = argv[0]
         if not os.path.isabs(executable):  # as the kernel's sys.executable reads (a venv's, not its base's)
             try:
@@ -439,10 +443,11 @@ def _kernel_processes() -> dict[str, _Process]:
             except OSError:
                 pass
         process = _Process(int(entry), executable, any("ipykernel" in arg for arg in argv))
-        for name in names:
-            known = found.get(name)
+        for file_name in files:
+            key = os.path.realpath(os.path.join(cwd, file_name))
+            known = found.get(key)
             if known is None or (process.is_kernel and not known.is_kernel):
-                found[name] = process
+                found[key] = process
     return found
 
 
@@ -525,6 +530,9 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     opened = _open(args)
     try:
         opened.kernel.exec(code, timeout=args.timeout)
+    except kernelproxy.CallInterrupted as exc:  # interrupted in the kernel: where it was is the code's business
+        print(f"kernelproxy exec: {exc}", file=sys.stderr)
+        return EXIT_REMOTE_ERROR
     except kernelproxy.KernelProxyError as exc:
         if not isinstance(exc, kernelproxy.RemoteError):
             raise  # kernelproxy's own failure: one line, status 3
@@ -591,7 +599,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if info.connection_file is not None and info.server is None:
             with open(info.connection_file, encoding="utf-8") as file:
                 raw = _RawKernel(json.load(file))
-        _print_bench_header(args, info, opened.started, budget)
+        _print_bench_header(info, opened.started, budget)
         sys.stdout.flush()
         start = time.perf_counter()  # the phases share the budget: 35% latency, 15% calls/s, 50% transfers
         rows = _bench_latency(kernel, raw, began, start + budget * 0.35)
@@ -627,7 +635,7 @@ def _progress(began: float, message: str) -> None:
     print(f"[{time.perf_counter() - began:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def _print_bench_header(args: argparse.Namespace, info: kernelproxy.KernelInfo, started: bool, budget: float) -> None:
+def _print_bench_header(info: kernelproxy.KernelInfo, started: bool, budget: float) -> None:
     cores = os.cpu_count() or "?"
     load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     print(f"kernelproxy {kernelproxy.__version__} bench: {budget:g} s on {platform.node()} ({cores} cores{load})")
