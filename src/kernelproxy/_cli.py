@@ -560,7 +560,7 @@ def _remote_traceback(exc: BaseException) -> str | None:
         return exc.traceback or None
     cause = exc.__cause__
     if cause is not None:  # the remote traceback travels as the re-raised exception's cause
-        for candidate in (*cause.args, str(cause)):
+        for candidate in (getattr(cause, "traceback", None), *cause.args, str(cause)):
             if isinstance(candidate, str) and "Traceback (most recent call last)" in candidate:
                 return candidate.strip().strip('"').strip() + "\n"
     return None
