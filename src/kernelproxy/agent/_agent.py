@@ -664,7 +664,7 @@ def dispatch(header, frames, ns):
 
 # --------------------------------------------------------------------- install
 
-_self = []  # this module, once installed (comms keep running it if someone removes it from sys.modules)
+_self = []  # type: list  # this module, once installed (comms keep running it if someone removes it from sys.modules)
 # State that outlives an upgrade: other clients' kept objects and transfers in flight.
 _SHARED_STATE = ("_exec_counter", "_uploads", "_parts", "_outbox", "_objects", "_next_object_id", "_sources")
 
