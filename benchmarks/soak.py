@@ -51,7 +51,6 @@ AGENT = "__import__('sys').modules['_kernelproxy_agent_v1']"
 
 from _common import TRIM_SOURCE  # noqa: E402 - benchmarks/ is on sys.path when this script runs
 
-
 # ---------------------------------------------------------------------- what runs in the kernel (pickled by value)
 
 

@@ -98,7 +98,7 @@ def measure_latency(
     variants["raw: execute '1+2' silent"] = raw_execute
     variants["raw: same + wait IOPub idle"] = raw_execute_idle
 
-    for label, k in proxies:
+    for _label, k in proxies:
         assert k.call(add, 1, 2) == 3, "k.call(add, 1, 2) != 3"
         assert k.options(output="discard").call(add, 1, 2) == 3
 

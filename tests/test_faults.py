@@ -205,7 +205,7 @@ def test_sigstop_during_call_raises_kernel_died_by_heartbeat(transport, tmp_path
             for rep, pid in enumerate(pids):
                 stopped_at[rep] = time.monotonic()
                 os.kill(pid, signal.SIGSTOP)
-            for rep, future in enumerate(futures):
+            for future in futures:
                 with pytest.raises(KernelDiedError, match="heartbeat"):
                     future.result(timeout=20)  # never a hang: the sleep alone would take 30 s
             for rep, pid in enumerate(pids):

@@ -353,7 +353,7 @@ def test_broken_request_pickles_are_deserialize_errors(frames, op):
     agent._objects.clear()
 
 
-# ---------------------------------------------------------------------- in process: the execute transport's entry points
+# ------------------------------------------------------------------- in process: the execute transport's entry points
 
 B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 b64ish = st.text(alphabet=B64_ALPHABET, max_size=200) | st.text(max_size=50)

@@ -7,7 +7,7 @@ import functools
 import json
 import os
 from collections.abc import Sequence
-from typing import Any, Dict
+from typing import Any
 
 from jupyter_client import find_connection_file
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -33,7 +33,7 @@ async def start_async(
     *,
     python: str | None = None,
     cwd: str | os.PathLike[str] | None = None,
-    env: Dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     transport: str = "auto",
     timeout: float | None = None,
@@ -121,7 +121,9 @@ async def connect_server_async(
     server_kernel_id = model["id"]
 
     def make_wire() -> WebsocketWire:
-        return WebsocketWire(client, server_kernel_id, subprotocol=websocket_protocol, max_message_bytes=max_message_bytes)
+        return WebsocketWire(
+            client, server_kernel_id, subprotocol=websocket_protocol, max_message_bytes=max_message_bytes
+        )
 
     state = _KernelState(make_wire, control, None, transport)
     try:
@@ -177,7 +179,7 @@ def start(
     *,
     python: str | None = None,
     cwd: str | os.PathLike[str] | None = None,
-    env: Dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     transport: str = "auto",
     timeout: float | None = None,

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Literal, Protocol, cast
+from typing import Any, Callable, Literal, Protocol, cast
 
 from ._exceptions import KernelDiedError, SerializationError
 from ._protocol import Interrupt, Outcome, Stage
@@ -166,7 +166,7 @@ class KernelConnection:
                     await asyncio.wait_for(pending.idle.wait(), IDLE_GRACE)
                 except asyncio.TimeoutError:
                     log.warning("no 'idle' status from the kernel for %s; some output may be missing", msg_type)
-            return cast(Dict[str, Any], reply)
+            return cast(dict[str, Any], reply)
         except asyncio.CancelledError:
             if not pending.reply.done():
                 await asyncio.shield(self._abandon(pending))
@@ -207,7 +207,7 @@ class KernelConnection:
         if extra:
             content.update(extra)
         reply = await self.request("shell", "execute_request", content, listener=listener, outcome=outcome)
-        return cast(Dict[str, Any], reply["content"])
+        return cast(dict[str, Any], reply["content"])
 
     async def wait_ready(self, timeout: float) -> dict[str, Any]:
         """Wait until the kernel answers on shell and its IOPub messages reach us.
@@ -231,7 +231,7 @@ class KernelConnection:
                 await self.wire.send("shell", self.wire.encode(msg))
                 reply = await asyncio.wait_for(asyncio.shield(pending.reply), min(remaining, 1.0))
                 await asyncio.wait_for(seen.wait(), min(max(deadline - loop.time(), 0.01), 0.5))
-                return cast(Dict[str, Any], reply["content"])
+                return cast(dict[str, Any], reply["content"])
             except asyncio.TimeoutError:
                 if loop.time() >= deadline:
                     raise
@@ -254,7 +254,8 @@ class KernelConnection:
 
     async def _interrupt_and_wait(self, pending: _Pending) -> None:
         outcome = pending.outcome
-        outcome.interrupt = Interrupt.ANSWERED  # once only: a second SIGINT could land after the reply, in an idle kernel
+        # Once only: a second SIGINT could land after the reply, in an idle kernel.
+        outcome.interrupt = Interrupt.ANSWERED
         try:
             await self._interrupter()
             await asyncio.wait_for(asyncio.shield(pending.reply), INTERRUPT_GRACE)

@@ -54,10 +54,10 @@ class KernelControl(abc.ABC):
     async def shutdown(self, connection: KernelConnection) -> None:
         """Stop the kernel."""
 
-    async def release(self) -> None:
+    async def release(self) -> None:  # noqa: B027 - most kinds hold nothing
         """Free what this side holds for the kernel (HTTP clients, tunnels, private files); after shutdown."""
 
-    def kill_now(self) -> None:
+    def kill_now(self) -> None:  # noqa: B027 - nothing to do for kernels we do not own
         """At interpreter exit, without an event loop: stop a kernel we own, leave nothing behind."""
 
 

@@ -23,6 +23,7 @@ from . import _protocol as protocol
 from . import _serialization as serialization
 from ._bootstrap import check_environment, install_agent
 from ._connection import KernelConnection
+from ._control import KernelControl
 from ._exceptions import (
     CallTimeout,
     KernelClosedError,
@@ -31,7 +32,6 @@ from ._exceptions import (
     KernelStartError,
     ProtocolError,
 )
-from ._control import KernelControl
 from ._output import Forwarder
 from ._refs import AsyncRemoteRef, Path, _Root, check_fresh, pickling_for
 from ._transports.base import AgentMissingError, Message, Transport
@@ -422,8 +422,10 @@ class AsyncKernel:
     async def _ref_eval(self, root: _Root, path: Path, keep: bool) -> Message:
         check_fresh(root)
         with pickling_for(self._state):
-            frames = serialization.dumps(path, parts={"the ref's arguments": path}, sent_code=self._state.sent_code) if path else []
-        return await self._request(protocol.ref_eval(root.id, keep=keep), frames, self._options.timeout, f"RemoteRef #{root.id}")
+            parts = {"the ref's arguments": path}
+            frames = serialization.dumps(path, parts=parts, sent_code=self._state.sent_code) if path else []
+        header = protocol.ref_eval(root.id, keep=keep)
+        return await self._request(header, frames, self._options.timeout, f"RemoteRef #{root.id}")
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Task[T]:
         """Start ``call(fn, *args, **kwargs)`` as an asyncio task and return it.
@@ -578,7 +580,9 @@ class AsyncKernel:
             and self._state.owned
         ):
             await self._state.restart(self._state.ready_timeout)
-            return "the kernel ignored the interrupt, so it was restarted (on_timeout='restart'): its namespace is empty"
+            return (
+                "the kernel ignored the interrupt, so it was restarted (on_timeout='restart'): its namespace is empty"
+            )
         return outcome.describe()
 
     # ------------------------------------------------------------------ lifecycle

@@ -143,7 +143,7 @@ async def start_local(spec: LocalSpec, options: CallOptions, *, auto_restart: bo
             raise KernelStartError(f"the kernel did not become ready within {spec.startup_timeout} s") from exc
         if isinstance(exc, KernelDiedError) or dead is not None:
             argv = manager.kernel_spec.argv if manager.kernel_spec else "?"
-            hint = " Is ipykernel installed for that Python?" if spec.is_ipykernel else " See the kernel's output above."
+            hint = " Is ipykernel installed for that Python?" if spec.is_ipykernel else " See its output above."
             raise KernelStartError(f"the kernel exited while starting ({dead or exc}); command: {argv}.{hint}") from exc
         raise
     return AsyncKernel(state, options)

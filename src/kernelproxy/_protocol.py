@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Tuple, TypedDict, Union
+from typing import Any, Literal, TypedDict, Union
 
 from ._exceptions import (
     CallInterrupted,
@@ -24,7 +24,7 @@ from ._exceptions import (
 )
 
 # A reply: the agent's JSON header and the binary frames.
-Message = Tuple[Dict[str, Any], List[Any]]
+Message = tuple[dict[str, Any], list[Any]]
 
 
 # ---------------------------------------------------------------------- requests
@@ -41,7 +41,7 @@ class PushHeader(TypedDict):
 
 class NamesHeader(TypedDict):
     op: Literal["pull", "delete"]
-    names: List[str]
+    names: list[str]
 
 
 class NameHeader(TypedDict):
@@ -67,7 +67,7 @@ class RefEvalHeader(TypedDict):
 
 class ReleaseHeader(TypedDict):
     op: Literal["release"]
-    ids: List[int]
+    ids: list[int]
 
 
 class EchoHeader(TypedDict):

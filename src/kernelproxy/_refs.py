@@ -23,8 +23,8 @@ import contextlib
 import contextvars
 import importlib
 import weakref
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Iterator, Tuple
+from collections.abc import Coroutine, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ._exceptions import SerializationError, StaleRefError
 from .agent import _agent as agent
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 # The kernel whose request is being pickled: refs only pickle for their own kernel.
 _pickling_for: contextvars.ContextVar[_KernelState | None] = contextvars.ContextVar("_pickling_for", default=None)
 
-Path = Tuple[Tuple[Any, ...], ...]  # steps: ("getattr", name) | ("getitem", key) | ("call", args, kwargs) | ("op", name, args)
+# Steps: ("getattr", name) | ("getitem", key) | ("call", args, kwargs) | ("op", name, args).
+Path = tuple[tuple[Any, ...], ...]
 
 
 @contextlib.contextmanager

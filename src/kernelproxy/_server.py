@@ -15,8 +15,8 @@ import json
 import logging
 import ssl
 import urllib.parse
-from dataclasses import dataclass
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, Callable, cast
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse

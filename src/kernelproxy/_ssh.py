@@ -357,15 +357,19 @@ def ssh_hint(stderr: str, destination: str) -> str:
         )
     if "Host key verification failed" in stderr or "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
         return (
-            f"ssh does not know this host's key (or it changed): run `{_login_command(destination)}` once in a terminal "
-            "(with the same options) to check and accept it; kernelproxy cannot answer that question."
+            "ssh does not know this host's key (or it changed): "
+            f"run `{_login_command(destination)}` once in a terminal (with the same options) to check and accept it; "
+            "kernelproxy cannot answer that question."
         )
     if "Could not resolve hostname" in stderr:
         return "Check the host name (or add it as a Host in ~/.ssh/config)."
     if any(text in stderr for text in ("Connection refused", "timed out", "No route to host", "unreachable")):
         return "Is the host up, an SSH server running there, and is the port right (user@host:port)?"
     if "forwarding" in stderr.lower() and "prohibited" in stderr.lower():
-        return "The SSH server forbids port forwarding: it needs AllowTcpForwarding yes (AllowStreamLocalForwarding for IPC)."
+        return (
+            "The SSH server forbids port forwarding: it needs AllowTcpForwarding yes "
+            "(AllowStreamLocalForwarding for IPC)."
+        )
     return "Try the same login with `ssh` in a terminal to see what it needs."
 
 

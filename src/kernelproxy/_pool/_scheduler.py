@@ -272,7 +272,7 @@ class Scheduler:
             log.debug("task %d never ran on kernel %d, which died; it goes back to the queue", task.id, slot.index)
         elif fate is policy.Fate.RETRY:
             task.retries_left -= 1
-            log.warning("kernel %d died during task %d (%s): %s; retrying the task", slot.index, task.id, task.name, exc)
+            log.warning("kernel %d died during task %d (%s): %s; retrying it", slot.index, task.id, task.name, exc)
         else:
             what = "retries exhausted; " if task.options.retries else ""
             task.sink.fail(

@@ -188,7 +188,10 @@ class Supervisor:
             log.info("kernel %d (%s) was replaced", slot.index, reason)
             return
         log.warning(
-            "kernel %d is dead (%s) and could not be replaced: %s; the pool goes on without it", slot.index, reason, error
+            "kernel %d is dead (%s) and could not be replaced: %s; the pool goes on without it",
+            slot.index,
+            reason,
+            error,
         )
         slot.retired = True
 

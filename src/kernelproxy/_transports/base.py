@@ -47,5 +47,5 @@ class Transport(abc.ABC):
         Cancelling the awaiting task abandons the request and interrupts its remote work.
         """
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - a transport may hold nothing
         """Release what the transport holds in the kernel and on the host."""

@@ -117,7 +117,8 @@ class CommTransport(Transport):
         buffers = matcher.frames(data) if "parts" in data else reply.get("buffers", [])
         if data.get("digest") != digest_frames(self.digest, buffers):
             raise ProtocolError(
-                "a reply's binary buffers do not match their signed digest (altered in transit?); refused, not unpickled"
+                "a reply's binary buffers do not match their signed digest (altered in transit?); "
+                "refused, not unpickled"
             )
         reply_header = data.get("header")
         if not isinstance(reply_header, dict):

@@ -109,7 +109,9 @@ class ExecuteTransport(Transport):
         outcome: Outcome | None = None,
     ) -> Any:
         """Evaluate one agent expression; return the payload of its display bundle (or None)."""
-        content = await self._conn.execute({EXPRESSION_KEY: expression}, extra=extra, listener=listener, outcome=outcome)
+        content = await self._conn.execute(
+            {EXPRESSION_KEY: expression}, extra=extra, listener=listener, outcome=outcome
+        )
         return read_expression_result(content)
 
     # ------------------------------------------------------------------ chunking

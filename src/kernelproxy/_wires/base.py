@@ -7,16 +7,16 @@ requests and replies; ``KernelConnection`` routes what a wire delivers.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable
 
 from jupyter_client.session import Session
 
 # Called with (channel, message) for each verified message from the kernel; message has
 # header, parent_header (a dict, never None), metadata, content, msg_type and buffers.
-Deliver = Callable[[str, Dict[str, Any]], None]
+Deliver = Callable[[str, dict[str, Any]], None]
 # A message encoded for the wire, without its binary buffers: built before a request is registered,
 # so that one that cannot be encoded leaves no trace.
-Encoded = List[Any]
+Encoded = list[Any]
 
 
 class Wire(abc.ABC):

@@ -20,7 +20,6 @@ import logging
 from typing import Any, Callable, cast
 
 import orjson
-
 import zmq
 import zmq.asyncio
 from jupyter_client.adapter import adapt
