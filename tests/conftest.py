@@ -31,6 +31,9 @@ from helpers import (
 
 import kernelproxy
 
+# Enterprise Gateway and JupyterHub fixtures (each server in its own cached environment): tests/servers/fixtures.py.
+pytest_plugins = ["servers.fixtures"]
+
 # Every kernel fixture runs once per transport listed here. "server" is a kernel of a real
 # `jupyter server`, reached over its REST + websocket API (comm transport, frames in parts).
 TRANSPORTS = ["comm", "execute", "server"]
