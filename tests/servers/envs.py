@@ -130,7 +130,9 @@ def _key(*parts: object) -> str:
 
 def _node_version() -> str:
     try:
-        return subprocess.run(["node", "--version"], check=False, capture_output=True, text=True, timeout=30).stdout.strip()
+        return subprocess.run(
+            ["node", "--version"], check=False, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -142,7 +142,7 @@ def _kernels_on(server: ServerProcess) -> list[str]:
 
 @pytest.fixture(scope="session")
 def enterprise_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Enterprise Gateway 3.x on 127.0.0.1 serving our Python's kernels (start them with ``env=extra["kernel_env"]``)."""
+    """Enterprise Gateway 3.x on 127.0.0.1 serving our Python's kernels; start them with ``env=extra["kernel_env"]``."""
     yield from _serve("enterprise_gateway", lambda: _eg.start(tmp_path_factory.mktemp("enterprise-gateway")))
 
 

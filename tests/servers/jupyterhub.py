@@ -95,7 +95,9 @@ def start(
     server = ServerProcess("JupyterHub", hub_url, "", process, log, directory)
     server.extra.update(hub_url=hub_url, user=USER, service_token=service_token, proxy_api_url=config["proxy_api_url"])
     try:
-        wait_until_answers(server, "hub/api/", success_only=True)  # the hub's API through the proxy: hub and proxy are up
+        wait_until_answers(
+            server, "hub/api/", success_only=True
+        )  # the hub's API through the proxy: hub and proxy are up
         _spawn(server)
         server.token = _hub_api(server, "POST", f"users/{USER}/tokens", {"note": "kernelproxy tests"})["token"]
         server.url = f"{hub_url}user/{USER}/"
@@ -193,7 +195,9 @@ user = settings["user"]
 c.JupyterHub.load_roles = [
     {{
         "name": "kernelproxy-tests",
-        "scopes": [f"servers!user={{user}}", f"tokens!user={{user}}", f"read:users!user={{user}}", "read:users:activity"],
+        "scopes": [
+            f"servers!user={{user}}", f"tokens!user={{user}}", f"read:users!user={{user}}", "read:users:activity"
+        ],
         "services": [settings["service"]],
     }}
 ]

@@ -78,9 +78,7 @@ def server_environment(jupyter_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def launch(
-    name: str, args: list[str], directory: Path, env: dict[str, str]
-) -> tuple[subprocess.Popen, Path]:
+def launch(name: str, args: list[str], directory: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
     log = directory / f"{name}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -123,8 +121,10 @@ def wait_until_answers(
             last = f"{type(exc).__name__}: {exc}"
         if server.process.poll() is not None or time.monotonic() > deadline:
             stop(server)
-            state = f"exited with code {server.process.returncode}" if server.process.poll() is not None else (
-                f"did not answer {probe} within {timeout:.0f} s ({last})"
+            state = (
+                f"exited with code {server.process.returncode}"
+                if server.process.poll() is not None
+                else (f"did not answer {probe} within {timeout:.0f} s ({last})")
             )
             raise RuntimeError(f"{server.name} {state}; the end of its log:\n{server.log_tail()}")
         time.sleep(0.2)

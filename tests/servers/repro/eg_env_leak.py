@@ -1,4 +1,4 @@
-"""Finding: after two *concurrent* kernel starts with env, Enterprise Gateway starts later kernels with one of their envs.
+"""Finding: after two *concurrent* kernel starts with env, Enterprise Gateway reuses one of their envs for later starts.
 
 Its KernelHandler.post swaps ``kernel_manager.start_kernel`` for a partial
 carrying the request's env and puts back what it saw when done; two requests
@@ -24,12 +24,16 @@ url, token = info["url"], info["token"]
 
 
 def post_without_env():
-    req = urllib.request.Request(url + "api/kernels", method="POST", data=b"{}", headers={"Authorization": f"token {token}"})
+    req = urllib.request.Request(
+        url + "api/kernels", method="POST", data=b"{}", headers={"Authorization": f"token {token}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as response:
             kernel_id = json.loads(response.read())["id"]
         urllib.request.urlopen(
-            urllib.request.Request(url + f"api/kernels/{kernel_id}", method="DELETE", headers={"Authorization": f"token {token}"})
+            urllib.request.Request(
+                url + f"api/kernels/{kernel_id}", method="DELETE", headers={"Authorization": f"token {token}"}
+            )
         ).close()
         return 201
     except urllib.error.HTTPError as exc:
@@ -42,7 +46,10 @@ def kernel_vars(k):
 
 print("POST api/kernels {} on the fresh gateway ->", post_without_env())
 with kernelproxy.KernelPool.from_server(url, 2, token=token, env={"KERNEL_USERNAME": "alice"}) as pool:
-    print("KernelPool.from_server(2, env={'KERNEL_USERNAME': 'alice'}): its kernels see", [kernel_vars(k) for k in pool.kernels])
+    print(
+        "KernelPool.from_server(2, env={'KERNEL_USERNAME': 'alice'}): its kernels see",
+        [kernel_vars(k) for k in pool.kernels],
+    )
 print("POST api/kernels {} afterwards ->", post_without_env())
 with kernelproxy.connect_server(url, token=token) as k:
     print("connect_server(url, token=...) without env afterwards works; its kernel sees", kernel_vars(k))

@@ -50,7 +50,10 @@ for label, body in [
     if status == 201:
         delete(json.loads(text)["id"])
 
-for label, env in [("connect_server(url, token=...)", None), ("connect_server(..., env={'KERNEL_USERNAME': 'alice'})", {"KERNEL_USERNAME": "alice"})]:
+for label, env in [
+    ("connect_server(url, token=...)", None),
+    ("connect_server(..., env={'KERNEL_USERNAME': 'alice'})", {"KERNEL_USERNAME": "alice"}),
+]:
     print(f"--- kernelproxy.{label}")
     try:
         with kernelproxy.connect_server(url, token=token, env=env) as k:

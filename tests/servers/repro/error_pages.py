@@ -20,7 +20,9 @@ hub = json.loads(Path(sys.argv[1]).read_text())
 
 def raw(method, url, token, body=None):
     request = urllib.request.Request(
-        url, method=method, data=json.dumps(body).encode() if body is not None else None,
+        url,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
         headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
     )
     try:
@@ -37,7 +39,9 @@ def show(label, url, token, **options):
         with kernelproxy.connect_server(url, token=token, **options) as k:
             print("kernelproxy: works", k.call(int))
     except kernelproxy.KernelProxyError as exc:
-        print(f"kernelproxy: {type(exc).__name__} (status {getattr(exc, 'status', None)}), {len(str(exc))} chars: {exc}")
+        print(
+            f"kernelproxy: {type(exc).__name__} (status {getattr(exc, 'status', None)}), {len(str(exc))} chars: {exc}"
+        )
 
 
 def hub_api(method, path):

@@ -57,9 +57,7 @@ async def raw_kernel_info(url: str, token: str, calls: int, *, nodelay: bool, qu
     session = uuid.uuid4().hex
     try:
         ws_url = rest.address.endpoint(f"api/kernels/{kernel_id}/channels?session_id={session}", websocket=True)
-        conn = await websocket_connect(
-            HTTPRequest(ws_url, headers=rest.address.headers()), subprotocols=[V1_PROTOCOL]
-        )
+        conn = await websocket_connect(HTTPRequest(ws_url, headers=rest.address.headers()), subprotocols=[V1_PROTOCOL])
         assert conn.selected_subprotocol == V1_PROTOCOL
         sock = conn.protocol.stream.socket
         if nodelay:
@@ -73,8 +71,14 @@ async def raw_kernel_info(url: str, token: str, calls: int, *, nodelay: bool, qu
 
         async def round_trip() -> float:
             msg_id = uuid.uuid4().hex
-            header = {"msg_id": msg_id, "msg_type": "kernel_info_request", "username": "bench", "session": session,
-                      "date": "2026-01-01T00:00:00.000000Z", "version": "5.3"}
+            header = {
+                "msg_id": msg_id,
+                "msg_type": "kernel_info_request",
+                "username": "bench",
+                "session": session,
+                "date": "2026-01-01T00:00:00.000000Z",
+                "version": "5.3",
+            }
             frame = _v1_frame("shell", [json.dumps(p).encode() for p in (header, {}, {}, {})])
             started = time.perf_counter()
             ack()
@@ -171,9 +175,18 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("kernelproxy call + pong after each read", {"kind": "kp", "pong": True}),
     ("raw kernel_info, no NODELAY, no QUICKACK", {"kind": "raw", "nodelay": False, "quickack": False, "follow_up": ""}),
     ("raw kernel_info, NODELAY + QUICKACK", {"kind": "raw", "nodelay": True, "quickack": True, "follow_up": ""}),
-    ("raw kernel_info, + pong after send", {"kind": "raw", "nodelay": True, "quickack": True, "follow_up": "pong-after-send"}),
-    ("raw kernel_info, + pong after each read", {"kind": "raw", "nodelay": True, "quickack": True, "follow_up": "pong-after-read"}),
-    ("raw kernel_info, + ping after each read", {"kind": "raw", "nodelay": True, "quickack": True, "follow_up": "ping-after-read"}),
+    (
+        "raw kernel_info, + pong after send",
+        {"kind": "raw", "nodelay": True, "quickack": True, "follow_up": "pong-after-send"},
+    ),
+    (
+        "raw kernel_info, + pong after each read",
+        {"kind": "raw", "nodelay": True, "quickack": True, "follow_up": "pong-after-read"},
+    ),
+    (
+        "raw kernel_info, + ping after each read",
+        {"kind": "raw", "nodelay": True, "quickack": True, "follow_up": "ping-after-read"},
+    ),
 ]
 
 
