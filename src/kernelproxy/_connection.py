@@ -29,6 +29,7 @@ ProcessCheck = Callable[[], Awaitable["int | None"]]  # exit code once the proce
 LIVENESS_INTERVAL = 1.0  # seconds between the wire's liveness checks (heartbeats)
 PROCESS_POLL_INTERVAL = 0.1  # seconds between exit checks of a local kernel process
 IDLE_GRACE = 5.0  # seconds to wait, after a reply, for the output that precedes 'idle' on IOPub
+MONITOR_STOP_GRACE = 1.0  # seconds closing waits for the liveness monitor to stop
 INTERRUPT_GRACE = 2.0  # seconds an interrupted request has to answer before we say the kernel ignored it
 
 
@@ -101,7 +102,9 @@ class KernelConnection:
     async def close(self) -> None:
         if self._monitor_task is not None:
             self._monitor_task.cancel()
-            await asyncio.gather(self._monitor_task, return_exceptions=True)
+            # Bounded: a heartbeat's zmq.asyncio recv has been seen to ignore its cancellation (a close that
+            # hung for good); the wire's close below closes that socket, which ends it anyway.
+            await asyncio.wait([self._monitor_task], timeout=MONITOR_STOP_GRACE)
             self._monitor_task = None
         await self.wire.close()
 
@@ -290,6 +293,8 @@ class KernelConnection:
             return False
         if match == "reply":
             pending.outcome.stage = Stage.ANSWERED
+            if self._running == pending.msg_id:
+                self._running = None  # done, whenever its 'idle' arrives: later requests are not behind it
             if pending.outcome.abandoned:
                 self._pending.pop(pending.msg_id, None)
             if not pending.reply.done():
