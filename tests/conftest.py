@@ -1,6 +1,6 @@
 """Shared fixtures: real ipykernel kernels, external kernels, and a leak check.
 
-Kernel fixtures are parametrized over TRANSPORTS; adding a transport (e.g.
+Kernel fixtures are parametrized over KERNEL_PATHS; adding a path (e.g.
 "comm") to that list runs every kernel-using test over it too.
 """
 
@@ -34,9 +34,14 @@ import kernelproxy
 # Enterprise Gateway and JupyterHub fixtures (each server in its own cached environment): tests/servers/fixtures.py.
 pytest_plugins = ["servers.fixtures"]
 
-# Every kernel fixture runs once per transport listed here. "server" is a kernel of a real
-# `jupyter server`, reached over its REST + websocket API (comm transport, frames in parts).
-TRANSPORTS = ["comm", "execute", "server"]
+# Every kernel fixture runs once per path listed here: a transport over a wire. "server" is a kernel of a
+# real `jupyter server`, reached over its REST + websocket API (comm transport, frames in parts).
+KERNEL_PATHS = [
+    pytest.param(("comm", "zmq"), id="comm"),
+    pytest.param(("execute", "zmq"), id="execute"),
+    pytest.param(("comm", "websocket"), id="server"),
+]
+SERVER_PATH = ("comm", "websocket")
 
 
 @dataclass
@@ -106,10 +111,22 @@ def no_kernel_left_behind() -> Iterator[StartedKernels]:
 # ---------------------------------------------------------------------- kernels
 
 
-@pytest.fixture(scope="module", params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest) -> str:
-    """The transport under test; parametrizes every kernel fixture."""
+@pytest.fixture(scope="module", params=KERNEL_PATHS)
+def kernel_path(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(transport, wire) under test; parametrizes every kernel fixture."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def transport(kernel_path: tuple[str, str]) -> str:
+    """The transport under test: "comm" or "execute"."""
+    return kernel_path[0]
+
+
+@pytest.fixture(scope="module")
+def wire(kernel_path: tuple[str, str]) -> str:
+    """The wire under test: "zmq" (the kernel's own sockets) or "websocket" (through a Jupyter server)."""
+    return kernel_path[1]
 
 
 @pytest.fixture(scope="session")
@@ -123,9 +140,9 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jupyter
 
 
 @pytest.fixture(scope="module")
-def kernel(transport: str, request: pytest.FixtureRequest) -> Iterator[kernelproxy.Kernel]:
+def kernel(kernel_path: tuple[str, str], request: pytest.FixtureRequest) -> Iterator[kernelproxy.Kernel]:
     """A kernel shared by the tests of one module: do not break it (use fresh_kernel for that)."""
-    k = new_kernel(transport, request)
+    k = new_kernel(kernel_path, request)
     try:
         yield k
     finally:
@@ -133,9 +150,9 @@ def kernel(transport: str, request: pytest.FixtureRequest) -> Iterator[kernelpro
 
 
 @pytest.fixture
-def fresh_kernel(transport: str, request: pytest.FixtureRequest) -> Iterator[kernelproxy.Kernel]:
+def fresh_kernel(kernel_path: tuple[str, str], request: pytest.FixtureRequest) -> Iterator[kernelproxy.Kernel]:
     """A kernel of one's own, for tests that kill, restart or shut it down."""
-    k = new_kernel(transport, request)
+    k = new_kernel(kernel_path, request)
     try:
         yield k
     finally:
@@ -181,7 +198,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     skip = pytest.mark.skip(reason="starts or connects to local kernels itself; the server variant would repeat 'comm'")
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is None or callspec.params.get("transport") != "server":
+        if callspec is None or callspec.params.get("kernel_path") != SERVER_PATH:
             continue
         if not SERVER_KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(skip)

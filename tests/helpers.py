@@ -165,13 +165,14 @@ def wait_for_file(path: os.PathLike, timeout: float = 30) -> None:
 # ---------------------------------------------------------------------- a real Jupyter Server
 
 
-def new_kernel(transport: str, request):
-    """A kernel for a transport of conftest.TRANSPORTS: started here, or on the session's Jupyter server."""
+def new_kernel(kernel_path: tuple[str, str], request):
+    """A kernel for a path of conftest.KERNEL_PATHS: started here, or on the session's Jupyter server."""
     import kernelproxy
 
-    if transport == "server":
+    transport, wire = kernel_path
+    if wire == "websocket":
         server = request.getfixturevalue("jupyter_server")
-        return kernelproxy.connect_server(server.url, token=server.token)
+        return kernelproxy.connect_server(server.url, token=server.token, transport=transport)
     return kernelproxy.start(transport=transport)
 
 

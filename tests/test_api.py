@@ -550,7 +550,7 @@ def test_remote_decorator_uses_kernel_namespace(kernel):
 # ---------------------------------------------------------------------- info
 
 
-def test_info_fields(kernel, transport):
+def test_info_fields(kernel, wire):
     info = kernel.info
     assert isinstance(info, kernelproxy.KernelInfo)
     assert info.implementation == "ipython"
@@ -563,7 +563,7 @@ def test_info_fields(kernel, transport):
     assert os.path.samefile(info.executable, sys.executable)
     assert info.hostname == platform.node()
     assert info.transport.split()[0] in ("execute", "comm")
-    if transport == "server":  # reached through a server: no connection file here, the server's URL instead
+    if wire == "websocket":  # reached through a server: no connection file here, the server's URL instead
         assert info.connection_file is None
         assert info.server and info.kernel_id and "websocket" in info.transport
     else:
@@ -576,7 +576,7 @@ def test_info_fields(kernel, transport):
 
 def test_info_transport_matches_request(kernel, transport):
     # Through a server, "auto" picks comm: binary buffers survive the websocket.
-    assert kernel.info.transport.split()[0] == ("comm" if transport == "server" else transport)
+    assert kernel.info.transport.split()[0] == transport
 
 
 def test_repr_mentions_pid(kernel):

@@ -26,8 +26,8 @@ def sleep_ignoring_sigint(seconds):
 
 
 @pytest.fixture
-def kernel(transport, request):
-    kernel = new_kernel(transport, request)
+def kernel(kernel_path, request):
+    kernel = new_kernel(kernel_path, request)
     yield kernel
     kernel.shutdown()
 

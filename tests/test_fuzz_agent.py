@@ -738,7 +738,7 @@ def still_usable(kernel: kernelproxy.Kernel, n: int) -> None:
 
 def test_real_kernel_fuzz(kernel, transport):
     """~100 malformed requests per transport through a real kernel; each gets an error reply, the kernel lives."""
-    if transport in ("comm", "server"):  # server kernels use the comm transport, over the websocket
+    if transport == "comm":  # server kernels use the comm transport too, over the websocket
         fuzz_comm_transport(kernel)
     else:
         fuzz_execute_transport(kernel)

@@ -1,7 +1,7 @@
 """Kernels of a real Jupyter Server, over its REST + websocket API.
 
 The behaviour suite runs against server kernels through the "server" variant
-of the kernel fixtures (conftest.TRANSPORTS); this module covers what only a
+of the kernel fixtures (conftest.KERNEL_PATHS); this module covers what only a
 server has: its REST verbs, authentication, an unreachable server, the
 websocket message limit, its IOPub throttling, both websocket protocols,
 reconnecting, kernels attached by id, and pools of server kernels.
