@@ -91,17 +91,17 @@ class ServerClient:
         try:
             response = await self._http.fetch(request)
         except HTTPClientError as exc:
-            raise _http_error(method, url, exc) from None
+            raise _http_error(method, url, exc) from exc
         except ssl.SSLError as exc:
             raise ServerUnreachableError(
                 f"TLS with {self.address.url} failed ({exc}); if the server's certificate comes from a private "
                 "authority, pass verify='/path/to/its-ca.pem' (or verify=False to skip the check)"
-            ) from None
+            ) from exc
         except OSError as exc:  # refused, unresolvable, unreachable
             raise ServerUnreachableError(
                 f"no Jupyter server answers at {self.address.url} ({type(exc).__name__}: {exc}); "
                 "check the URL, that the server runs, and the network between us"
-            ) from None
+            ) from exc
         return _json(response)
 
     async def list_kernels(self) -> list[dict[str, Any]]:
@@ -248,9 +248,9 @@ def _json(response: HTTPResponse) -> Any:
         return None
     try:
         return json.loads(response.body)
-    except ValueError:
+    except ValueError as exc:
         start = response.body[:200]
-        raise ServerError(f"the server's reply to {response.request.url} is not JSON: {start!r}") from None
+        raise ServerError(f"the server's reply to {response.request.url} is not JSON: {start!r}") from exc
 
 
 def _http_error(method: str, url: str, exc: HTTPClientError) -> ServerError:

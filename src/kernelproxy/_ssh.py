@@ -100,14 +100,14 @@ class SshTunnel:
             tunnel = cls._spawn(argv, rewrite_info(info, local_ports), ssh)
             try:
                 await tunnel._wait_ready(local_ports, remotes, deadline, timeout)
-            except _PortTaken:
+            except _PortTaken as exc:
                 said = tunnel.stderr_text()
                 await tunnel.close()
                 if attempt + 1 == OPEN_ATTEMPTS or time.monotonic() >= deadline:
                     raise ConnectionFileError(
                         f"ssh could not listen on local ports (taken by other programs) in {attempt + 1} "
                         f"attempts:\n{said}"
-                    ) from None
+                    ) from exc
                 continue
             except BaseException:
                 await tunnel.close()

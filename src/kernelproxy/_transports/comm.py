@@ -79,8 +79,8 @@ class CommTransport(Transport):
         try:
             matcher = _CommReply(comm_id, parts=False, wait_idle=False)
             reply = await asyncio.wait_for(connection.request("shell", "comm_open", content, matcher=matcher), timeout)
-        except asyncio.TimeoutError:
-            raise ProtocolError(f"the kernel did not answer kernelproxy's comm_open within {timeout} s") from None
+        except asyncio.TimeoutError as exc:
+            raise ProtocolError(f"the kernel did not answer kernelproxy's comm_open within {timeout} s") from exc
         opened = reply["content"].get("data", {})
         algorithm = opened.get("opened")
         if reply["msg_type"] != "comm_msg" or algorithm not in DIGESTS:

@@ -104,16 +104,16 @@ class WebsocketWire(Wire):
             code = exc.code
             if code in (401, 403):
                 where = self.url.split("?")[0]
-                raise AuthenticationError(f"the server rejected the token for {where} (HTTP {code})", code) from None
+                raise AuthenticationError(f"the server rejected the token for {where} (HTTP {code})", code) from exc
             if code == 404:
-                raise ServerError(f"no kernel {self.kernel_id} on the server (websocket HTTP 404)", 404) from None
+                raise ServerError(f"no kernel {self.kernel_id} on the server (websocket HTTP 404)", 404) from exc
             if code == 599:
                 why = exc.message
-                raise ServerUnreachableError(f"the kernel's websocket could not be opened: {why}", 599) from None
-            raise ServerError(f"the server refused the kernel's websocket: HTTP {code} {exc.message}", code) from None
+                raise ServerUnreachableError(f"the kernel's websocket could not be opened: {why}", 599) from exc
+            raise ServerError(f"the server refused the kernel's websocket: HTTP {code} {exc.message}", code) from exc
         except OSError as exc:
             why = f"{type(exc).__name__}: {exc}"
-            raise ServerUnreachableError(f"the kernel's websocket could not be opened: {why}") from None
+            raise ServerUnreachableError(f"the kernel's websocket could not be opened: {why}") from exc
         conn.protocol.stream.set_nodelay(True)  # type: ignore[union-attr]  # our small requests leave at once
         self._socket = conn.protocol.stream.socket  # type: ignore[union-attr]
         self._conn = conn

@@ -21,7 +21,6 @@ from typing import Any, Callable, cast
 
 import orjson
 import zmq
-import zmq.asyncio
 from jupyter_client.adapter import adapt
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
