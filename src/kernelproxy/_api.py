@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,18 +71,32 @@ async def connect_async(
     client.load_connection_info(tunnel.info if tunnel is not None else info)  # type: ignore[arg-type]
     control = ConnectedControl([tunnel.close] if tunnel is not None else [])
     state = _KernelState(functools.partial(ZmqWire, client), control, path, transport)
+    started = time.monotonic()
     try:
         await state.open(startup_timeout)
     except BaseException as exc:
         await state.close(shutdown=False)
         if isinstance(exc, (asyncio.TimeoutError, KernelDiedError)):
-            raise ConnectionFileError(
-                f"no kernel answered at {path} within {startup_timeout} s "
-                f"({info.get('transport', 'tcp')}://{info['ip']}, shell port {info['shell_port']}): "
-                "is the kernel running, and is this its current connection file (key included)?"
-            ) from exc
+            raise ConnectionFileError(_no_answer(path, info, exc, time.monotonic() - started, startup_timeout)) from exc
         raise
     return AsyncKernel(state, call_options)
+
+
+def _no_answer(path: str, info: dict[str, Any], exc: BaseException, waited: float, startup_timeout: float) -> str:
+    """Why connect() gave up, and when: the heartbeat went silent first, or the timeout passed."""
+    where = f"{info.get('transport', 'tcp')}://{info['ip']}"
+    advice = "is the kernel running, and is this its current connection file (key included)?"
+    if isinstance(exc, KernelDiedError):
+        return (
+            f"no kernel answered at {path} ({where}): after {waited:.1f} s kernelproxy gave up before the "
+            f"{startup_timeout:g} s startup_timeout, because {exc} (heartbeat port {info['hb_port']}); {advice}"
+        )
+    return (
+        f"the kernel at {path} ({where}) did not answer a kernel_info request on its shell port "
+        f"{info['shell_port']} within the {startup_timeout:g} s startup_timeout, though its heartbeat did not go "
+        f"silent: it may be busy running code (it answers once idle; raise startup_timeout to wait longer), or "
+        f"its key or shell port may not match; {advice}"
+    )
 
 
 async def connect_server_async(

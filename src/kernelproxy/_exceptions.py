@@ -28,6 +28,8 @@ as ``__cause__``; ``RemoteError`` is only the fallback.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AuthenticationError",
     "CallInterrupted",
@@ -61,11 +63,12 @@ class RemoteError(KernelProxyError):
     ``traceback`` (the formatted remote traceback) describe what happened.
     """
 
-    def __init__(self, ename: str, evalue: str, traceback: str = "") -> None:
+    def __init__(self, ename: str, evalue: str, traceback: str = "", stack: list[dict[str, Any]] | None = None) -> None:
         super().__init__(f"{ename}: {evalue}" if evalue else ename)
         self.ename = ename
         self.evalue = evalue
         self.traceback = traceback
+        self.stack = stack  # the remote traceback as data, when the agent sent it (see RemoteTraceback)
 
     def __str__(self) -> str:
         text = super().__str__()
@@ -149,11 +152,19 @@ class KernelRestartedWarning(UserWarning):
 
 
 class RemoteTraceback(Exception):
-    """The ``__cause__`` of an exception re-raised from the kernel: the kernel-side traceback, as text."""
+    """The ``__cause__`` of an exception re-raised from the kernel: the kernel-side traceback.
 
-    def __init__(self, traceback: str) -> None:
+    ``traceback`` is the text the kernel formatted. ``stack`` is the same as data, for hosts that render it
+    themselves (IPython does, in its own colours): one dict per exception of the remote chain, oldest first,
+    with ``type``, ``message``, ``only`` (its ``traceback.format_exception_only`` lines), ``frames``
+    (``[filename, line number, function name, source line]`` each) and ``link`` (``"cause"`` or ``"context"``:
+    how it follows the previous one); None from kernels whose agent does not send it.
+    """
+
+    def __init__(self, traceback: str, stack: list[dict[str, Any]] | None = None) -> None:
         super().__init__(traceback)
         self.traceback = traceback
+        self.stack = stack
 
     def __str__(self) -> str:
         return f'\n"""\n{self.traceback.rstrip()}\n"""'

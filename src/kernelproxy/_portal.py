@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from ._output import capture
+from ._tracebacks import run_coroutine_threadsafe
 
 T = TypeVar("T")
 
@@ -38,7 +39,7 @@ class Portal:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the IO loop; return a future for its result."""
         self._check_thread(coro)
-        return capture().run(asyncio.run_coroutine_threadsafe, coro, self._loop)  # the task copies that context
+        return capture().run(run_coroutine_threadsafe, coro, self._loop)  # the task copies that context
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the IO loop and wait for it.

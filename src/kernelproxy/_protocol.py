@@ -22,6 +22,8 @@ from ._exceptions import (
     RemoteTraceback,
     SerializationError,
 )
+from ._serialization import missing_module_advice
+from ._tracebacks import attach_ipython_rendering
 
 # A reply: the agent's JSON header and the binary frames.
 Message = tuple[dict[str, Any], list[Any]]
@@ -74,8 +76,22 @@ class EchoHeader(TypedDict):
     op: Literal["echo"]
 
 
+class CellHeader(TypedDict):
+    op: Literal["cell"]
+    code: str
+
+
 Header = Union[
-    CallHeader, PushHeader, NamesHeader, NameHeader, ExecHeader, EvalHeader, RefEvalHeader, ReleaseHeader, EchoHeader
+    CallHeader,
+    PushHeader,
+    NamesHeader,
+    NameHeader,
+    ExecHeader,
+    EvalHeader,
+    RefEvalHeader,
+    ReleaseHeader,
+    EchoHeader,
+    CellHeader,
 ]
 
 
@@ -121,6 +137,10 @@ def release(ids: list[int]) -> ReleaseHeader:
 
 def echo() -> EchoHeader:
     return {"op": "echo"}
+
+
+def cell(code: str) -> CellHeader:
+    return {"op": "cell", "code": code}
 
 
 # ---------------------------------------------------------------------- the fate of one request
@@ -194,6 +214,7 @@ def reply_error(reply: dict[str, Any], frames: list[Any], what: str, loads: Any)
     """The exception a failed reply stands for; ``loads`` unpickles the remote exception's frames."""
     kind = reply.get("kind")
     ename, evalue, tb = reply.get("ename", "?"), reply.get("evalue", ""), reply.get("traceback", "")
+    stack = reply.get("stack") if isinstance(reply.get("stack"), list) else None  # agents from REVISION 4 on
     if kind == "exception":
         exc: Any = None
         if frames:
@@ -202,17 +223,15 @@ def reply_error(reply: dict[str, Any], frames: list[Any], what: str, loads: Any)
             except SerializationError:
                 exc = None
         if not isinstance(exc, Exception):  # also keeps SystemExit/KeyboardInterrupt from acting here
-            return RemoteError(ename, evalue, tb)
-        exc.__cause__ = RemoteTraceback(tb)
+            return RemoteError(ename, evalue, tb, stack)
+        exc.__cause__ = RemoteTraceback(tb, stack)
+        attach_ipython_rendering(exc)
         return exc
     if kind == "interrupted":
         return CallInterrupted(f"{what} was interrupted in the kernel\n{tb}".rstrip())
     if kind == "deserialize":
-        return SerializationError(
-            f"the kernel could not unpickle the {what}: {evalue}. If a module is missing, install it in the "
-            "kernel's environment, or have cloudpickle send it by value: "
-            "cloudpickle.register_pickle_by_value(module)"
-        )
+        advice = missing_module_advice(reply.get("missing"))
+        return SerializationError(f"the kernel could not unpickle the {what}: {evalue}. {advice}")
     if kind == "serialize":
         return SerializationError(f"{what}: {evalue}")
     return ProtocolError(f"{what} failed in kernelproxy's agent: {ename}: {evalue}")

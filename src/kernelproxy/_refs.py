@@ -27,6 +27,7 @@ from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import SerializationError, StaleRefError
+from ._tracebacks import local_tracebacks
 from .agent import _agent as agent
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ class _RefBase:
         return f"<{name} #{self._root.id} ({self._root.type}){steps}, not fetched>"
 
 
+@local_tracebacks  # errors re-raised from the kernel go from the caller's line to the remote frames
 class RemoteRef(_RefBase):
     """A handle to an object that stays in the kernel, for the blocking API: ``k.call_ref(...)``, ``k.ref(name)``.
 

@@ -12,7 +12,9 @@ does not pickle, so the error can say ``args[1]['conn']: cannot pickle
 
 from __future__ import annotations
 
+import functools
 import pickle
+import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -69,6 +71,63 @@ def loads(frames: list[Any], *, what: str = "the kernel's reply") -> Any:
         ) from exc
 
 
+GENERIC_MISSING_ADVICE = (
+    "If a module is missing, install it in the kernel's environment, or have cloudpickle send it by value: "
+    "cloudpickle.register_pickle_by_value(module)"
+)
+
+
+def missing_module_advice(missing: Any) -> str:
+    """What to do about a request the kernel could not unpickle, from the agent's ``missing`` report.
+
+    The agent names the module the pickle needed and the version of its
+    top-level package in the kernel (None: not importable there); with this
+    side's version, the advice tells a version difference from a missing package.
+    """
+    if not isinstance(missing, dict) or not isinstance(missing.get("package"), str):
+        return GENERIC_MISSING_ADVICE
+    module, package, there = str(missing.get("module")), missing["package"], missing.get("version")
+    here = agent.package_version(package)  # type: ignore[no-untyped-call]
+    if here is None:
+        return GENERIC_MISSING_ADVICE
+    if there is not None and there != here:
+        return (
+            f"{package} is installed on both sides but its versions differ: {here or 'unknown'} here, "
+            f"{there or 'unknown'} in the kernel, and what one version pickles the other cannot always read "
+            f"(numpy 2 pickles name numpy._core, which numpy 1 lacks). Install the same {package} on both sides, "
+            f"e.g. pip install {_distribution(package)}=={here} in the kernel's environment."
+            if here
+            else f"Install the same {package} on both sides."
+        )
+    if there is not None:
+        return (
+            f"{package} {here} is on both sides, yet the kernel has no {module}: is it a module of yours that only "
+            f"this side's sys.path finds? {GENERIC_MISSING_ADVICE}"
+        )
+    if here:
+        return (
+            f"{package} is not installed in the kernel's environment ({here} here): install it there, "
+            f"e.g. pip install {_distribution(package)}=={here}."
+        )
+    return (
+        f"{package} can be imported here but not in the kernel: install it in the kernel's environment, or, if it "
+        f"is your own code, have cloudpickle send it by value: cloudpickle.register_pickle_by_value({package})"
+    )
+
+
+def _distribution(package: str) -> str:
+    """The name pip installs ``package`` by (scikit-learn for sklearn), where Python can tell."""
+    try:
+        from importlib import metadata
+
+        names = metadata.packages_distributions().get(package)  # Python 3.10+
+        if names:
+            return str(names[0])
+    except Exception:
+        pass
+    return package
+
+
 def _describe_pickling_failure(parts: Mapping[str, Any], exc: Exception) -> str:
     for name, part in parts.items():
         try:
@@ -84,6 +143,33 @@ def _describe_pickling_failure(parts: Mapping[str, Any], exc: Exception) -> str:
     return f"cannot pickle the request ({type(exc).__name__}: {exc}). Nothing was sent."
 
 
+def _function_children(fn: types.FunctionType, path: str) -> Iterator[tuple[str, Any]]:
+    """What cloudpickle sends with a function by value: closure variables, defaults, the globals it uses."""
+    owner = f"{path}'s" if "'s " not in path else f"{path}, its"  # the function's closure variable 'lock'
+    code = fn.__code__
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            yield f"{owner} closure variable {name!r}", cell.cell_contents
+        except ValueError:  # an empty cell (a variable assigned later)
+            continue
+    names = code.co_varnames[code.co_argcount - len(fn.__defaults__ or ()) : code.co_argcount]
+    for name, default in zip(names, fn.__defaults__ or ()):
+        yield f"{owner} default for {name!r}", default
+    for name, default in (fn.__kwdefaults__ or {}).items():
+        yield f"{owner} default for {name!r}", default
+    for name in _global_names(code):
+        if name in fn.__globals__:
+            yield f"{owner} global {name!r}", fn.__globals__[name]
+
+
+def _global_names(code: types.CodeType) -> Iterator[str]:
+    """The global names ``code`` and the code nested in it (lambdas, inner functions) may use."""
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _global_names(const)
+
+
 def _innermost_unpicklable(value: Any, path: str, exc: Exception) -> tuple[str, Any, Exception]:
     """Descend into containers and instance state to the deepest part that fails on its own."""
     for child_path, child in _children(value, path):
@@ -95,7 +181,16 @@ def _innermost_unpicklable(value: Any, path: str, exc: Exception) -> tuple[str, 
 
 
 def _children(value: Any, path: str) -> Iterator[tuple[str, Any]]:
-    if isinstance(value, dict):
+    if isinstance(value, types.FunctionType):
+        yield from _function_children(value, path)
+    elif isinstance(value, types.MethodType):
+        yield f"{path}.__self__", value.__self__
+        yield f"{path}.__func__", value.__func__
+    elif isinstance(value, functools.partial):
+        yield f"{path}.func", value.func
+        yield from _children(list(value.args), f"{path}.args")
+        yield from _children(dict(value.keywords), f"{path}.keywords")
+    elif isinstance(value, dict):
         for key, item in value.items():
             yield f"{path}[{key!r}]", item
     elif isinstance(value, (list, tuple)):

@@ -14,11 +14,13 @@ from typing import Any, Callable, TypeVar
 from ._kernel import AsyncKernel
 from ._portal import Portal
 from ._refs import RemoteRef
+from ._tracebacks import local_tracebacks, trimming
 from ._types import UNSET, CallOptions, KernelInfo, KernelStatus, OnTimeout, Output, Unset
 
 T = TypeVar("T")
 
 
+@local_tracebacks  # errors re-raised from the kernel go from the caller's line to the remote frames
 class Kernel:
     """A Jupyter kernel used as a remote Python.
 
@@ -119,7 +121,7 @@ class Kernel:
         def run_remotely(*args: Any, **kwargs: Any) -> T:
             return self.call(fn, *args, **kwargs)
 
-        return run_remotely
+        return trimming(run_remotely)
 
     def push(self, values: Mapping[str, Any] | None = None, /, **named: Any) -> None:
         """Set variables in the kernel: ``push(df=frame)`` or ``push({"df": frame})``.

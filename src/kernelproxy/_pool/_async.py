@@ -12,6 +12,7 @@ from .. import _serialization as serialization
 from .._api import DEFAULT_ATTACH_TIMEOUT
 from .._kernel import AsyncKernel
 from .._launch import local_spec
+from .._tracebacks import LocalFuture
 from .._types import UNSET, Output, Unset
 from . import _arguments as arguments
 from ._arguments import Progress, ProgressCounter
@@ -211,7 +212,7 @@ class AsyncKernelPool:
     ) -> concurrent.futures.Future[T]:
         scheduler = self._scheduler()
         scheduler.check_open()
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        future: concurrent.futures.Future[T] = LocalFuture()
         task = scheduler.make_task(fn, args, kwargs, self._options, ThreadSink(future))
         if task is not None:
             scheduler.enqueue_threadsafe([task])
@@ -229,7 +230,7 @@ class AsyncKernelPool:
             for start in range(0, len(items), SUBMIT_BATCH):
                 batch_futures, batch = arguments.map_tasks(
                     scheduler, fn, items[start : start + SUBMIT_BATCH], chunked, self._options,
-                    concurrent.futures.Future, ThreadSink, counter,
+                    LocalFuture, ThreadSink, counter,
                 )
                 futures += batch_futures
                 tasks += batch

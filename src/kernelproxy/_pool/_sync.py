@@ -11,6 +11,7 @@ from typing import Any, Callable, TypeVar, Union
 from .. import _serialization as serialization
 from .._portal import Portal, get_portal
 from .._sync import Kernel
+from .._tracebacks import local_tracebacks, trim
 from .._types import UNSET, Output, Unset
 from . import _arguments as arguments
 from ._arguments import Progress, ProgressCounter
@@ -21,6 +22,7 @@ T = TypeVar("T")
 KernelSource = Union[Kernel, str, "os.PathLike[str]"]
 
 
+@local_tracebacks  # errors re-raised from the kernel go from the caller's line to the remote frames
 class KernelPool(concurrent.futures.Executor):
     """A pool of Jupyter kernels that runs your functions: a ``concurrent.futures.Executor``.
 
@@ -191,7 +193,11 @@ class KernelPool(concurrent.futures.Executor):
         try:
             while futures:
                 future = futures.pop()
-                value = future.result() if end_time is None else future.result(end_time - time.monotonic())
+                try:
+                    value = future.result() if end_time is None else future.result(end_time - time.monotonic())
+                except Exception as exc:
+                    trim(exc)  # the caller's line, then the remote frames
+                    raise
                 if chunked:
                     yield from value
                 else:
