@@ -26,6 +26,7 @@ from ._exceptions import (
     StaleRefError,
 )
 from ._kernel import AsyncKernel
+from ._magic import load_ipython_extension
 from ._pool import AsyncKernelPool, KernelPool
 from ._refs import AsyncRemoteRef, RemoteRef
 from ._sync import Kernel
@@ -65,6 +66,7 @@ __all__ = [
     "connect_async",
     "connect_server",
     "connect_server_async",
+    "load_ipython_extension",
     "start",
     "start_async",
 ]

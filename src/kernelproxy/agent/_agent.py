@@ -32,9 +32,11 @@ echo       (none)                      any; returned as they came
 ref_name   name: str                   (none)
 ref_eval   root: int, keep: bool       pickle of the path (tuple of steps)
 release    ids: [int]                  (none)
+cell       code: str                   (none)
 =========  ==========================  ======================================
 
 ``call`` with ``keep: true`` keeps the result here instead of returning it.
+``cell`` runs ``code`` through IPython's cell machinery (``%%remote``).
 Kept objects live in ``_objects`` under an id, until the host releases them;
 a reply that keeps one carries ``ref: {"id", "type", "repr"}``. A path step is
 ``("getattr", name)``, ``("getitem", key)``, ``("call", args, kwargs)`` or
@@ -50,7 +52,11 @@ Reply headers:
   exception), ``interrupted`` (KeyboardInterrupt), ``deserialize`` (the
   request could not be unpickled here), ``serialize`` (the result could not be
   pickled here) or ``protocol`` (malformed request: corruption or a version
-  mismatch).
+  mismatch). An ``exception`` reply also has ``stack``: the traceback as data
+  (see ``_stack``), for hosts that render it themselves. A ``deserialize``
+  reply whose pickle named a module it could not find has ``missing``:
+  ``{"module", "package", "version"}``, the package's version here (None: not
+  importable), so the host can tell a missing package from a version difference.
 
 The execute transport reaches this module through ``user_expressions`` and
 moves frames as base64 text (``ex``, ``alloc``, ``put``, ``get``, ``free``);
@@ -88,7 +94,7 @@ from types import CodeType
 PROTOCOL = 1
 # Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
 # an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
-REVISION = 3
+REVISION = 4
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -411,18 +417,67 @@ def _ok(**fields):
     return header, []
 
 
-def _error(kind, ename, evalue, tb_text="", frames=None):
+def _error(kind, ename, evalue, tb_text="", frames=None, stack=None):
     header = {"status": "error", "kind": kind, "ename": ename, "evalue": evalue, "traceback": tb_text}
+    if stack is not None:
+        header["stack"] = stack
     return header, frames or []
 
 
 def _user_traceback(exc):
     """Format ``exc`` without the agent's own frames: the user sees their code only."""
-    tb = exc.__traceback__
+    _republish_sources(exc)
+    return "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
+
+
+def _user_frames(tb):
+    """``tb`` from its first frame that is not the agent's."""
     while tb is not None and tb.tb_frame.f_code.co_filename == AGENT_FILENAME:
         tb = tb.tb_next
-    _republish_sources(exc)
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    return tb
+
+
+MAX_STACK_FRAMES = 200  # frames of one exception sent as data (the first and last ones); the text has them all
+
+
+def _stack(exc):
+    """The traceback of ``exc`` as data, for hosts that render it themselves (see RemoteTraceback.stack).
+
+    One dict per exception of its chain, oldest first: ``type`` (as traceback prints it), ``message``,
+    ``only`` (its format_exception_only lines), ``frames`` ([file, line, function, source line], the
+    agent's own left out) and ``link`` (how it follows the previous, older one: "cause", "context" or None).
+    """
+    chain = []
+    seen = set()
+    link = None
+    while exc is not None and id(exc) not in seen and len(chain) < 20:
+        seen.add(id(exc))
+        frames = [
+            [frame.filename, frame.lineno, frame.name, frame.line or ""]
+            for frame in traceback.extract_tb(exc.__traceback__)
+            if frame.filename != AGENT_FILENAME
+        ]
+        if len(frames) > MAX_STACK_FRAMES:
+            frames = frames[: MAX_STACK_FRAMES // 2] + frames[-MAX_STACK_FRAMES // 2 :]
+        cls = type(exc)
+        name = cls.__qualname__
+        if cls.__module__ not in ("builtins", "__main__"):
+            name = "%s.%s" % (cls.__module__, name)
+        try:
+            message = str(exc)
+        except BaseException:
+            message = "<exception str() failed>"
+        only = traceback.format_exception_only(cls, exc)
+        chain.append({"type": name, "message": message, "only": only, "frames": frames, "link": None})
+        if exc.__cause__ is not None:
+            exc, link = exc.__cause__, "cause"
+        elif exc.__context__ is not None and not exc.__suppress_context__:
+            exc, link = exc.__context__, "context"
+        else:
+            break
+        chain[-1]["link"] = link
+    chain.reverse()
+    return chain
 
 
 def _republish_sources(exc):
@@ -442,22 +497,41 @@ def _republish_sources(exc):
 def _exception_reply(exc, kind="exception"):
     tb_text = _user_traceback(exc)
     frames = []
+    stack = None
     if kind == "exception":
         try:
             frames = dumps(exc)
         except BaseException:  # the host falls back to RemoteError
             frames = []
-    return _error(kind, type(exc).__name__, str(exc), tb_text, frames)
+        try:
+            stack = _stack(exc)
+        except Exception:  # the text traceback is there anyway
+            stack = None
+    return _error(kind, type(exc).__name__, str(exc), tb_text, frames, stack)
 
 
-def _value_reply(value):
+# What to do instead when a value cannot be pickled, by the request that wanted it.
+KEEP_ADVICE = {
+    "call": "keep it in the kernel instead: call_ref() returns a RemoteRef to it, whose methods run there",
+    "pull": "keep it in the kernel instead: ref(name) returns a RemoteRef to it, whose methods run there",
+    "eval": "keep it in the kernel instead: assign it there with exec() and take ref(name), a RemoteRef to it",
+    "ref_eval": (
+        "keep it in the kernel instead: ref.call_ref('method', ...) keeps a method's result there, "
+        "and the ref itself stands for the object in calls"
+    ),
+}
+
+
+def _value_reply(value, op="call"):
     try:
         frames = dumps(value)
     except BaseException as exc:
+        what = "the result" if op in ("call", "ref_eval") else "the value"
         return _error(
             "serialize",
             type(exc).__name__,
-            "the result (a %s) could not be pickled in the kernel: %s" % (_type_name(value), exc),
+            "%s (a %s) could not be pickled in the kernel: %s; %s"
+            % (what, _type_name(value), exc, KEEP_ADVICE.get(op, KEEP_ADVICE["call"])),
             _user_traceback(exc),
         )
     header, _ = _ok()
@@ -473,14 +547,56 @@ def _type_name(value):
 
 
 class _RequestUnpicklingError(Exception):
-    pass
+    missing = None  # {"module", "package", "version"}: the module the pickle named and this side's view of it
 
 
 def _load_request(frames):
     try:
         return loads(frames)
     except BaseException as exc:
-        raise _RequestUnpicklingError("%s: %s" % (type(exc).__name__, exc)) from exc
+        error = _RequestUnpicklingError("%s: %s" % (type(exc).__name__, exc))
+        error.missing = missing_module(exc)
+        raise error from exc
+
+
+def missing_module(exc):
+    """For an unpickling error that names a module, ``{"module", "package", "version"}``, else None.
+
+    ``package`` is the module's top-level package and ``version`` its version
+    on this side (``package_version``). Both sides use it: the host to say
+    which versions differ.
+    """
+    module = None
+    if isinstance(exc, ImportError):
+        module = exc.name
+    elif isinstance(exc, AttributeError):  # pickle: "Can't get attribute 'X' on <module 'm' from ...>"
+        import re
+
+        found = re.search(r"on <module '([^']+)'", str(exc))
+        module = found.group(1) if found else None
+    if not isinstance(module, str) or not module or module.startswith("."):
+        return None
+    package = module.split(".")[0]
+    return {"module": module, "package": package, "version": package_version(package)}
+
+
+def package_version(package):
+    """The version of a top-level package importable here; "" if it has none; None if it cannot be imported."""
+    import importlib
+
+    try:
+        imported = importlib.import_module(package)
+    except BaseException:
+        return None
+    version = getattr(imported, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        from importlib import metadata
+
+        return metadata.version(package)
+    except Exception:
+        return ""
 
 
 def _compile(source, mode):
@@ -496,7 +612,7 @@ def _compile(source, mode):
 def _op_call(header, frames, ns):
     fn, args, kwargs = _load_request(frames)
     result = fn(*args, **kwargs)
-    return _keep(result) if header.get("keep") else _value_reply(result)
+    return _keep(result) if header.get("keep") else _value_reply(result, "call")
 
 
 def _op_push(header, frames, ns):
@@ -509,7 +625,7 @@ def _op_pull(header, frames, ns):
     missing = [name for name in names if name not in ns]
     if missing:
         raise KeyError("not defined in the kernel: %s" % ", ".join(missing))
-    return _value_reply(tuple(ns[name] for name in names))
+    return _value_reply(tuple(ns[name] for name in names), "pull")
 
 
 def _op_exec(header, frames, ns):
@@ -518,7 +634,7 @@ def _op_exec(header, frames, ns):
 
 
 def _op_eval(header, frames, ns):
-    return _value_reply(eval(_compile(header["expr"], "eval"), ns))
+    return _value_reply(eval(_compile(header["expr"], "eval"), ns), "eval")
 
 
 def _op_delete(header, frames, ns):
@@ -587,13 +703,35 @@ def _op_ref_name(header, frames, ns):
 
 def _op_ref_eval(header, frames, ns):
     value = resolve(header["root"], _load_request(frames) if frames else ())
-    return _keep(value) if header.get("keep") else _value_reply(value)
+    return _keep(value) if header.get("keep") else _value_reply(value, "ref_eval")
 
 
 def _op_release(header, frames, ns):
     for object_id in header["ids"]:
         _objects.pop(object_id, None)
     return _ok(alive=len(_objects))
+
+
+def _op_cell(header, frames, ns):
+    """Run a notebook cell's code as IPython runs cells (magics, the last expression displayed): %%remote.
+
+    Not stored in the kernel's history. The last expression's value goes out
+    as an execute_result, like any cell's. An error raises here, without
+    IPython's own frames, and is re-raised on the host.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None:  # not an IPython kernel: plain Python statements
+        exec(_compile(header["code"], "exec"), ns)
+        return _ok()
+    result = shell.run_cell(header["code"], store_history=False, silent=False)
+    error = result.error_before_exec or result.error_in_exec
+    if error is not None:
+        tb = error.__traceback__
+        while tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("IPython."):
+            tb = tb.tb_next
+        raise error.with_traceback(tb)
+    return _ok()
 
 
 def _op_echo(header, frames, ns):
@@ -613,6 +751,7 @@ HANDLERS = {
     "ref_name": _op_ref_name,
     "ref_eval": _op_ref_eval,
     "release": _op_release,
+    "cell": _op_cell,
 }
 
 
@@ -622,6 +761,7 @@ _FIELDS = {
     "pull": {"names": (list, str)},
     "exec": {"code": str},
     "eval": {"expr": str},
+    "cell": {"code": str},
     "delete": {"names": (list, str)},
     "contains": {"name": str},
     "ref_name": {"name": str},
@@ -655,7 +795,10 @@ def dispatch(header, frames, ns):
             return _error("protocol", "ProtocolError", problem)
         return HANDLERS[header["op"]](header, frames, ns)
     except _RequestUnpicklingError as exc:
-        return _error("deserialize", "SerializationError", str(exc), _user_traceback(exc))
+        reply, out = _error("deserialize", "SerializationError", str(exc), _user_traceback(exc))
+        if exc.missing is not None:
+            reply["missing"] = exc.missing
+        return reply, out
     except KeyboardInterrupt as exc:
         return _exception_reply(exc, kind="interrupted")
     except BaseException as exc:  # SystemExit too: user code must not end the kernel through us
