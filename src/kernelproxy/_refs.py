@@ -143,6 +143,14 @@ class _RefBase:
         steps = "".join(_describe_step(step) for step in self._path)
         return f"<{name} #{self._root.id} ({self._root.type}){steps}, not fetched>"
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython: the repr, no round trip
+        p.text(repr(self))
+
+    def _repr_html_(self) -> str:  # notebooks: its type and the repr taken when it was kept, no round trip
+        from ._display import ref_html
+
+        return ref_html(self)
+
 
 @local_tracebacks  # errors re-raised from the kernel go from the caller's line to the remote frames
 class RemoteRef(_RefBase):

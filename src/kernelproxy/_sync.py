@@ -11,6 +11,7 @@ import functools
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, TypeVar
 
+from . import _display
 from ._kernel import AsyncKernel
 from ._portal import Portal
 from ._refs import RemoteRef
@@ -239,4 +240,10 @@ class Kernel:
 
     def __repr__(self) -> str:
         return repr(self._core).replace("AsyncKernel", "Kernel", 1)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython: the state, as _display tells it
+        _display.pretty(p, repr(self), _display.kernel_facts(self._core))
+
+    def _repr_html_(self) -> str:  # notebooks
+        return _display.table_html(repr(self), _display.kernel_facts(self._core))
 

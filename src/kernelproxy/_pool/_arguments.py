@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, TypeVar, Union
 
+from .. import _output
 from ._scheduler import Scheduler
 from ._tasks import Sink, Task, TaskOptions
 
@@ -96,7 +97,7 @@ def progress_bar(progress: Progress, total: int) -> Any:
     if not progress:
         return None
     try:
-        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+        tqdm = _tqdm_class()
     except ImportError as exc:
         raise ImportError("map(progress=...) needs tqdm: pip install tqdm") from exc
 
@@ -104,6 +105,24 @@ def progress_bar(progress: Progress, total: int) -> Any:
     if isinstance(progress, Mapping):
         settings.update(progress)
     return tqdm(**settings)
+
+
+def _tqdm_class() -> Any:
+    """tqdm's notebook bar in a notebook that has ipywidgets, its text bar anywhere else.
+
+    Not ``tqdm.auto``: in a notebook without ipywidgets it warns (TqdmWarning) and prints text anyway.
+    """
+    import importlib.util
+
+    shell = _output._ipython_shell()
+    notebook = shell is not None and type(shell).__name__ == "ZMQInteractiveShell"  # ipykernel's shell
+    if notebook and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as notebook_tqdm  # type: ignore[import-untyped]
+
+        return notebook_tqdm
+    from tqdm import tqdm as text_tqdm  # type: ignore[import-untyped]
+
+    return text_tqdm
 
 
 class ProgressCounter:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any, Callable, TypeVar, Union
 
+from .. import _display
 from .. import _serialization as serialization
 from .._portal import Portal, get_portal
 from .._sync import Kernel
@@ -241,3 +242,9 @@ class KernelPool(concurrent.futures.Executor):
 
     def __repr__(self) -> str:
         return f"<KernelPool {_describe(self._pool._scheduler())}>"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython: the pool's state, as _display tells it
+        _display.pool_pretty(p, repr(self), self._pool._startup.scheduler)
+
+    def _repr_html_(self) -> str:  # notebooks
+        return _display.pool_html(repr(self), self._pool._startup.scheduler)
