@@ -16,8 +16,8 @@ import functools
 import logging
 import warnings
 import weakref
-from collections.abc import Awaitable, Mapping
-from typing import Any, Callable, Literal, TypeVar
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
 from . import _protocol as protocol
 from . import _serialization as serialization
@@ -41,6 +41,8 @@ from ._types import UNSET, CallOptions, KernelInfo, KernelStatus, OnTimeout, Out
 from ._wires.base import Wire
 
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from ._types import P
 TRANSPORTS = ("auto", "comm", "execute")
 log = logging.getLogger("kernelproxy")
 RELEASE_TIMEOUT = 60.0  # seconds a batch of releases may wait behind other requests
@@ -351,7 +353,7 @@ class AsyncKernel:
 
     # ------------------------------------------------------------------ calls
 
-    async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(*args, **kwargs)`` in the kernel and return its result.
 
         Every keyword goes to ``fn``, so the timeout is the view's call option: ``ak.options(timeout=5).call(fn)``.
@@ -373,7 +375,7 @@ class AsyncKernel:
         result: T = serialization.loads(out, what=f"the result of {_name(fn)}")
         return result
 
-    async def call_ref(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> AsyncRemoteRef:
+    async def call_ref(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> AsyncRemoteRef:
         """Run ``fn(*args, **kwargs)`` in the kernel and keep the result there: return a ref to it.
 
         The timeout is the view's call option, as for ``call()``: ``ak.options(timeout=5).call_ref(fn)``.
@@ -427,7 +429,7 @@ class AsyncKernel:
         header = protocol.ref_eval(root.id, keep=keep)
         return await self._request(header, frames, self._options.timeout, f"RemoteRef #{root.id}")
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Task[T]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> asyncio.Task[T]:
         """Start ``call(fn, *args, **kwargs)`` as an asyncio task and return it.
 
         Awaiting the task raises what ``call()`` raises: ``fn``'s own exception, ``CallTimeout`` after the
@@ -436,11 +438,11 @@ class AsyncKernel:
         """
         return asyncio.ensure_future(self.call(fn, *args, **kwargs))
 
-    def remote(self, fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
-        """Decorator: calling the result runs ``fn`` in the kernel (a coroutine here)."""
+    def remote(self, fn: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorator: calling the result runs ``fn`` in the kernel (a coroutine here, with ``fn``'s parameters)."""
 
         @functools.wraps(fn)
-        async def run_remotely(*args: Any, **kwargs: Any) -> T:
+        async def run_remotely(*args: P.args, **kwargs: P.kwargs) -> T:
             return await self.call(fn, *args, **kwargs)
 
         return run_remotely

@@ -42,6 +42,13 @@ _pickling_for: contextvars.ContextVar[_KernelState | None] = contextvars.Context
 # Steps: ("getattr", name) | ("getitem", key) | ("call", args, kwargs) | ("op", name, args).
 Path = tuple[tuple[Any, ...], ...]
 
+# For type checkers a ref has an Any base: it stands for the remote object, so ``k.call(fn, ref)`` checks
+# whatever type fn's parameter has (fn receives the kernel's own object there). At run time, a plain object.
+if TYPE_CHECKING:
+    _StandsForTheRemoteObject = Any
+else:
+    _StandsForTheRemoteObject = object
+
 
 @contextlib.contextmanager
 def pickling_for(state: _KernelState) -> Iterator[None]:
@@ -81,7 +88,7 @@ class _Root:
         weakref.finalize(self, state.release_later, self.id, self.generation)
 
 
-class _RefBase:
+class _RefBase(_StandsForTheRemoteObject):  # type: ignore[misc]  # an Any base, on purpose (see above)
     """What both kinds of ref share: the lazy path, identity, pickling as the kernel's own object."""
 
     __slots__ = ("_kernel", "_path", "_root")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from . import _display
 from ._kernel import AsyncKernel
@@ -19,6 +19,8 @@ from ._tracebacks import local_tracebacks, trimming
 from ._types import UNSET, CallOptions, KernelInfo, KernelStatus, OnTimeout, Output, Unset
 
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from ._types import P
 
 
 @local_tracebacks  # errors re-raised from the kernel go from the caller's line to the remote frames
@@ -67,7 +69,7 @@ class Kernel:
 
     # ------------------------------------------------------------------ calls
 
-    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(*args, **kwargs)`` in the kernel and return its result.
 
         Every keyword goes to ``fn``, so the timeout is the view's call option: ``k.options(timeout=5).call(fn)``.
@@ -87,7 +89,7 @@ class Kernel:
         """
         return self._portal.run(self._core.call(fn, *args, **kwargs))
 
-    def call_ref(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RemoteRef:
+    def call_ref(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> RemoteRef:
         """Run ``fn(*args, **kwargs)`` in the kernel, keep the result there, return a RemoteRef to it.
 
         The timeout is the view's call option, as for ``call()``: ``k.options(timeout=5).call_ref(fn)``.
@@ -106,7 +108,7 @@ class Kernel:
         """A RemoteRef to the object a kernel variable names now."""
         return RemoteRef(self._core, self._portal.run(self._core._name_keep(name, timeout)), portal=self._portal)
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
         """Start ``call(fn, *args, **kwargs)`` and return a ``concurrent.futures.Future`` for its result.
 
         The future's ``result()`` raises what ``call()`` raises: ``fn``'s own exception, ``CallTimeout`` after the
@@ -115,11 +117,11 @@ class Kernel:
         """
         return self._portal.submit(self._core.call(fn, *args, **kwargs))
 
-    def remote(self, fn: Callable[..., T]) -> Callable[..., T]:
-        """Decorator: calling the decorated function runs it in the kernel."""
+    def remote(self, fn: Callable[P, T]) -> Callable[P, T]:
+        """Decorator: calling the decorated function runs it in the kernel (it keeps ``fn``'s signature)."""
 
         @functools.wraps(fn)
-        def run_remotely(*args: Any, **kwargs: Any) -> T:
+        def run_remotely(*args: P.args, **kwargs: P.kwargs) -> T:
             return self.call(fn, *args, **kwargs)
 
         return trimming(run_remotely)

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import enum
+import sys
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
+
+if TYPE_CHECKING:  # for the checker only: call(fn, *args) checks args against fn's parameters
+    if sys.version_info >= (3, 10):
+        from typing import ParamSpec, TypeVar
+    else:
+        from typing_extensions import ParamSpec, TypeVar
+
+    P = ParamSpec("P")  # the parameters of a function run in the kernel
+    T = TypeVar("T")
+    A1 = TypeVar("A1")  # map()'s item types, one per iterable
+    A2 = TypeVar("A2")
+    A3 = TypeVar("A3")
 
 Output = Literal["forward", "discard"]
 OnTimeout = Literal["interrupt", "restart"]

@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import os
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping
-from typing import Any, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, overload
 
 from .. import _serialization as serialization
 from .._api import DEFAULT_ATTACH_TIMEOUT
@@ -21,6 +21,8 @@ from ._supervisor import KernelSource
 from ._tasks import LoopSink, Task, TaskOptions, ThreadSink
 
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from .._types import A1, A2, A3, P
 
 
 class AsyncKernelPool:
@@ -125,7 +127,7 @@ class AsyncKernelPool:
 
     # ------------------------------------------------------------------ tasks
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
         """Run ``fn(*args, **kwargs)`` on the next idle kernel; return an asyncio.Future."""
         scheduler = self._scheduler()
         scheduler.check_open()
@@ -135,6 +137,57 @@ class AsyncKernelPool:
             scheduler.enqueue([task])
         return future
 
+    # The checker matches fn's parameters with the iterables' items (up to three iterables, like builtins.map).
+    @overload
+    def map(
+        self,
+        fn: Callable[[A1], T],
+        iterable: Iterable[A1],
+        /,
+        *,
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: Progress = False,
+    ) -> AsyncMapResult[T]: ...
+    @overload
+    def map(
+        self,
+        fn: Callable[[A1, A2], T],
+        iterable1: Iterable[A1],
+        iterable2: Iterable[A2],
+        /,
+        *,
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: Progress = False,
+    ) -> AsyncMapResult[T]: ...
+    @overload
+    def map(
+        self,
+        fn: Callable[[A1, A2, A3], T],
+        iterable1: Iterable[A1],
+        iterable2: Iterable[A2],
+        iterable3: Iterable[A3],
+        /,
+        *,
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: Progress = False,
+    ) -> AsyncMapResult[T]: ...
+    @overload
+    def map(
+        self,
+        fn: Callable[..., T],
+        iterable1: Iterable[Any],
+        iterable2: Iterable[Any],
+        iterable3: Iterable[Any],
+        iterable4: Iterable[Any],
+        /,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: Progress = False,
+    ) -> AsyncMapResult[T]: ...
     def map(
         self,
         fn: Callable[..., T],

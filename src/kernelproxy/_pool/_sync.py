@@ -6,7 +6,7 @@ import concurrent.futures
 import os
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping
-from typing import Any, Callable, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union, overload
 
 from .. import _display
 from .. import _serialization as serialization
@@ -20,6 +20,8 @@ from ._async import AsyncKernelPool, _counter, _describe
 from ._tasks import Task
 
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from .._types import A1, A2, A3, P
 KernelSource = Union[Kernel, str, "os.PathLike[str]"]
 
 
@@ -148,10 +150,62 @@ class KernelPool(concurrent.futures.Executor):
 
     # ------------------------------------------------------------------ Executor
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
         """Run ``fn(*args, **kwargs)`` on the next idle kernel; return a concurrent.futures.Future."""
         return self._pool._submit_threadsafe(fn, args, kwargs)
 
+    # The checker matches fn's parameters with the iterables' items (up to three iterables, like builtins.map).
+    # Executor.map takes any callable; these are narrower on purpose, hence the ignored override check.
+    @overload  # type: ignore[override]
+    def map(
+        self,
+        fn: Callable[[A1], T],
+        iterable: Iterable[A1],
+        /,
+        *,
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: Progress = False,
+    ) -> Iterator[T]: ...
+    @overload
+    def map(
+        self,
+        fn: Callable[[A1, A2], T],
+        iterable1: Iterable[A1],
+        iterable2: Iterable[A2],
+        /,
+        *,
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: Progress = False,
+    ) -> Iterator[T]: ...
+    @overload
+    def map(
+        self,
+        fn: Callable[[A1, A2, A3], T],
+        iterable1: Iterable[A1],
+        iterable2: Iterable[A2],
+        iterable3: Iterable[A3],
+        /,
+        *,
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: Progress = False,
+    ) -> Iterator[T]: ...
+    @overload
+    def map(
+        self,
+        fn: Callable[..., T],
+        iterable1: Iterable[Any],
+        iterable2: Iterable[Any],
+        iterable3: Iterable[Any],
+        iterable4: Iterable[Any],
+        /,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        progress: Progress = False,
+    ) -> Iterator[T]: ...
     def map(
         self,
         fn: Callable[..., T],
