@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -165,3 +166,116 @@ def test_script_traceback_with_cloudpickle_3_1_2(tmp_path):
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(target)},
     )
     assert version.stdout.strip() == "3.1.2"
+
+
+# ---------------------------------------------------------------------- no kernelproxy frames in printed tracebacks
+
+ENTRY_POINTS_SCRIPT = textwrap.dedent(
+    """\
+    import traceback
+    import kernelproxy
+
+    def compute(x):
+        return {}[x]  # remote-marker-line
+
+    def report(name, action):
+        try:
+            action()
+        except Exception:
+            print(f"==={name}===")
+            print(traceback.format_exc())
+
+    with kernelproxy.start() as k:
+        report("call", lambda: k.call(compute, "call-key"))  # user-line call
+        report("submit", lambda: k.submit(compute, "submit-key").result())  # user-line submit
+        remote_compute = k.remote(compute)
+        report("remote", lambda: remote_compute("remote-key"))  # user-line remote
+        ref = k.call_ref(dict)
+        report("ref-method", lambda: ref.pop("ref-key"))  # user-line ref-method
+        report("ref-item", lambda: ref["item-key"].get())  # user-line ref-item
+        report("ref-operator", lambda: ref + 1)  # user-line ref-operator
+        report("pull", lambda: k.pull("no_such_variable"))  # user-line pull
+        with kernelproxy.KernelPool(1) as pool:
+            report("pool-map", lambda: list(pool.map(compute, ["map-key"])))  # user-line pool-map
+            report("pool-submit", lambda: pool.submit(compute, "pool-key").result())  # user-line pool-submit
+    """
+)
+INTERNAL_FILES = ("kernelproxy/", "concurrent/futures/", "asyncio/")
+
+
+@pytest.fixture(scope="module")
+def entry_point_tracebacks(tmp_path_factory) -> dict[str, str]:
+    """Each entry point's printed traceback, from a real script."""
+    directory = tmp_path_factory.mktemp("entry-points")
+    script = directory / "entry_points.py"
+    script.write_text(ENTRY_POINTS_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=directory
+    )
+    assert proc.returncode == 0, proc.stderr
+    blocks = dict(re.findall(r"^===([\w-]+)===\n(.*?)(?=^===|\Z)", proc.stdout, flags=re.M | re.S))
+    assert sorted(blocks) == sorted(re.findall(r'report\("([\w-]+)"', ENTRY_POINTS_SCRIPT))
+    return {name: text.replace(str(script), "SCRIPT") for name, text in blocks.items()}
+
+
+@pytest.mark.parametrize(
+    "name", ["call", "submit", "remote", "ref-method", "ref-item", "ref-operator", "pull", "pool-map", "pool-submit"]
+)
+def test_printed_traceback_goes_from_the_user_line_to_the_remote_frames(entry_point_tracebacks, name):
+    text = entry_point_tracebacks[name]
+    local = text.split("The above exception was the direct cause of the following exception:")[-1]
+    frames = re.findall(r'^  File "([^"]+)", line \d+, in (\S+)\n(.*)$', local, flags=re.M)
+    assert frames, text
+    internal = [frame for frame in frames if any(part in frame[0] for part in INTERNAL_FILES)]
+    if sys.version_info >= (3, 11):
+        assert not internal, text
+    else:  # Python 3.9 and 3.10 re-raise with the facade's own frame first: one line of kernelproxy remains
+        assert len(internal) <= 1, text
+    user = [frame for frame in frames if frame[0] == "SCRIPT"]
+    assert user and f"# user-line {name}" in user[-1][2], text
+    remote = text.split("The above exception was the direct cause")[0]
+    assert "RemoteTraceback" in remote, text
+    if not name.startswith(("ref", "pull")):  # the remote function's own frame and line
+        assert 'File "SCRIPT", line 5, in compute' in remote and "remote-marker-line" in remote, text
+
+
+# ---------------------------------------------------------------------- in IPython: rendered by IPython's formatter
+
+IPYTHON_SESSION = textwrap.dedent(
+    """    from IPython import get_ipython
+    shell = get_ipython()
+    shell.run_cell("import kernelproxy; k = kernelproxy.start()")
+    shell.run_cell("def compute(x):\\n    return {}[x]  # cell-marker-line")
+    shell.run_cell("def wrapper(x):\\n    try:\\n        compute(x)\\n    except KeyError as exc:\\n        raise ValueError('wrapped') from exc")
+    print("=== call")
+    shell.run_cell("k.call(compute, 'the-key')")
+    print("=== chain")
+    shell.run_cell("k.call(wrapper, 'other-key')")
+    print("=== pool")
+    shell.run_cell("with kernelproxy.KernelPool(1) as pool:\\n    list(pool.map(compute, ['pool-key']))")
+    shell.run_cell("k.shutdown()")
+    """
+)
+
+
+def test_ipython_renders_remote_frames_with_its_own_formatter(tmp_path):
+    """A remote error in IPython: the remote frames as IPython shows frames (the host's cell names), no quoted text."""
+    script = tmp_path / "session.py"
+    script.write_text(IPYTHON_SESSION)
+    proc = subprocess.run(
+        [sys.executable, "-m", "IPython", "--colors=nocolor", "--no-banner", str(script)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    sections = dict(re.findall(r"^=== (\w+)\n(.*?)(?=^=== |\Z)", out, flags=re.M | re.S))
+    assert sorted(sections) == ["call", "chain", "pool"], out
+    for name, text in sections.items():
+        remote, _, local = text.partition("The above exception was raised in the kernel, and re-raised here:")
+        assert local, text
+        assert re.search(r"Cell In\[\d+\], line 2,? in compute\n\s+return \{\}\[x\]  # cell-marker-line", remote), text
+        assert '"""' not in text and "RemoteTraceback" not in text  # no quoted text blob
+        assert not any(part in text for part in INTERNAL_FILES), text
+        assert re.search(r"Cell In\[\d+\], line \d+\n(.*\n)*-+> +\d+ .*(k\.call|pool\.map)", local), text  # the caller
+    chain = sections["chain"]
+    assert "The above exception was the direct cause of the following exception:" in chain
+    assert chain.index("KeyError: 'other-key'") < chain.index("ValueError: wrapped")
