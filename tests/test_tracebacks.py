@@ -246,7 +246,10 @@ IPYTHON_SESSION = textwrap.dedent(
     shell = get_ipython()
     shell.run_cell("import kernelproxy; k = kernelproxy.start()")
     shell.run_cell("def compute(x):\\n    return {}[x]  # cell-marker-line")
-    shell.run_cell("def wrapper(x):\\n    try:\\n        compute(x)\\n    except KeyError as exc:\\n        raise ValueError('wrapped') from exc")
+    shell.run_cell(
+        "def wrapper(x):\\n    try:\\n        compute(x)\\n"
+        "    except KeyError as exc:\\n        raise ValueError('wrapped') from exc"
+    )
     print("=== call")
     shell.run_cell("k.call(compute, 'the-key')")
     print("=== chain")
@@ -269,7 +272,7 @@ def test_ipython_renders_remote_frames_with_its_own_formatter(tmp_path):
     out = proc.stdout + proc.stderr
     sections = dict(re.findall(r"^=== (\w+)\n(.*?)(?=^=== |\Z)", out, flags=re.M | re.S))
     assert sorted(sections) == ["call", "chain", "pool"], out
-    for name, text in sections.items():
+    for text in sections.values():
         remote, _, local = text.partition("The above exception was raised in the kernel, and re-raised here:")
         assert local, text
         assert re.search(r"Cell In\[\d+\], line 2,? in compute\n\s+return \{\}\[x\]  # cell-marker-line", remote), text
