@@ -240,7 +240,37 @@ def test_unpicklable_function_closure(kernel):
 
     with pytest.raises(SerializationError) as info:
         kernel.call(uses_lock)
-    assert "function" in str(info.value)
+    assert "cannot send the function's closure variable 'lock' to the kernel" in str(info.value)
+    assert "_thread.lock" in str(info.value)
+
+
+GLOBAL_LOCK = threading.Lock()
+
+
+def uses_global_lock():
+    return GLOBAL_LOCK.locked()
+
+
+def test_unpicklable_function_global(kernel):
+    """This module is pickled by value (register_pickle_by_value above): the function's globals travel."""
+    with pytest.raises(SerializationError, match="the function's global 'GLOBAL_LOCK'"):
+        kernel.call(uses_global_lock)
+
+
+def test_unpicklable_nested_closure_and_default(kernel):
+    lock = threading.RLock()
+
+    def inner():
+        return lock
+
+    def outer(helper=inner):
+        return helper()
+
+    with pytest.raises(SerializationError) as info:
+        kernel.call(outer)
+    assert "the function's default for 'helper', its closure variable 'lock'" in str(info.value)
+    with pytest.raises(SerializationError, match=r"args\[0\]'s closure variable 'lock'"):
+        kernel.call(lambda f: None, inner)
 
 
 def test_push_unpicklable_sends_nothing(kernel):
@@ -258,15 +288,20 @@ def test_unpicklable_result_generator(kernel):
     with pytest.raises(SerializationError) as info:
         kernel.call(lambda: (i for i in range(3)))
     assert "generator" in str(info.value)
+    assert "call_ref()" in str(info.value)  # what to do instead
+    kept = kernel.call_ref(lambda: (i for i in range(3)))  # ...which works
+    assert kept.attr("__next__")() == 0
     alive(kernel)
 
 
 def test_unpicklable_pulled_value(kernel):
     kernel.exec("import threading as _t\nunpicklable_value = _t.Lock()\ndel _t")
-    with pytest.raises(SerializationError, match="lock"):
+    with pytest.raises(SerializationError, match=r"lock.*ref\(name\)"):
         kernel.pull("unpicklable_value")
-    with pytest.raises(SerializationError):
+    with pytest.raises(SerializationError, match=r"exec\(\) and take ref\(name\)"):
         kernel.eval("unpicklable_value")
+    with pytest.raises(SerializationError, match=r"ref\.call_ref\('method', \.\.\.\)"):
+        kernel.ref("unpicklable_value").get()
     assert "unpicklable_value" in kernel
     kernel.delete("unpicklable_value")
     alive(kernel)

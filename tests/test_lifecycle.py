@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -539,6 +540,47 @@ def test_connect_nobody_listening_raises_quickly(tmp_path):
     elapsed = time.monotonic() - started
     assert elapsed < 6, elapsed
     assert str(path) in str(excinfo.value)
+
+
+def test_connect_says_the_heartbeat_gave_up_and_when(tmp_path):
+    """Nobody at the ports: the heartbeat monitor gives up after ~3 s; the message says that, not the timeout."""
+    info = _valid_connection_info(tmp_path)
+    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+        info[name] = _free_port()
+    path = tmp_path / "kernel-silent.json"
+    path.write_text(json.dumps(info))
+    started = time.monotonic()
+    with pytest.raises(ConnectionFileError) as excinfo:
+        kernelproxy.connect(path, startup_timeout=20)
+    elapsed = time.monotonic() - started
+    message = str(excinfo.value)
+    assert elapsed < 15, elapsed
+    stated = float(re.search(r"after (\d+\.\d) s kernelproxy gave up before the 20 s startup_timeout", message)[1])
+    assert abs(stated - elapsed) < 1.5, (stated, elapsed)
+    assert "heartbeat" in message and str(info["hb_port"]) in message
+    assert "within 20" not in message
+
+
+def test_connect_to_a_busy_kernel_says_it_may_be_busy(external_kernel):
+    """A kernel running another client's long cell answers its heartbeat but not kernel_info: the timeout says so."""
+    from jupyter_client import BlockingKernelClient
+
+    other = BlockingKernelClient(connection_file=str(external_kernel.connection_file))
+    other.load_connection_file()
+    other.start_channels()
+    try:
+        other.wait_for_ready(timeout=CONNECT_STARTUP)
+        other.execute("import time; time.sleep(30)")
+        time.sleep(0.5)  # the kernel is inside the cell now
+        started = time.monotonic()
+        with pytest.raises(ConnectionFileError) as excinfo:
+            kernelproxy.connect(external_kernel.connection_file, startup_timeout=3)
+        assert time.monotonic() - started < 10
+        message = str(excinfo.value)
+        assert "did not answer a kernel_info request" in message and "within the 3 s startup_timeout" in message
+        assert "busy" in message and "raise startup_timeout" in message
+    finally:
+        other.stop_channels()
 
 
 def test_connect_wrong_key_raises_connection_file_error(external_kernel, tmp_path):
