@@ -187,3 +187,39 @@ async def _start_async_mismatch(environments, tmp_path):
 def test_start_async_without_cloudpickle(environments, tmp_path, no_new_kernels):
     with pytest.raises(EnvironmentMismatchError, match="cloudpickle"):
         asyncio.run(_start_async_mismatch(environments, tmp_path))
+
+
+# ---------------------------------------------------------------------- a library whose version differs
+
+OTHER_NUMPY = "1.26.4"  # numpy 1.x: its pickles name numpy.core, numpy 2's name numpy._core
+
+
+def make_array():
+    import numpy
+
+    return numpy.arange(3)
+
+
+def test_numpy_version_difference_is_named_with_both_versions(environments, tmp_path, no_new_kernels):
+    """Not "No module named numpy._core" with advice to install it: numpy is there, in another version."""
+    numpy = pytest.importorskip("numpy")
+    if numpy.__version__.split(".")[0] == OTHER_NUMPY.split(".")[0]:
+        pytest.skip(f"the host's numpy {numpy.__version__} has the kernel's major version")
+    old_numpy = pip_target("numpy", OTHER_NUMPY)
+    with kernelproxy.start(
+        python=str(environments.venv_python),
+        env={"PYTHONPATH": f"{environments.cloudpickle_same}{os.pathsep}{old_numpy}"},
+        cwd=tmp_path,
+    ) as k:
+        assert k.eval("__import__('numpy').__version__") == OTHER_NUMPY
+        with pytest.raises(kernelproxy.SerializationError) as info:
+            k.push(array=numpy.arange(3))
+        message = str(info.value)
+        assert "numpy._core" in message  # what the kernel could not find...
+        assert f"versions differ: {numpy.__version__} here, {OTHER_NUMPY} in the kernel" in message  # ...and why
+        assert f"pip install numpy=={numpy.__version__}" in message
+        assert "register_pickle_by_value" not in message
+        assert "array" not in k
+        # the other way round, numpy 2 reads numpy 1's pickles (through its numpy.core shim, which warns)
+        with pytest.warns(DeprecationWarning, match="numpy.core"):
+            assert k.call(make_array).tolist() == [0, 1, 2]

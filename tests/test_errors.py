@@ -413,3 +413,53 @@ def test_exception_hierarchy():
         assert issubclass(getattr(kernelproxy, name), kernelproxy.KernelProxyError), name
     err = RemoteError("E", "v", "tb text")
     assert (err.ename, err.evalue, err.traceback) == ("E", "v", "tb text")
+
+
+# ---------------------------------------------------------------------- a module missing on one side, or another version
+
+
+def test_missing_module_advice_tells_a_version_difference_from_a_missing_package():
+    from kernelproxy._serialization import missing_module_advice
+
+    here = pytest.importorskip("numpy").__version__
+    differs = missing_module_advice({"module": "numpy._core", "package": "numpy", "version": "1.26.4"})
+    assert f"versions differ: {here} here, 1.26.4 in the kernel" in differs
+    assert f"pip install numpy=={here}" in differs
+    absent = missing_module_advice({"module": "numpy", "package": "numpy", "version": None})
+    assert f"numpy is not installed in the kernel's environment ({here} here)" in absent
+    same = missing_module_advice({"module": "numpy.gone", "package": "numpy", "version": here})
+    assert f"numpy {here} is on both sides, yet the kernel has no numpy.gone" in same
+    nowhere = missing_module_advice({"module": "kp_nowhere", "package": "kp_nowhere", "version": None})
+    assert "register_pickle_by_value" in nowhere
+    assert "register_pickle_by_value" in missing_module_advice(None)  # an older agent: the general advice
+
+
+def test_result_of_a_module_the_host_has_in_another_version(kernel, tmp_path, monkeypatch):
+    """The host has the package, without the module the kernel's version pickled: say so, not "only in the kernel"."""
+    package = "kp_versioned_pkg_5d1e"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("__version__ = '1.0'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    kernel.exec(
+        textwrap.dedent(
+            f"""
+            import sys as _sys, types as _types
+            _pkg = _types.ModuleType("{package}"); _pkg.__version__ = "2.0"; _pkg.__path__ = []
+            _mod = _types.ModuleType("{package}.newer")
+            exec("class Moved:\\n    pass\\n", _mod.__dict__)
+            _sys.modules["{package}"] = _pkg; _sys.modules["{package}.newer"] = _mod
+            moved = _mod.Moved()
+            del _sys, _types, _pkg, _mod
+            """
+        )
+    )
+    try:
+        with pytest.raises(SerializationError) as info:
+            kernel.pull("moved")
+        message = str(info.value)
+        assert f"{package} 1.0 is installed here but lacks {package}.newer" in message
+        assert "another" in message and "version" in message
+        assert "only in the kernel" not in message
+    finally:
+        kernel.delete("moved")
+        sys.modules.pop(package, None)

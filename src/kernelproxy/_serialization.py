@@ -61,11 +61,21 @@ def loads(frames: list[Any], *, what: str = "the kernel's reply") -> Any:
     except Exception as exc:
         hint = ""
         if isinstance(exc, (ModuleNotFoundError, AttributeError)):
-            hint = (
-                " The value's class probably exists only in the kernel: import or define it on the host,"
-                " or keep the value in the kernel (call_ref() instead of call(), ref() instead of pull())"
-                " and fetch only what you need."
-            )
+            missing = agent.missing_module(exc)  # type: ignore[no-untyped-call]
+            here = missing["version"] if missing is not None else None
+            if here is not None:  # its package is here: most likely another version of it in the kernel
+                package = missing["package"]
+                hint = (
+                    f" {package} {here or '(no version)'} is installed here but lacks {missing['module']}: the kernel"
+                    f" probably has another {package} version (k.eval(\"__import__('{package}').__version__\")"
+                    " tells), whose pickles name modules this one lacks. Install the same version on both sides."
+                )
+            else:
+                hint = (
+                    " The value's class probably exists only in the kernel: import or define it on the host,"
+                    " or keep the value in the kernel (call_ref() instead of call(), ref() instead of pull())"
+                    " and fetch only what you need."
+                )
         raise SerializationError(
             f"could not unpickle {what} on the host: {type(exc).__name__}: {exc}.{hint}"
         ) from exc
