@@ -415,7 +415,7 @@ def test_exception_hierarchy():
     assert (err.ename, err.evalue, err.traceback) == ("E", "v", "tb text")
 
 
-# ---------------------------------------------------------------------- a module missing on one side, or another version
+# ---------------------------------------------------------------------- a module missing on one side, or changed
 
 
 def test_missing_module_advice_tells_a_version_difference_from_a_missing_package():
