@@ -111,6 +111,45 @@ CELLS = {
         quiet.call(progress, "DISCARDED")
         _ = list(pool.options(output="discard").map(shout, ["DISCARDED"]))
     """,
+    "define-fail": """
+        def fail(word):
+            detail = f"{word} went wrong"
+            raise KeyError(detail)  # fail-marker-line
+    """,
+    "error": """
+        k.call(fail, "FAILING")
+    """,
+    "magic-load": """
+        %load_ext kernelproxy
+    """,
+    "magic": """
+        %%remote k
+        import os
+        print("INCELL printed in the kernel")
+        %time in_cell = 6 * 7
+        f"INCELL value {in_cell} from {os.getpid()}"
+    """,
+    "magic-error": """
+        %%remote k
+        def broken(x):
+            return x / 0  # magic-fail-line
+        broken("CELLFAIL")
+    """,
+    "magic-pool": """
+        %%remote pool
+        import os
+        print("PXWORD from", os.getpid())
+        "PXWORD value"
+    """,
+    "reprs": """
+        from IPython.display import display
+        display(k)
+        display(pool)
+        k.call_ref(dict, REPRWORD=1)
+    """,
+    "progress": """
+        _ = list(pool.map(shout, ["PROGRESSED"], progress=True))
+    """,
     "teardown": """
         await ak.close()
         pool.shutdown()
@@ -127,7 +166,12 @@ WORDS = {
     "async": ["AWAITED"],
     "update": ["UPDATED"],
     "discard": ["DISCARDED"],
+    "magic": ["INCELL"],
+    "magic-pool": ["PXWORD"],
+    "reprs": ["REPRWORD"],
+    "progress": ["PROGRESSED"],
 }
+RAISING = {"error", "magic-error"}  # cells that end in an error, on purpose
 
 
 class ThisPython(KernelSpecManager):
@@ -155,7 +199,10 @@ def cells(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
         nb = nbformat.v4.new_notebook()
         for name, source in CELLS.items():
-            nb.cells.append(nbformat.v4.new_code_cell(textwrap.dedent(source).strip(), metadata={"name": name}))
+            metadata: dict[str, Any] = {"name": name}
+            if name in RAISING:
+                metadata["tags"] = ["raises-exception"]  # nbclient goes on after it
+            nb.cells.append(nbformat.v4.new_code_cell(textwrap.dedent(source).strip(), metadata=metadata))
         client = nbclient.NotebookClient(
             nb,
             kernel_manager_class=ThisPythonKernel,  # the client owns it: shut down at the end
@@ -195,7 +242,7 @@ def test_each_cells_remote_output_is_in_that_cell_only(cells):
             expected = [] if name == "discard" else [name]
             assert holders == expected, f"{word} (from cell {name!r}) is in the outputs of {holders}"
     assert everything(cells["setup"]) == "SETUP done\n"
-    assert all(not cells[name].outputs for name in ("late-start", "teardown"))
+    assert all(not cells[name].outputs for name in ("late-start", "teardown", "define-fail", "magic-load"))
 
 
 def test_printing_calls(cells):
@@ -263,3 +310,88 @@ def test_update_display_and_clear_output(cells):
 
 def test_discard_drops_streams_and_displays(cells):
     assert cells["discard"].outputs == []
+
+
+# ---------------------------------------------------------------------- errors, %%remote, reprs, progress
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_of(cell: Any) -> dict[str, Any]:
+    (error,) = [out for out in cell.outputs if out["output_type"] == "error"]
+    return error
+
+
+def plain(traceback: list[str]) -> str:
+    return ANSI.sub("", "\n".join(traceback))
+
+
+INTERNALS = ("_sync.py", "_portal.py", "_kernel.py", "_magic.py", "concurrent/futures", "asyncio/")
+
+
+def test_a_remote_error_renders_like_a_local_one(cells):
+    error = error_of(cells["error"])
+    assert error["ename"] == "KeyError" and "FAILING went wrong" in error["evalue"]
+    assert any(ANSI.search(line) for line in error["traceback"])  # coloured by IPython
+    text = plain(error["traceback"])
+    remote, _, local = text.partition("The above exception was raised in the kernel, and re-raised here:")
+    defined_in = cells["define-fail"].execution_count
+    assert re.search(rf"Cell In\[{defined_in}\], line 3,? in fail\n\s*raise KeyError\(detail\)  # fail-marker-line", remote)
+    assert re.search(r"-+> *1 k\.call\(fail, \"FAILING\"\)", local), text
+    assert not any(internal in text for internal in INTERNALS), text
+    assert '"""' not in text  # not the kernel's text quoted
+
+
+def test_remote_magic_runs_the_cell_in_the_kernel(cells):
+    magic = cells["magic"]
+    out = streams(magic, "stdout")
+    assert out.startswith("INCELL printed in the kernel\n")
+    assert "Wall time" in out  # %time, a magic, ran in the kernel
+    (value,) = displays(magic)  # the last expression, displayed as a cell of that kernel would
+    assert re.fullmatch(r"'INCELL value 42 from (\d+)'", value["text/plain"])
+    assert not any(out["output_type"] == "error" for out in magic.outputs)
+
+
+def test_remote_magic_error_fails_the_cell_with_the_remote_frames(cells):
+    error = error_of(cells["magic-error"])
+    assert error["ename"] == "TypeError"
+    text = plain(error["traceback"])
+    assert "return x / 0  # magic-fail-line" in text and 'broken("CELLFAIL")' in text
+    assert "in broken" in text
+    assert not any(internal in text for internal in INTERNALS), text
+    assert "interactiveshell" not in text and "run_cell_magic" not in text  # no IPython machinery
+
+
+def test_remote_magic_on_a_pool_groups_output_per_kernel(cells):
+    cell = cells["magic-pool"]
+    lines = streams(cell, "stdout").splitlines()
+    label = re.compile(r"\[kernel (\d)\] PXWORD from (\d+)|\[kernel (\d)\]")
+    kernels_in_order = []
+    for line in lines:
+        match = label.fullmatch(line)
+        assert match, line
+        kernels_in_order.append(match.group(1) or match.group(3))
+    assert kernels_in_order == ["0", "0", "1", "1"]  # kernel 0's output, then kernel 1's
+    assert [data["text/plain"] for data in displays(cell)] == ["'PXWORD value'", "'PXWORD value'"]
+
+
+def test_reprs_show_state_without_a_round_trip(cells):
+    cell = cells["reprs"]
+    kernel_html, pool_html = (data["text/html"] for data in displays(cell))
+    assert "state" in kernel_html and "ready" in kernel_html and "pid" in kernel_html and "transport" in kernel_html
+    assert "2 of 2 ready" in pool_html and "tasks on it" in pool_html
+    (result,) = [out["data"] for out in cell.outputs if out["output_type"] == "execute_result"]
+    assert "RemoteRef" in result["text/html"] and "dict" in result["text/html"] and "REPRWORD" in result["text/html"]
+    assert result["text/plain"].startswith("<RemoteRef #")
+
+
+def test_progress_bar_without_ipywidgets_is_the_text_bar_without_a_warning(cells):
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        pytest.skip("ipywidgets is installed here: the notebook bar is used")
+    for name, cell in cells.items():
+        text = everything(cell)
+        assert "TqdmWarning" not in text and "IProgress" not in text, name
+    bar = streams(cells["progress"], "stderr")
+    assert "KernelPool.map" in bar and "100%" in bar  # the text bar, drawn and finished in the calling cell

@@ -126,12 +126,17 @@ def _tqdm_class() -> Any:
 
 
 class ProgressCounter:
-    """Advances a progress bar as map() tasks finish (on the loop's thread); closes it at the end."""
+    """Advances a progress bar as map() tasks finish (on the loop's thread); closes it at the end.
+
+    Made on the thread that called map(): the bar is drawn where that caller's output goes (its notebook
+    cell), also when the loop's thread advances it.
+    """
 
     def __init__(self, bar: Any, tasks: int) -> None:
         self.bar = bar
         self.left = tasks
         self.lock = threading.Lock()
+        self.context = _output.capture()
         if tasks == 0:
             bar.close()
 
@@ -141,11 +146,11 @@ class ProgressCounter:
     def done(self, size: int, cancelled: bool) -> None:
         with self.lock:
             if not cancelled:
-                self.bar.update(size)
+                self.context.copy().run(self.bar.update, size)  # a copy: another thread may be in the context
             self.left -= 1
             if self.left == 0:
-                self.bar.close()
+                self.context.copy().run(self.bar.close)
 
     def close(self) -> None:
         with self.lock:
-            self.bar.close()
+            self.context.copy().run(self.bar.close)
