@@ -336,7 +336,8 @@ def test_a_remote_error_renders_like_a_local_one(cells):
     text = plain(error["traceback"])
     remote, _, local = text.partition("The above exception was raised in the kernel, and re-raised here:")
     defined_in = cells["define-fail"].execution_count
-    assert re.search(rf"Cell In\[{defined_in}\], line 3,? in fail\n\s*raise KeyError\(detail\)  # fail-marker-line", remote)
+    frame = rf"Cell In\[{defined_in}\], line 3,? in fail\n\s*raise KeyError\(detail\)  # fail-marker-line"
+    assert re.search(frame, remote), text
     assert re.search(r"-+> *1 k\.call\(fail, \"FAILING\"\)", local), text
     assert not any(internal in text for internal in INTERNALS), text
     assert '"""' not in text  # not the kernel's text quoted
