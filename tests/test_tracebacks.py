@@ -172,6 +172,7 @@ def test_script_traceback_with_cloudpickle_3_1_2(tmp_path):
 
 ENTRY_POINTS_SCRIPT = textwrap.dedent(
     """\
+    import asyncio
     import traceback
     import kernelproxy
 
@@ -198,6 +199,23 @@ ENTRY_POINTS_SCRIPT = textwrap.dedent(
         with kernelproxy.KernelPool(1) as pool:
             report("pool-map", lambda: list(pool.map(compute, ["map-key"])))  # user-line pool-map
             report("pool-submit", lambda: pool.submit(compute, "pool-key").result())  # user-line pool-submit
+
+    async def areport(name, make):
+        try:
+            await make()
+        except Exception:
+            print(f"==={name}===")
+            print(traceback.format_exc())
+
+    async def main():
+        async with await kernelproxy.start_async() as ak:
+            await areport("async-call", lambda: ak.call(compute, "a-key"))  # user-line async-call
+            await areport("async-submit", lambda: ak.submit(compute, "s-key"))  # user-line async-submit
+            await areport("async-remote", lambda: ak.remote(compute)("r-key"))  # user-line async-remote
+            aref = await ak.call_ref(dict)
+            await areport("async-ref", lambda: aref.pop("k"))  # user-line async-ref
+
+    asyncio.run(main())
     """
 )
 INTERNAL_FILES = ("kernelproxy/", "concurrent/futures/", "asyncio/")
@@ -219,7 +237,11 @@ def entry_point_tracebacks(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "name", ["call", "submit", "remote", "ref-method", "ref-item", "ref-operator", "pull", "pool-map", "pool-submit"]
+    "name",
+    [
+        "call", "submit", "remote", "ref-method", "ref-item", "ref-operator", "pull", "pool-map", "pool-submit",
+        "async-call", "async-submit", "async-remote", "async-ref",
+    ],
 )
 def test_printed_traceback_goes_from_the_user_line_to_the_remote_frames(entry_point_tracebacks, name):
     text = entry_point_tracebacks[name]
@@ -232,11 +254,12 @@ def test_printed_traceback_goes_from_the_user_line_to_the_remote_frames(entry_po
     else:  # Python 3.9 and 3.10 re-raise with the facade's own frame first: one line of kernelproxy remains
         assert len(internal) <= 1, text
     user = [frame for frame in frames if frame[0] == "SCRIPT"]
-    assert user and f"# user-line {name}" in user[-1][2], text
+    caller = "await make()" if name.startswith("async") else f"# user-line {name}"  # where it is awaited
+    assert user and caller in user[-1][2], text
     remote = text.split("The above exception was the direct cause")[0]
     assert "RemoteTraceback" in remote, text
-    if not name.startswith(("ref", "pull")):  # the remote function's own frame and line
-        assert 'File "SCRIPT", line 5, in compute' in remote and "remote-marker-line" in remote, text
+    if not name.startswith(("ref", "pull", "async-ref")):  # the remote function's own frame and line
+        assert 'File "SCRIPT", line 6, in compute' in remote and "remote-marker-line" in remote, text
 
 
 # ---------------------------------------------------------------------- in IPython: rendered by IPython's formatter

@@ -34,6 +34,7 @@ from ._exceptions import (
 )
 from ._output import Forwarder
 from ._refs import AsyncRemoteRef, Path, _Root, check_fresh, pickling_for
+from ._tracebacks import local_tracebacks, trimming
 from ._transports.base import AgentMissingError, Message, Transport
 from ._transports.comm import CommTransport
 from ._transports.execute import ExecuteTransport
@@ -299,6 +300,7 @@ def _kill_started_kernels() -> None:
             pass
 
 
+@local_tracebacks  # errors re-raised from the kernel go from the caller's line to the remote frames
 class AsyncKernel:
     """A Jupyter kernel used as a remote Python, for asyncio code.
 
@@ -445,7 +447,7 @@ class AsyncKernel:
         async def run_remotely(*args: P.args, **kwargs: P.kwargs) -> T:
             return await self.call(fn, *args, **kwargs)
 
-        return run_remotely
+        return trimming(run_remotely)
 
     async def push(self, values: Mapping[str, Any] | None = None, /, **named: Any) -> None:
         """Set variables in the kernel's namespace: ``push(df=frame)`` or ``push({"df": frame})``.

@@ -27,7 +27,7 @@ from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import SerializationError, StaleRefError
-from ._tracebacks import local_tracebacks
+from ._tracebacks import local_tracebacks, trimmed_await
 from .agent import _agent as agent
 
 if TYPE_CHECKING:
@@ -230,6 +230,7 @@ class RemoteRef(_RefBase):
     def __abs__(self) -> Any: return self._operator("abs")  # noqa: E704
 
 
+@local_tracebacks  # errors re-raised from the kernel go from the caller's line to the remote frames
 class AsyncRemoteRef(_RefBase):
     """A handle to an object in the kernel, for AsyncKernel: what fetches a value is awaited.
 
@@ -250,14 +251,14 @@ class AsyncRemoteRef(_RefBase):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         """Call the remote object; await the result (by value)."""
-        return self._kernel._ref_value(self._root, self._call_path(args, kwargs))
+        return trimmed_await(self._kernel._ref_value(self._root, self._call_path(args, kwargs)))
 
     async def call_ref(self, method: str, /, *args: Any, **kwargs: Any) -> AsyncRemoteRef:
         """Call ``method`` of the remote object and keep the result in the kernel (a new AsyncRemoteRef)."""
         return self._kept(await self._kernel._ref_keep(self._root, self._method_path(method, args, kwargs)))
 
     def _operator(self, name: str, *args: Any) -> Coroutine[Any, Any, Any]:
-        return self._kernel._ref_value(self._root, self._op_path(name, args))
+        return trimmed_await(self._kernel._ref_value(self._root, self._op_path(name, args)))
 
     def _refuse(self, what: str, instead: str) -> TypeError:
         return TypeError(

@@ -49,10 +49,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import inspect
 import linecache
 import traceback
 import types
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, Callable, TypeVar
 
 from ._exceptions import KernelProxyError, ProtocolError, RemoteTraceback
@@ -108,7 +109,19 @@ def trim(exc: BaseException) -> None:
 
 
 def trimming(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: ``method`` re-raises with ``trim()`` (its own frame included)."""
+    """Decorator: ``method`` (a function or a coroutine function) re-raises with ``trim()``, its own frame included."""
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def trimmed_coroutine(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True  # noqa: F841
+            try:
+                return await method(*args, **kwargs)
+            except Exception as exc:
+                trim(exc)
+                raise
+
+        return trimmed_coroutine
 
     @functools.wraps(method)
     def trimmed(*args: Any, **kwargs: Any) -> Any:
@@ -123,7 +136,7 @@ def trimming(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def local_tracebacks(cls: C) -> C:
-    """Class decorator: the public methods (and dunders) of a blocking facade re-raise with ``trim()``.
+    """Class decorator: the public methods (and dunders) of a facade re-raise with ``trim()``.
 
     Private helpers (``_name``), properties and ``__init__``/``__repr__`` are left as they are.
     """
@@ -134,6 +147,16 @@ def local_tracebacks(cls: C) -> C:
             continue
         setattr(cls, name, trimming(member))
     return cls
+
+
+async def trimmed_await(awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable``; re-raise with ``trim()`` (for methods that return a coroutine without being one)."""
+    __tracebackhide__ = True  # noqa: F841
+    try:
+        return await awaitable
+    except Exception as exc:
+        trim(exc)
+        raise
 
 
 class LocalFuture(concurrent.futures.Future[T]):
