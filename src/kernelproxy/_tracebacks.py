@@ -116,7 +116,7 @@ def trimming(method: Callable[..., Any]) -> Callable[..., Any]:
         async def trimmed_coroutine(*args: Any, **kwargs: Any) -> Any:
             __tracebackhide__ = True  # noqa: F841
             try:
-                return await method(*args, **kwargs)
+                return await method(*args, **kwargs)  # kernelproxy re-raises (Python < 3.11 shows this line)
             except Exception as exc:
                 trim(exc)
                 raise
@@ -127,7 +127,7 @@ def trimming(method: Callable[..., Any]) -> Callable[..., Any]:
     def trimmed(*args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True  # noqa: F841 - IPython hides this frame where Python keeps it (3.9, 3.10)
         try:
-            return method(*args, **kwargs)
+            return method(*args, **kwargs)  # kernelproxy re-raises (Python < 3.11 shows this line)
         except Exception as exc:
             trim(exc)
             raise
@@ -153,7 +153,7 @@ async def trimmed_await(awaitable: Awaitable[T]) -> T:
     """Await ``awaitable``; re-raise with ``trim()`` (for methods that return a coroutine without being one)."""
     __tracebackhide__ = True  # noqa: F841
     try:
-        return await awaitable
+        return await awaitable  # kernelproxy re-raises (Python < 3.11 shows this line)
     except Exception as exc:
         trim(exc)
         raise
@@ -165,7 +165,7 @@ class LocalFuture(concurrent.futures.Future[T]):
     def result(self, timeout: float | None = None) -> T:
         __tracebackhide__ = True  # noqa: F841
         try:
-            return super().result(timeout)
+            return super().result(timeout)  # kernelproxy re-raises (Python < 3.11 shows this line)
         except Exception as exc:
             trim(exc)
             raise
