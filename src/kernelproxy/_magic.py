@@ -19,7 +19,7 @@ import asyncio
 from typing import Any
 
 from . import _protocol as protocol
-from ._exceptions import RemoteTraceback
+from ._exceptions import KernelDiedError, RemoteTraceback
 from ._kernel import AsyncKernel
 from ._output import Forwarder, capture
 from ._pool import KernelPool
@@ -100,18 +100,19 @@ def _run_on_pool(pool: KernelPool, code: str) -> None:
         )
         return [result if isinstance(result, BaseException) else None for result in results]
 
+    if not kernels:
+        raise KernelDiedError(f"%%remote: the pool has no working kernel now ({pool!r})")
     errors = portal.run(run_all())
-    context = capture()
-    for index, recorder in enumerate(recorders):
-        if quiet:
-            break
-        forwarder = Forwarder(context, prefix=f"[kernel {index}] ")
-        for msg in recorder.messages:
-            if msg["msg_type"] in ("display_data", "execute_result"):
-                forwarder.flush()
-                context.run(print, f"[kernel {index}]")
-            forwarder(msg)
-        forwarder.flush()
+    if not quiet:  # each kernel's output in turn, where this cell's own output goes
+        context = capture()
+        for index, recorder in enumerate(recorders):
+            forwarder = Forwarder(context, prefix=f"[kernel {index}] ")
+            for msg in recorder.messages:
+                if msg["msg_type"] in ("display_data", "execute_result"):
+                    forwarder.flush()
+                    context.run(print, f"[kernel {index}]")  # a display carries no label of its own
+                forwarder(msg)
+            forwarder.flush()
     failed: list[tuple[int | None, BaseException]] = [(i, error) for i, error in enumerate(errors) if error is not None]
     if not failed:
         return
