@@ -8,10 +8,12 @@ kernelproxy's own frames
 An exception re-raised by a blocking call passes through the facade
 (``Kernel.call``), the IO thread's portal, three frames of ``AsyncKernel``,
 and for futures and pools ``concurrent.futures``. ``trim()`` takes those out
-of the exception's traceback; it is applied once, where the blocking API hands
-the exception to its caller: a wrapper around every public method of the
-facades (``local_tracebacks``, a class decorator), ``LocalFuture.result()``
-(the futures of ``submit()``), and the generator of ``KernelPool.map``.
+of the exception's traceback; it is applied once, where the API hands the
+exception to its caller: a wrapper around every public method of the facades
+(``local_tracebacks``, a class decorator on Kernel, RemoteRef, KernelPool, and
+on AsyncKernel and AsyncRemoteRef for asyncio code), ``LocalFuture.result()``
+(the futures of ``submit()``), the generator of ``KernelPool.map``, and
+``trimmed_await`` (AsyncRemoteRef calls and operators, which return coroutines).
 
 The wrapper trims its own frame too, then re-raises with a bare ``raise``. From
 Python 3.11 a bare ``raise`` takes the exception's (trimmed) ``__traceback__``,
