@@ -9,6 +9,7 @@ keeping the function's signature.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from helpers import TEST_CACHE
 pytest.importorskip("mypy")
 
 SCRIPT = Path(__file__).parent / "typing" / "user_script.py"
+# One cache per checkout: mypy's cache, shared by two checkouts, reports the other one's file paths.
+MYPY_CACHE = TEST_CACHE / f"mypy-cache-{hashlib.sha256(str(SCRIPT).encode()).hexdigest()[:12]}"
 
 
 def test_mypy_reports_wrong_arguments_and_only_those(tmp_path):
@@ -30,7 +33,7 @@ def test_mypy_reports_wrong_arguments_and_only_those(tmp_path):
     proc = subprocess.run(
         [
             sys.executable, "-m", "mypy", "--strict", "--no-error-summary", "--show-error-codes",
-            "--cache-dir", str(TEST_CACHE / "mypy-cache"), str(SCRIPT),
+            "--cache-dir", str(MYPY_CACHE), str(SCRIPT),
         ],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
