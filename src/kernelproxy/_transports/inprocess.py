@@ -132,10 +132,16 @@ class InProcessTransport(Transport):
     def _finished(self, pending: _Pending, result: Any, error: BaseException | None) -> None:
         if isinstance(error, KernelDiedError):
             pending.outcome.died = error
-        elif error is None:
+        else:
             pending.outcome.stage = Stage.ANSWERED
         if pending.reply.done():
             return
+        if error is not None and not isinstance(error, KernelDiedError):
+            # Raised outside dispatch (an interrupt landing as the reply was copied): the kernel's exception,
+            # maybe a KeyboardInterrupt, must not act here. The execute transport says the same of it.
+            cause = error
+            error = ProtocolError(f"kernelproxy's agent failed in the kernel: {type(cause).__name__}: {cause}")
+            error.__cause__ = cause
         if error is not None:
             pending.reply.set_exception(error)
             pending.reply.exception()  # an abandoned request's failure is nobody's error

@@ -29,7 +29,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any, Optional, Protocol, TypeVar, Union
+from typing import Any, Protocol, TypeVar, Union
 
 from jupyter_client.session import Session
 
@@ -39,6 +39,7 @@ from ._fake_ipython import CommManager, KernelView, Shell, format_error, format_
 log = logging.getLogger("kernelproxy")
 T = TypeVar("T")
 PROTOCOL_VERSION = "5.3"
+PENDING_DELAY = 0.01  # seconds into the user's code at which an interrupt that came before it is raised
 
 
 class Client(Protocol):
@@ -80,7 +81,7 @@ class DirectCall:
         *,
         started: Callable[[], None],
         output: fake_python.Sink,
-        done: Callable[[Any, Optional[BaseException]], None],
+        done: Callable[[Any, BaseException | None], None],
         died: Callable[[str], BaseException],
     ) -> None:
         self.id = f"direct-{uuid.uuid4().hex}"
@@ -125,6 +126,12 @@ class FakeKernel:
         self._clients: list[Client] = []
         self._running: _Job | None = None
         self._armed = False  # kernel code runs on the main thread: an interrupt may raise there
+        # An interrupt that comes while a request runs the kernel's own code (its busy status sent, the user's
+        # code not started) waits for the user's code: a real kernel has a window of microseconds there, the
+        # fake one as wide as a thread switch. It is raised in the first sleep, or PENDING_DELAY into the code.
+        self._interrupt_pending = False
+        self._late_interrupt: threading.Timer | None = None
+        self.python.on_wake = self._take_pending
         self._aborting: set[int] = set()  # ids of queued jobs to abort (an execute error with stop_on_error)
         self._thread = threading.Thread(target=self._main, name="kernelproxy-fake-kernel", daemon=True)
         self._thread.start()
@@ -167,9 +174,13 @@ class FakeKernel:
     def interrupt(self) -> None:
         """SIGINT's stand-in: KeyboardInterrupt in the kernel code running now (none if it is idle)."""
         with self._lock:
-            if self.death is None and self._armed and self.python.main_thread is not None:
+            if self.death is not None or self.python.main_thread is None:
+                return
+            if self._armed:
                 _raise_in(self.python.main_thread, KeyboardInterrupt)
                 self.python.wake.set()
+            elif self._running is not None:
+                self._interrupt_pending = True
 
     def die(self, reason: str = "the fake kernel was killed", exit_code: int = -9) -> None:
         """End the kernel as a killed process ends: requests waiting or running get no reply."""
@@ -221,22 +232,42 @@ class FakeKernel:
             finally:
                 with self._lock:
                     self._running = None
+                    self._interrupt_pending = False  # it was for this request
 
     def run_kernel_code(self, fn: Callable[[], T]) -> T:
         """Run user or agent code on the main thread, where an interrupt raises KeyboardInterrupt."""
         with self._lock:
             self._armed = True
             self.python.wake.clear()
+            if self._interrupt_pending:
+                self.python.wake.set()  # a sleep raises it at once
+                self._late_interrupt = threading.Timer(PENDING_DELAY, self._raise_pending)
+                self._late_interrupt.daemon = True
+                self._late_interrupt.start()
         try:
             return fn()
         finally:
             with self._lock:
                 self._armed = False
+                if self._late_interrupt is not None:
+                    self._late_interrupt.cancel()
+                    self._late_interrupt = None
                 if self.python.main_thread is not None:
                     _raise_in(self.python.main_thread, None)  # one scheduled as fn returned is dropped
 
+    def _take_pending(self) -> bool:
+        with self._lock:
+            pending, self._interrupt_pending = self._interrupt_pending, False
+            return pending
+
+    def _raise_pending(self) -> None:
+        with self._lock:
+            if self._armed and self._interrupt_pending and self.python.main_thread is not None:
+                self._interrupt_pending = False
+                _raise_in(self.python.main_thread, KeyboardInterrupt)
+
     def _run_direct(self, call: DirectCall) -> None:
-        call.started()
+        call.started()  # as a request's busy status: an interrupt coming before fn runs waits for it
         try:
             with fake_python.routed_output(call.output):
                 result = self.run_kernel_code(call.fn)

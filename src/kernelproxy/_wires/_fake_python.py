@@ -6,8 +6,9 @@ the real agent source, installed by ``_bootstrap``'s expression, in this
 process; this module gives the code it runs a view of its own:
 
 * ``__import__`` (through the namespace's ``__builtins__``, which code
-  executed there inherits) serves ``sys``, ``time``, ``IPython`` and whatever
-  is put in ``sys.modules`` from the kernel's private table, everything else
+  executed there inherits) serves ``sys``, ``time``, ``IPython``, ``__main__``
+  (whose ``__dict__`` is the user namespace, as in IPython) and whatever is
+  put in ``sys.modules`` from the kernel's private table, everything else
   from this process;
 * unpickling takes those modules from the table too (the host pickles
   ``importlib.import_module(<agent>)`` and cloudpickle's ``subimport``), and
@@ -81,9 +82,14 @@ class FakePython:
     def __init__(self) -> None:
         self.modules = ModuleTable()
         self.builtins = {**vars(builtins), "__import__": self._import}
-        self.user_ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": self.builtins}
+        # As in IPython, the user namespace is the __dict__ of the kernel's __main__ module.
+        self.main = types.ModuleType("__main__")
+        self.user_ns: dict[str, Any] = self.main.__dict__
+        self.user_ns["__builtins__"] = self.builtins
+        self.modules["__main__"] = self.main
         self.main_thread: int | None = None  # ident of the kernel's main thread, once it runs
         self.wake = threading.Event()  # set by an interrupt: a sleep on the main thread returns at once
+        self.on_wake: Callable[[], bool] = lambda: False  # after a wake: whether the sleep raises KeyboardInterrupt
         self.modules["sys"] = _SysView(self.modules)
         self.modules["time"] = self._time_module()
         # The unpickler's view of globals that must resolve in the kernel, not in this process.
@@ -161,7 +167,9 @@ class FakePython:
         if threading.get_ident() != self.main_thread:
             time.sleep(seconds)
         elif self.wake.wait(seconds):
-            self.wake.clear()  # the KeyboardInterrupt scheduled with it is raised at the next bytecode
+            self.wake.clear()  # a KeyboardInterrupt scheduled with it is raised at the next bytecode...
+            if self.on_wake():
+                raise KeyboardInterrupt  # ...or here, for one that had to wait for the user's code
 
 
 # ---------------------------------------------------------------------- output of the kernel's main thread

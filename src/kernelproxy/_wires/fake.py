@@ -88,10 +88,10 @@ class FakeWire(Wire):
 
     def _fault_for(self, direction: Direction, channel: str, msg: dict[str, Any]) -> Fault | None:
         for fault in self.faults:
-            if fault.direction == direction and (fault.times is None or fault.hits < fault.times):
-                if fault.match(channel, msg):
-                    fault.hits += 1
-                    return fault
+            live = fault.direction == direction and (fault.times is None or fault.hits < fault.times)
+            if live and fault.match(channel, msg):
+                fault.hits += 1
+                return fault
         return None
 
     # ------------------------------------------------------------------ the wire contract
