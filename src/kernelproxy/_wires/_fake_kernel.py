@@ -132,6 +132,7 @@ class FakeKernel:
         self._interrupt_pending = False
         self._late_interrupt: threading.Timer | None = None
         self.python.on_wake = self._take_pending
+        self.python.on_exit = self._exit_from_code
         self._aborting: set[int] = set()  # ids of queued jobs to abort (an execute error with stop_on_error)
         self._thread = threading.Thread(target=self._main, name="kernelproxy-fake-kernel", daemon=True)
         self._thread.start()
@@ -188,8 +189,9 @@ class FakeKernel:
             if self.death is not None:
                 return
             self.death, self.exit_code = reason, exit_code
-            if self._armed and self.python.main_thread is not None:
-                _raise_in(self.python.main_thread, KernelExit)
+            main = self.python.main_thread
+            if self._armed and main is not None and main != threading.get_ident():
+                _raise_in(main, KernelExit)
             self.python.wake.set()
             running = self._running
         if isinstance(running, DirectCall):
@@ -202,6 +204,11 @@ class FakeKernel:
             if isinstance(job, DirectCall):
                 job.fail_with_death(reason)
         self._queue.put(None)  # wakes an idle main thread, which then ends
+
+    def _exit_from_code(self, code: int) -> None:
+        """Kernel code ended its process (os._exit, os.kill of its pid...)."""
+        self.die(f"the fake kernel's code ended its process (exit code {code})", exit_code=code)
+        raise KernelExit
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the main thread to end (after die()); say whether it did."""

@@ -14,7 +14,8 @@ process; this module gives the code it runs a view of its own:
   ``importlib.import_module(<agent>)`` and cloudpickle's ``subimport``), and
   functions rebuilt from pickles get the kernel's builtins;
 * ``time.sleep`` on the kernel's main thread wakes for an interrupt, as a real
-  one does for SIGINT;
+  one does for SIGINT; ``os._exit``, ``os.abort`` and ``os.kill`` of its own pid
+  end the kernel, not this process;
 * what a request prints on the kernel's main thread goes to that request
   (``routed_output``), not to this process's stdout.
 
@@ -28,7 +29,9 @@ import builtins
 import contextlib
 import importlib
 import io
+import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -90,8 +93,10 @@ class FakePython:
         self.main_thread: int | None = None  # ident of the kernel's main thread, once it runs
         self.wake = threading.Event()  # set by an interrupt: a sleep on the main thread returns at once
         self.on_wake: Callable[[], bool] = lambda: False  # after a wake: whether the sleep raises KeyboardInterrupt
+        self.on_exit: Callable[[int], None] = _no_exit_hook  # ends the kernel (set by the fake kernel); raises
         self.modules["sys"] = _SysView(self.modules)
         self.modules["time"] = self._time_module()
+        self.modules["os"] = self._os_module()
         # The unpickler's view of globals that must resolve in the kernel, not in this process.
         self._redirects: dict[tuple[str, str], Any] = {
             ("importlib", "import_module"): self.import_module,
@@ -152,6 +157,28 @@ class FakePython:
         _cloudpickle_module._function_setstate(obj, state)
         obj.__globals__["__builtins__"] = self.builtins  # it puts this process's back (read by Python 3.9 frames)
 
+    # ------------------------------------------------------------------ os: the kernel's process ends, not ours
+
+    def _os_module(self) -> types.ModuleType:
+        view = types.ModuleType("os")
+        view.__dict__.update({name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
+        view._exit = self.on_exit_code  # type: ignore[attr-defined]
+        view.abort = lambda: self.on_exit_code(-signal.SIGABRT)  # type: ignore[attr-defined]
+        view.kill = self.kill  # type: ignore[attr-defined]
+        return view
+
+    def on_exit_code(self, code: int) -> None:
+        self.on_exit(code)
+
+    def kill(self, pid: int, sig: int) -> None:
+        """``os.kill``: a signal to "this process" (the host's pid, which the kernel reports) acts on the kernel."""
+        if pid != os.getpid():
+            os.kill(pid, sig)
+        elif sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        elif sig not in (0, signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG):
+            self.on_exit(-sig)  # a signal whose default action ends the process
+
     # ------------------------------------------------------------------ time
 
     def _time_module(self) -> types.ModuleType:
@@ -170,6 +197,10 @@ class FakePython:
             self.wake.clear()  # a KeyboardInterrupt scheduled with it is raised at the next bytecode...
             if self.on_wake():
                 raise KeyboardInterrupt  # ...or here, for one that had to wait for the user's code
+
+
+def _no_exit_hook(code: int) -> None:
+    raise SystemExit(code)
 
 
 # ---------------------------------------------------------------------- output of the kernel's main thread
