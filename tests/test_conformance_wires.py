@@ -96,6 +96,27 @@ def test_concurrent_replies_are_routed_by_msg_id(site: Site) -> None:
     run(case())
 
 
+def test_two_clients_of_one_kernel_each_get_their_own_replies_and_output(site: Site) -> None:
+    async def case() -> None:
+        async with connected(site) as first, connected(site) as second:
+            heard: dict[str, list[dict]] = {"first": [], "second": []}
+
+            def ask(conn, name: str, i: int):
+                code = f"print('{name} {i}')"
+                content = execute_content(code, user_expressions={"v": f"{i} + 100"})
+                return conn.request("shell", "execute_request", content, listener=heard[name].append)
+
+            replies = await asyncio.gather(*(ask(first if i % 2 else second, "first" if i % 2 else "second", i)
+                                             for i in range(12)))
+            values = [int(reply["content"]["user_expressions"]["v"]["data"]["text/plain"]) for reply in replies]
+            assert values == [i + 100 for i in range(12)]
+            for name, parity in (("first", 1), ("second", 0)):
+                printed = sorted(msg["content"]["text"] for msg in heard[name] if msg["msg_type"] == "stream")
+                assert printed == sorted(f"{name} {i}\n" for i in range(12) if i % 2 == parity)
+
+    run(case())
+
+
 def test_binary_buffers_survive_both_ways(site: Site) -> None:
     async def case() -> None:
         async with connected(site) as conn:
