@@ -33,8 +33,9 @@ class FakeControl(KernelControl):
     owned = True
     restartable = True
 
-    def __init__(self, *, interrupt_by: Literal["signal", "message"] = "signal") -> None:
-        self.kernel = FakeKernel()
+    def __init__(self, *, interrupt_by: Literal["signal", "message"] = "signal", **kernel_options: Any) -> None:
+        self.kernel_options = kernel_options  # FakeKernel's: early_interrupts, code_start_delay
+        self.kernel = FakeKernel(**kernel_options)
         self.interrupt_by = interrupt_by  # "message": an interrupt_request on control, as for connected kernels
 
     def process_check(self) -> ProcessCheck:
@@ -51,7 +52,7 @@ class FakeControl(KernelControl):
 
     async def restart(self, connection: KernelConnection) -> None:
         self.kernel.die("the fake kernel was restarted", exit_code=0)
-        self.kernel = FakeKernel()
+        self.kernel = FakeKernel(**self.kernel_options)
 
     async def shutdown(self, connection: KernelConnection) -> None:
         self.kernel.die("the fake kernel was shut down", exit_code=0)
@@ -80,9 +81,17 @@ async def start_fake_async(
     output: Output = "forward",
     on_timeout: OnTimeout = "interrupt",
     auto_restart: bool = False,
+    early_interrupts: Literal["wait", "drop"] = "wait",
+    code_start_delay: float = 0.0,
 ) -> AsyncKernel:
-    """An AsyncKernel on a fake kernel; ``max_message_bytes`` makes its wire size-limited like a server's."""
-    control = FakeControl(interrupt_by=interrupt_by)
+    """An AsyncKernel on a fake kernel; ``max_message_bytes`` makes its wire size-limited like a server's.
+
+    ``early_interrupts`` and ``code_start_delay`` are FakeKernel's (what becomes of an interrupt that
+    comes before a request's code runs).
+    """
+    control = FakeControl(
+        interrupt_by=interrupt_by, early_interrupts=early_interrupts, code_start_delay=code_start_delay
+    )
 
     def make_wire() -> FakeWire:
         return FakeWire(control.kernel, max_message_bytes=max_message_bytes)

@@ -13,7 +13,9 @@ It behaves as ipykernel does for the messages kernelproxy sends:
   ``shutdown_request``; control: ``kernel_info_request``,
   ``interrupt_request``, ``shutdown_request``, each between busy and idle too;
 * ``interrupt()`` (SIGINT's stand-in) raises KeyboardInterrupt in the code
-  the main thread runs, and ends a ``time.sleep`` there at once;
+  the main thread runs, and ends a ``time.sleep`` there at once (one that
+  comes before the code starts waits for it, or is dropped as ipykernel
+  drops it: ``early_interrupts``);
 * ``die()`` ends it as a killed process ends: nothing more is read or sent.
 
 Code runs in a ``FakePython`` (``_fake_python``), where the real agent source
@@ -27,9 +29,10 @@ import ctypes
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar, Union
+from typing import Any, Literal, Protocol, TypeVar, Union
 
 from jupyter_client.session import Session
 
@@ -112,7 +115,7 @@ class FakeKernel:
 
     implementation = "kernelproxy-fake"
 
-    def __init__(self) -> None:
+    def __init__(self, *, early_interrupts: Literal["wait", "drop"] = "wait", code_start_delay: float = 0.0) -> None:
         # Builds this kernel's messages; nothing is signed (the key only keeps Session from warning).
         self.session = Session(key=uuid.uuid4().hex.encode(), username="kernel")
         self.python = fake_python.FakePython()
@@ -127,8 +130,12 @@ class FakeKernel:
         self._running: _Job | None = None
         self._armed = False  # kernel code runs on the main thread: an interrupt may raise there
         # An interrupt that comes while a request runs the kernel's own code (its busy status sent, the user's
-        # code not started) waits for the user's code: a real kernel has a window of microseconds there, the
-        # fake one as wide as a thread switch. It is raised in the first sleep, or PENDING_DELAY into the code.
+        # code not started): ipykernel ignores SIGINT there ("drop"), a window of microseconds unless the
+        # kernel is slow (``code_start_delay`` widens it). The fake's is as wide as a thread switch, so by
+        # default ("wait") such an interrupt waits for the user's code: raised in its first sleep, or
+        # PENDING_DELAY into it. "drop" reproduces the real race on demand.
+        self.early_interrupts = early_interrupts
+        self.code_start_delay = code_start_delay  # seconds between a request's busy status and its code
         self._interrupt_pending = False
         self._late_interrupt: threading.Timer | None = None
         self.python.on_wake = self._take_pending
@@ -180,7 +187,7 @@ class FakeKernel:
             if self._armed:
                 _raise_in(self.python.main_thread, KeyboardInterrupt)
                 self.python.wake.set()
-            elif self._running is not None:
+            elif self._running is not None and self.early_interrupts == "wait":
                 self._interrupt_pending = True
 
     def die(self, reason: str = "the fake kernel was killed", exit_code: int = -9) -> None:
@@ -275,6 +282,7 @@ class FakeKernel:
 
     def _run_direct(self, call: DirectCall) -> None:
         call.started()  # as a request's busy status: an interrupt coming before fn runs waits for it
+        self._code_starts()
         try:
             with fake_python.routed_output(call.output):
                 result = self.run_kernel_code(call.fn)
@@ -293,6 +301,7 @@ class FakeKernel:
             self._send("iopub", "stream", {"name": name, "text": text}, msg)
 
         self._send("iopub", "status", {"execution_state": "busy"}, msg)
+        self._code_starts()
         msg_type = msg["header"].get("msg_type")
         handler = _SHELL_HANDLERS.get(msg_type)
         with fake_python.routed_output(stream):
@@ -304,6 +313,10 @@ class FakeKernel:
                 except KeyboardInterrupt:  # as ipykernel: an interrupt outside kernel code does not end the kernel
                     log.error("fake kernel: KeyboardInterrupt caught in kernel")
         self._send("iopub", "status", {"execution_state": "idle"}, msg)
+
+    def _code_starts(self) -> None:
+        if self.code_start_delay:
+            time.sleep(self.code_start_delay)  # a slow kernel between saying "busy" and running the code
 
     def _control(self, request: _Request) -> None:
         """Control messages are handled at once, on the caller's thread (ipykernel's control thread)."""
