@@ -248,10 +248,10 @@ def test_an_abandoned_queued_request_records_what_it_waited_behind(site: Site) -
         async with connected(site) as conn:
             first, second = Outcome(), Outcome()
             sleep = execute_content("import time; time.sleep(30)")
-            marker = execute_content("import time; time.sleep(30); second_ran = True")
+            short = execute_content("import time; time.sleep(1)")
             running = asyncio.ensure_future(conn.request("shell", "execute_request", sleep, outcome=first))
             await until(lambda: first.stage is Stage.RUNNING, 10, "the first request running")
-            queued = asyncio.ensure_future(conn.request("shell", "execute_request", marker, outcome=second))
+            queued = asyncio.ensure_future(conn.request("shell", "execute_request", short, outcome=second))
             await until(lambda: second.stage is Stage.SENT, 5, "the second request sent")
             await asyncio.sleep(0.2)  # it reached the kernel, which is busy with the first
             queued.cancel()
@@ -262,11 +262,11 @@ def test_an_abandoned_queued_request_records_what_it_waited_behind(site: Site) -
             running.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await running
-            # The queued one starts now and is interrupted at once, not after its 30 s.
-            await until(lambda: second.stage is Stage.ANSWERED, 10, "the queued request interrupted")
-            assert second.interrupt is Interrupt.ANSWERED
-            reply = await conn.execute({"v": "'second_ran' in globals()"})
-            assert reply["user_expressions"]["v"]["data"]["text/plain"] == "False"
+            # It is interrupted as soon as the kernel says it started it. Whether that interrupt lands in its
+            # code is a race on real kernels (ipykernel ignores SIGINT until it runs the handler); the fake
+            # kernel's default lets it land: test_logic_on_fakes covers both.
+            await until(lambda: second.stage is Stage.ANSWERED, 10, "the queued request's reply")
+            assert second.interrupt is not Interrupt.NONE
 
     run(case())
 

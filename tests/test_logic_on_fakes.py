@@ -129,6 +129,52 @@ def test_a_call_that_kills_its_kernel_raises_kernel_died_and_restart_recovers() 
     run(case())
 
 
+def sleep_then_mark(seconds: float) -> None:
+    import __main__
+    import time
+
+    time.sleep(seconds)
+    __main__.queued_call_ran = True
+
+
+async def abandon_a_queued_call(kernel: AsyncKernel) -> None:
+    """A long call runs; a second one queued behind it times out; then the first is cancelled."""
+    first = asyncio.ensure_future(kernel.call(time.sleep, 30))
+    await until(lambda: fake_parts(kernel)[0].running is not None, 5, "the first call running")
+    with pytest.raises(kernelproxy.CallTimeout, match="queued behind other work"):
+        await kernel.options(timeout=0.1).call(sleep_then_mark, 1.0)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await kernel.call(int, "0")  # queued behind the abandoned one: it is over
+
+
+def test_an_abandoned_queued_call_is_interrupted_as_soon_as_it_starts() -> None:
+    async def case() -> None:
+        async with fake_kernel() as kernel:
+            started = time.monotonic()
+            await abandon_a_queued_call(kernel)
+            assert time.monotonic() - started < 1.0
+            assert not await kernel.contains("queued_call_ran")
+
+    run(case())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the connection interrupts an abandoned queued call when IOPub says it started; ipykernel ignores "
+    "SIGINT until it runs the request's handler, so on a slow kernel that interrupt is lost and the call "
+    "runs to its end (the fake reproduces it with early_interrupts='drop' and a code_start_delay)",
+)
+def test_an_abandoned_queued_call_is_interrupted_even_on_a_slow_kernel() -> None:
+    async def case() -> None:
+        async with fake_kernel(early_interrupts="drop", code_start_delay=0.05) as kernel:
+            await abandon_a_queued_call(kernel)
+            assert not await kernel.contains("queued_call_ran")
+
+    run(case())
+
+
 # ---------------------------------------------------------------------- the connection under message faults
 
 
