@@ -42,7 +42,6 @@ from ._fake_ipython import CommManager, KernelView, Shell, format_error, format_
 log = logging.getLogger("kernelproxy")
 T = TypeVar("T")
 PROTOCOL_VERSION = "5.3"
-PENDING_DELAY = 0.01  # seconds into the user's code at which an interrupt that came before it is raised
 
 
 class Client(Protocol):
@@ -129,16 +128,16 @@ class FakeKernel:
         self._clients: list[Client] = []
         self._running: _Job | None = None
         self._armed = False  # kernel code runs on the main thread: an interrupt may raise there
+        self._sleeping = False  # ...and it sleeps (time.sleep): the interrupt is raised by the sleep
         # An interrupt that comes while a request runs the kernel's own code (its busy status sent, the user's
         # code not started): ipykernel ignores SIGINT there ("drop"), a window of microseconds unless the
         # kernel is slow (``code_start_delay`` widens it). The fake's is as wide as a thread switch, so by
-        # default ("wait") such an interrupt waits for the user's code: raised in its first sleep, or
-        # PENDING_DELAY into it. "drop" reproduces the real race on demand.
+        # default ("wait") such an interrupt waits for the request's first sleep (code that never sleeps
+        # misses it). "drop" reproduces the real race on demand.
         self.early_interrupts = early_interrupts
         self.code_start_delay = code_start_delay  # seconds between a request's busy status and its code
-        self._interrupt_pending = False
-        self._late_interrupt: threading.Timer | None = None
-        self.python.on_wake = self._take_pending
+        self._interrupt_pending = False  # raised by the next sleep of the running request
+        self.python.on_sleep = self._on_sleep
         self.python.on_exit = self._exit_from_code
         self._aborting: set[int] = set()  # ids of queued jobs to abort (an execute error with stop_on_error)
         self._thread = threading.Thread(target=self._main, name="kernelproxy-fake-kernel", daemon=True)
@@ -180,15 +179,19 @@ class FakeKernel:
     # ------------------------------------------------------------------ signals and death
 
     def interrupt(self) -> None:
-        """SIGINT's stand-in: KeyboardInterrupt in the kernel code running now (none if it is idle)."""
+        """SIGINT's stand-in: KeyboardInterrupt in the kernel code running now (none if it is idle).
+
+        Code that sleeps gets it from its sleep (a safe place); other code at its next bytecode, wherever
+        that is, as a signal lands.
+        """
         with self._lock:
             if self.death is not None or self.python.main_thread is None:
                 return
-            if self._armed:
+            if self._armed and not self._sleeping:
                 _raise_in(self.python.main_thread, KeyboardInterrupt)
-                self.python.wake.set()
-            elif self._running is not None and self.early_interrupts == "wait":
+            elif self._armed or (self._running is not None and self.early_interrupts == "wait"):
                 self._interrupt_pending = True
+                self.python.wake.set()
 
     def die(self, reason: str = "the fake kernel was killed", exit_code: int = -9) -> None:
         """End the kernel as a killed process ends: requests waiting or running get no reply."""
@@ -197,9 +200,9 @@ class FakeKernel:
                 return
             self.death, self.exit_code = reason, exit_code
             main = self.python.main_thread
-            if self._armed and main is not None and main != threading.get_ident():
-                _raise_in(main, KernelExit)
-            self.python.wake.set()
+            if self._armed and not self._sleeping and main is not None and main != threading.get_ident():
+                _raise_in(main, KernelExit)  # code that does not sleep must still stop
+            self.python.wake.set()  # a sleeping one stops there
             running = self._running
         if isinstance(running, DirectCall):
             running.fail_with_death(reason)
@@ -252,33 +255,26 @@ class FakeKernel:
         """Run user or agent code on the main thread, where an interrupt raises KeyboardInterrupt."""
         with self._lock:
             self._armed = True
-            self.python.wake.clear()
-            if self._interrupt_pending:
-                self.python.wake.set()  # a sleep raises it at once
-                self._late_interrupt = threading.Timer(PENDING_DELAY, self._raise_pending)
-                self._late_interrupt.daemon = True
-                self._late_interrupt.start()
         try:
             return fn()
         finally:
             with self._lock:
                 self._armed = False
-                if self._late_interrupt is not None:
-                    self._late_interrupt.cancel()
-                    self._late_interrupt = None
                 if self.python.main_thread is not None:
                     _raise_in(self.python.main_thread, None)  # one scheduled as fn returned is dropped
 
-    def _take_pending(self) -> bool:
+    def _on_sleep(self, starting: bool) -> type[BaseException] | None:
+        """Called by time.sleep on the main thread before and after it sleeps: what it raises, if anything."""
         with self._lock:
-            pending, self._interrupt_pending = self._interrupt_pending, False
-            return pending
-
-    def _raise_pending(self) -> None:
-        with self._lock:
-            if self._armed and self._interrupt_pending and self.python.main_thread is not None:
+            self._sleeping = starting and self._armed
+            if not starting:
+                self.python.wake.clear()
+            if self.death is not None:
+                return KernelExit
+            if self._interrupt_pending and self._armed:
                 self._interrupt_pending = False
-                _raise_in(self.python.main_thread, KeyboardInterrupt)
+                return KeyboardInterrupt
+            return None
 
     def _run_direct(self, call: DirectCall) -> None:
         call.started()  # as a request's busy status: an interrupt coming before fn runs waits for it

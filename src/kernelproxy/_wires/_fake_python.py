@@ -91,8 +91,10 @@ class FakePython:
         self.user_ns["__builtins__"] = self.builtins
         self.modules["__main__"] = self.main
         self.main_thread: int | None = None  # ident of the kernel's main thread, once it runs
-        self.wake = threading.Event()  # set by an interrupt: a sleep on the main thread returns at once
-        self.on_wake: Callable[[], bool] = lambda: False  # after a wake: whether the sleep raises KeyboardInterrupt
+        self.wake = threading.Event()  # set by an interrupt or a death: a sleep on the main thread returns at once
+        # Set by the fake kernel: called on the main thread around each sleep, with whether it is starting;
+        # after it, the exception the sleep raises (KeyboardInterrupt, the kernel's exit), if any.
+        self.on_sleep: Callable[[bool], type[BaseException] | None] = lambda starting: None
         self.on_exit: Callable[[int], None] = _no_exit_hook  # ends the kernel (set by the fake kernel); raises
         self.modules["sys"] = _SysView(self.modules)
         self.modules["time"] = self._time_module()
@@ -193,10 +195,16 @@ class FakePython:
             raise ValueError("sleep length must be non-negative")
         if threading.get_ident() != self.main_thread:
             time.sleep(seconds)
-        elif self.wake.wait(seconds):
-            self.wake.clear()  # a KeyboardInterrupt scheduled with it is raised at the next bytecode...
-            if self.on_wake():
-                raise KeyboardInterrupt  # ...or here, for one that had to wait for the user's code
+            return
+        error = self.on_sleep(True)
+        try:
+            if error is None:
+                self.wake.wait(seconds)
+        finally:
+            after = self.on_sleep(False)  # always: the kernel must know the sleep is over
+        error = error or after
+        if error is not None:
+            raise error  # here rather than at a random bytecode: a safe place, as a real sleep is for SIGINT
 
 
 def _no_exit_hook(code: int) -> None:
