@@ -275,6 +275,11 @@ async def transport_on(peer: str, site: Site) -> AsyncIterator[tuple[Transport, 
                 await transport.close()
 
 
+def printed(seen: list[dict[str, Any]], text: str) -> Callable[[], bool]:
+    """Whether a listener that appends to ``seen`` got ``text`` in a stream message (for ``until``)."""
+    return lambda: any(msg["msg_type"] == "stream" and text in msg["content"]["text"] for msg in seen)
+
+
 def execute_content(code: str, **fields: Any) -> dict[str, Any]:
     """An execute_request's content as kernelproxy sends them (silent, no history, errors do not abort the queue)."""
     content = {
@@ -293,10 +298,12 @@ def execute_content(code: str, **fields: Any) -> dict[str, Any]:
 # SIGINT into KeyboardInterrupt, the fake raises it in its main thread; this code swallows it.
 STUBBORN_CELL = """
 import time
+print("stubborn", flush=True)  # tells the test it runs: an interrupt sent earlier could land before it
 _end = time.monotonic() + {seconds}
 while time.monotonic() < _end:
     try:
-        time.sleep(0.02)
+        while time.monotonic() < _end:  # its jumps inside the try: an interrupt cannot land outside it
+            time.sleep(0.02)
     except KeyboardInterrupt:
         pass
 """
@@ -306,9 +313,11 @@ def stubborn(seconds: float) -> None:
     """STUBBORN_CELL as a function, for the transports' call requests."""
     import time
 
+    print("stubborn", flush=True)  # tells the test it runs: an interrupt sent earlier could land before it
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         try:
-            time.sleep(0.02)
+            while time.monotonic() < end:  # its jumps inside the try: an interrupt cannot land outside it
+                time.sleep(0.02)
         except KeyboardInterrupt:
             pass

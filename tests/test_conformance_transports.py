@@ -21,7 +21,18 @@ import cloudpickle
 import numpy as np
 import peers
 import pytest
-from peers import DEATH_WITHIN, TRANSPORT_PEERS, FakeSite, Site, run, site_for_transport, stubborn, transport_on, until
+from peers import (
+    DEATH_WITHIN,
+    TRANSPORT_PEERS,
+    FakeSite,
+    Site,
+    printed,
+    run,
+    site_for_transport,
+    stubborn,
+    transport_on,
+    until,
+)
 
 import kernelproxy
 from kernelproxy import _connection as connection_module
@@ -170,9 +181,9 @@ def test_a_request_that_ignores_the_interrupt_is_recorded_as_ignored(
 
     async def case() -> None:
         async with transport_on(peer, site) as (transport, _):
-            outcome = Outcome()
-            task = asyncio.ensure_future(transport.request(*call(stubborn, 1), outcome=outcome))
-            await until(lambda: outcome.stage is Stage.RUNNING, 10, "the request running")
+            outcome, seen = Outcome(), []
+            task = asyncio.ensure_future(transport.request(*call(stubborn, 1), listener=seen.append, outcome=outcome))
+            await until(printed(seen, "stubborn"), 10, "the stubborn code running")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

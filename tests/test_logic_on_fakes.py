@@ -60,9 +60,10 @@ def test_concurrent_timeouts_each_report_their_own_fate(transport: str) -> None:
 
     async def case() -> None:
         async with fake_kernel(transport=transport) as kernel:
-            a = asyncio.ensure_future(kernel.options(timeout=0.2).call(stubborn, 1.0))
+            await kernel.call(stubborn, 0)  # its source is known now: unpickling it later is quick
+            a = asyncio.ensure_future(kernel.options(timeout=0.3).call(stubborn, 1.0))
             await asyncio.sleep(0.05)
-            b = asyncio.ensure_future(kernel.options(timeout=0.3).call(int, "7"))
+            b = asyncio.ensure_future(kernel.options(timeout=0.4).call(int, "7"))
             with pytest.raises(kernelproxy.CallTimeout) as a_info:
                 await a
             with pytest.raises(kernelproxy.CallTimeout) as b_info:
@@ -101,12 +102,15 @@ def test_on_timeout_restart_follows_the_call_that_ignored_the_interrupt() -> Non
 def test_a_tiny_timeout_on_an_idle_kernel_never_claims_other_work() -> None:
     async def case() -> None:
         async with fake_kernel() as kernel:
+            connection = kernel._state.connection
             for _ in range(30):
                 try:
                     await kernel.options(timeout=0.001).call(time.sleep, 0.01)
                 except kernelproxy.CallTimeout as exc:
                     assert "queued behind other work" not in str(exc), str(exc)
-                await asyncio.sleep(0.02)  # the kernel finishes and goes idle
+                # The abandoned call answered and the kernel idle as far as the host knows (its 'idle' status
+                # arrived): else the next call *is* queued behind it.
+                await until(lambda: not connection._pending and connection._running is None, 10, "the kernel idle")
             assert await kernel.call(int, "8") == 8
 
     run(case())
