@@ -43,9 +43,14 @@ from kernelproxy._wires.zmq_wire import ZmqWire
 
 WIRE_PEERS = ["fake", "zmq", "websocket"]
 TRANSPORT_PEERS = [
-    "fake-comm", "fake-execute", "inprocess", "zmq-comm", "zmq-execute",
+    "fake-comm",
+    "fake-execute",
+    "inprocess",
+    "zmq-comm",
+    "zmq-execute",
     # A size-limited path, as through a Jupyter Server: frames travel in parts, replies come on shell.
-    "fake-comm-parts", "websocket-comm-parts",
+    "fake-comm-parts",
+    "websocket-comm-parts",
 ]
 PART_LIMIT = 1024 * 1024  # the "-parts" peers' message limit: the suite's 2.5 MB frames need parts
 READY_TIMEOUT = 60.0  # a real kernel starting on a busy 2-core machine
@@ -94,7 +99,7 @@ class Site(abc.ABC):
         """Close a connection of ``connected()`` and what ``wire()`` made for it: the event loop ends soon after."""
         await conn.close()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most sites stop nothing
         """Stop the kernel."""
 
 

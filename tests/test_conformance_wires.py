@@ -76,7 +76,9 @@ def test_a_shell_request_runs_between_busy_and_idle_with_its_parent(site: Site) 
                 return [
                     msg["content"]["execution_state"]
                     for channel, msg in record
-                    if channel == "iopub" and msg["msg_type"] == "status" and msg["parent_header"].get("msg_id") == msg_id
+                    if channel == "iopub"
+                    and msg["msg_type"] == "status"
+                    and msg["parent_header"].get("msg_id") == msg_id
                 ]
 
             await until(lambda: "idle" in states(), 5, "the request's idle status")
@@ -107,8 +109,9 @@ def test_two_clients_of_one_kernel_each_get_their_own_replies_and_output(site: S
                 content = execute_content(code, user_expressions={"v": f"{i} + 100"})
                 return conn.request("shell", "execute_request", content, listener=heard[name].append)
 
-            replies = await asyncio.gather(*(ask(first if i % 2 else second, "first" if i % 2 else "second", i)
-                                             for i in range(12)))
+            replies = await asyncio.gather(
+                *(ask(first if i % 2 else second, "first" if i % 2 else "second", i) for i in range(12))
+            )
             values = [int(reply["content"]["user_expressions"]["v"]["data"]["text/plain"]) for reply in replies]
             assert values == [i + 100 for i in range(12)]
             for name, parity in (("first", 1), ("second", 0)):
@@ -159,7 +162,9 @@ def test_death_is_reported_promptly_and_fails_waiting_requests(fresh_site: Site)
         async with connected(fresh_site) as conn:
             outcome = Outcome()
             waiting = asyncio.ensure_future(
-                conn.request("shell", "execute_request", execute_content("import time; time.sleep(60)"), outcome=outcome)
+                conn.request(
+                    "shell", "execute_request", execute_content("import time; time.sleep(60)"), outcome=outcome
+                )
             )
             await until(lambda: outcome.stage is Stage.RUNNING, 10, "the request running")
             killed = time.monotonic()
@@ -210,7 +215,9 @@ def test_an_abandoned_running_request_is_interrupted_and_answers(site: Site) -> 
         async with connected(site) as conn:
             outcome = Outcome()
             code = "import time; time.sleep(30)"
-            task = asyncio.ensure_future(conn.request("shell", "execute_request", execute_content(code), outcome=outcome))
+            task = asyncio.ensure_future(
+                conn.request("shell", "execute_request", execute_content(code), outcome=outcome)
+            )
             await until(lambda: outcome.stage is Stage.RUNNING, 10, "the request running")
             started = time.monotonic()
             task.cancel()
@@ -234,8 +241,11 @@ def test_an_abandoned_request_that_ignores_the_interrupt_is_recorded_as_ignored(
         async with connected(site) as conn:
             outcome, seen = Outcome(), []
             request = conn.request(
-                "shell", "execute_request", execute_content(STUBBORN_CELL.format(seconds=1)),
-                listener=seen.append, outcome=outcome,
+                "shell",
+                "execute_request",
+                execute_content(STUBBORN_CELL.format(seconds=1)),
+                listener=seen.append,
+                outcome=outcome,
             )
             task = asyncio.ensure_future(request)
             await until(printed(seen, "stubborn"), 10, "the stubborn code running")
@@ -279,12 +289,6 @@ def test_an_abandoned_queued_request_records_what_it_waited_behind(site: Site) -
     run(case())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KernelConnection tracks the running request from every IOPub 'busy', control requests' too: "
-    "kernels publish busy/idle around control messages (ipykernel does, and so does the fake), which "
-    "clears what it knows runs on shell",
-)
 def test_control_traffic_does_not_hide_what_the_kernel_runs(site: Site) -> None:
     async def case() -> None:
         async with connected(site) as conn:

@@ -29,6 +29,18 @@ ProcessCheck = Callable[[], Awaitable["int | None"]]  # exit code once the proce
 LIVENESS_INTERVAL = 1.0  # seconds between the wire's liveness checks (heartbeats)
 PROCESS_POLL_INTERVAL = 0.1  # seconds between exit checks of a local kernel process
 IDLE_GRACE = 5.0  # seconds to wait, after a reply, for the output that precedes 'idle' on IOPub
+# Requests of the control channel: a kernel publishes busy/idle around them too, beside the shell's work.
+CONTROL_REQUESTS = frozenset(
+    {
+        "interrupt_request",
+        "shutdown_request",
+        "debug_request",
+        "usage_request",
+        "create_subshell_request",
+        "delete_subshell_request",
+        "list_subshell_request",
+    }
+)
 MONITOR_STOP_GRACE = 1.0  # seconds closing waits for the liveness monitor to stop
 INTERRUPT_GRACE = 2.0  # seconds an interrupted request has to answer before we say the kernel ignored it
 
@@ -64,6 +76,7 @@ class _Pending:
     matcher: ReplyMatcher = SHELL_REPLY
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     listener: IopubListener | None = None
+    control: bool = False  # sent on the control channel
 
 
 class KernelConnection:
@@ -155,7 +168,8 @@ class KernelConnection:
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError included: a lone surrogate in a name...
             raise SerializationError(f"cannot encode the {msg_type} (its JSON part): {exc}") from exc
         msg_id = msg["header"]["msg_id"]
-        pending = _Pending(msg_id, asyncio.get_running_loop().create_future(), outcome, matcher, listener=listener)
+        reply_future = asyncio.get_running_loop().create_future()
+        pending = _Pending(msg_id, reply_future, outcome, matcher, listener=listener, control=channel == "control")
         pending.reply.add_done_callback(_consume_outcome)  # an abandoned request's failure is nobody's error
         self._pending[msg_id] = pending
         outcome.msg_id = msg_id
@@ -260,15 +274,20 @@ class KernelConnection:
         # Once only: a second SIGINT could land after the reply, in an idle kernel.
         outcome.interrupt = Interrupt.ANSWERED
         try:
-            await self._interrupter()
-            await asyncio.wait_for(asyncio.shield(pending.reply), INTERRUPT_GRACE)
-        except asyncio.TimeoutError:
-            outcome.interrupt = Interrupt.IGNORED  # stuck in code that ignores SIGINT; its reply is dropped if it comes
-        except KernelDiedError:
-            pass  # recorded in the outcome by fail_all()
-        except Exception as exc:
-            outcome.interrupt = Interrupt.FAILED
-            log.debug("interrupting an abandoned request: %r", exc)
+            try:
+                await self._interrupter()
+            except KernelDiedError:
+                return  # recorded in the outcome by fail_all()
+            except Exception as exc:  # an unanswered interrupt_request, a server that refused it...
+                outcome.interrupt = Interrupt.FAILED
+                log.debug("interrupting an abandoned request failed: %r", exc)
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(pending.reply), INTERRUPT_GRACE)
+            except asyncio.TimeoutError:
+                outcome.interrupt = Interrupt.IGNORED  # stuck in code that ignores SIGINT; a late reply is dropped
+            except Exception:
+                pass  # it ended otherwise (died, closed): its reply future says how, the outcome records it
         finally:
             if pending.reply.done() or self.dead is not None:
                 self._pending.pop(pending.msg_id, None)
@@ -315,7 +334,10 @@ class KernelConnection:
                     )
                 )
                 return
-            if state == "busy":
+            ours = self._pending.get(parent_id or "")
+            if msg["parent_header"].get("msg_type") in CONTROL_REQUESTS or (ours is not None and ours.control):
+                pass  # handled beside the shell's work, not instead of it: it says nothing of what runs there
+            elif state == "busy":
                 self._running = parent_id
             elif state == "idle" and self._running == parent_id:
                 self._running = None

@@ -97,7 +97,9 @@ async def start_fake_async(
         return FakeWire(control.kernel, max_message_bytes=max_message_bytes)
 
     negotiated = "auto" if transport == "inprocess" else transport
-    state = _FakeKernelState(make_wire, control, None, negotiated, auto_restart=auto_restart, ready_timeout=READY_TIMEOUT)
+    state = _FakeKernelState(
+        make_wire, control, None, negotiated, auto_restart=auto_restart, ready_timeout=READY_TIMEOUT
+    )
     state.inprocess = transport == "inprocess"
     try:
         await state.open(READY_TIMEOUT)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import pybase64
 
 from .._connection import KernelConnection
-from .._exceptions import ProtocolError
+from .._exceptions import ProtocolError, SerializationError
 from ..agent import _agent as agent
 from .base import AgentMissingError, IopubListener, Message, Outcome, Transport
 
@@ -77,7 +77,10 @@ class ExecuteTransport(Transport):
         outcome: Outcome | None = None,
     ) -> Message:
         tid = uuid.uuid4().hex
-        header_literal = repr(json.dumps(header))
+        try:
+            header_literal = repr(json.dumps(header))
+        except (TypeError, ValueError) as exc:  # as the other transports say it: nothing was sent
+            raise SerializationError(f"cannot encode the request's header as JSON: {exc}") from exc
         sizes = [memoryview(frame).nbytes for frame in frames]
         try:
             if sum(sizes) <= self._inline_limit:

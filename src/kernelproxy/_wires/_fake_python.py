@@ -116,9 +116,7 @@ class FakePython:
 
     # ------------------------------------------------------------------ imports
 
-    def _import(
-        self, name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0
-    ) -> Any:
+    def _import(self, name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
         if level == 0 and name in self.modules.own:
             return self.modules.own[name]
         return builtins.__import__(name, globals, locals, fromlist, level)
@@ -286,7 +284,7 @@ def routed_output(sink: Sink) -> Iterator[None]:
         yield
     finally:
         with _routing_lock:
-            for name, stream in _streams.items():
+            for stream in _streams.values():
                 stream.buffers.pop(ident).flush()
             _routing_users -= 1
             if _routing_users == 0:
