@@ -98,6 +98,7 @@ class KernelConnection:
         self._monitor_task: asyncio.Task[None] | None = None
         self.dead: KernelDiedError | None = None
         self.restarted_by_server = False  # the kernel died and its server started a fresh one in its place
+        self._answered = False  # the kernel answered wait_ready()
 
     @property
     def rejected_messages(self) -> int:
@@ -248,6 +249,7 @@ class KernelConnection:
                 await self.wire.send("shell", self.wire.encode(msg))
                 reply = await asyncio.wait_for(asyncio.shield(pending.reply), min(remaining, 1.0))
                 await asyncio.wait_for(seen.wait(), min(max(deadline - loop.time(), 0.01), 0.5))
+                self._answered = True
                 return cast(dict[str, Any], reply["content"])
             except asyncio.TimeoutError:
                 if loop.time() >= deadline:
@@ -378,7 +380,10 @@ class KernelConnection:
         while self.dead is None:
             if await self.check_process():
                 return
-            if loop.time() >= next_check:
+            # A kernel process we can watch is alive while it starts: its heartbeat may not answer yet (and,
+            # on a loaded machine, not for seconds), so the heartbeat counts once the kernel has answered.
+            heartbeat_counts = self._answered or self._process_check is None
+            if heartbeat_counts and loop.time() >= next_check:
                 next_check = loop.time() + LIVENESS_INTERVAL
                 reason = await self.wire.death()
                 if reason is not None:
