@@ -18,7 +18,7 @@ from ._exceptions import ConnectionFileError, KernelDiedError, KernelStartError
 from ._kernel import AsyncKernel, _KernelState, check_transport_name
 from ._launch import DEFAULT_STARTUP_TIMEOUT, local_spec, start_local, zmq_context
 from ._portal import get_portal
-from ._server import DEFAULT_CONNECT_TIMEOUT, ServerAddress, ServerClient, ServerKernelControl
+from ._server import DEFAULT_CONNECT_TIMEOUT, ServerAddress, ServerClient, ServerKernelControl, StartSpec
 from ._ssh import SshTunnel
 from ._sync import Kernel
 from ._types import CallOptions, OnTimeout, Output
@@ -116,6 +116,7 @@ async def connect_server_async(
     on_timeout: OnTimeout = "interrupt",
     websocket_protocol: str | None = V1_PROTOCOL,
     max_message_bytes: int = SERVER_MESSAGE_LIMIT,
+    auto_restart: bool = False,
 ) -> AsyncKernel:
     """Start a kernel on a Jupyter Server or gateway, or attach to one of its kernels (see ``connect_server``)."""
     call_options = CallOptions(timeout=timeout, output=output, on_timeout=on_timeout)
@@ -124,30 +125,32 @@ async def connect_server_async(
         token = os.environ.get("JUPYTER_TOKEN") or None
     address = ServerAddress.parse(url, token=token, verify=verify, connect_timeout=connect_timeout)
     client = ServerClient(address)
+    spec = StartSpec(kernel_name, dict(env) if env else None, cwd) if kernel_id is None else None
     try:
-        if kernel_id is None:
-            model = await client.start_kernel(kernel_name, env, cwd)
-        else:
+        if kernel_id is not None:
             model = await client.get_kernel(kernel_id)
+        else:
+            assert spec is not None
+            model = await client.start_kernel(spec.name, spec.env, spec.path, timeout=startup_timeout)
     except BaseException:
         client.close()
         raise
-    control = ServerControl(ServerKernelControl(client, model["id"], owned=kernel_id is None))
-    server_kernel_id = model["id"]
+    kernel = ServerKernelControl(client, model["id"], owned=spec is not None, start=spec, timeout=startup_timeout)
+    control = ServerControl(kernel)
 
-    def make_wire() -> WebsocketWire:
+    def make_wire() -> WebsocketWire:  # after a restart, maybe a new kernel id (one the server had lost)
         return WebsocketWire(
-            client, server_kernel_id, subprotocol=websocket_protocol, max_message_bytes=max_message_bytes
+            client, kernel.kernel_id, subprotocol=websocket_protocol, max_message_bytes=max_message_bytes
         )
 
-    state = _KernelState(make_wire, control, None, transport)
+    state = _KernelState(make_wire, control, None, transport, auto_restart=auto_restart, ready_timeout=startup_timeout)
     try:
         await state.open(startup_timeout)
     except BaseException as exc:
         await state.close(shutdown=False)  # deletes the kernel if we started it
         if isinstance(exc, asyncio.TimeoutError):
             raise KernelStartError(
-                f"kernel {server_kernel_id} on {address.url} did not answer within {startup_timeout} s"
+                f"kernel {kernel.kernel_id} on {address.url} did not answer within {startup_timeout} s"
             ) from exc
         raise
     return AsyncKernel(state, call_options)
@@ -257,6 +260,7 @@ def connect_server(
     on_timeout: OnTimeout = "interrupt",
     websocket_protocol: str | None = V1_PROTOCOL,
     max_message_bytes: int = SERVER_MESSAGE_LIMIT,
+    auto_restart: bool = False,
 ) -> Kernel:
     """Use a kernel of a Jupyter Server, Kernel Gateway or Enterprise Gateway, through its REST and websocket API.
 
@@ -268,12 +272,19 @@ def connect_server(
         url: the server's address, e.g. "https://hub.example:8888" (with any base path).
         token: the server's token (default: $JUPYTER_TOKEN), sent in the Authorization header.
         env: variables for the new kernel; gateways pass the KERNEL_* ones to it, Jupyter Server ignores them.
-        cwd: the new kernel's working directory, relative to the server's root directory.
+            To Enterprise Gateway kernelproxy also sends this process's KERNEL_* variables and
+            KERNEL_USERNAME (default: the login name), as jupyter_server's gateway client does.
+        cwd: the new kernel's working directory, relative to the server's root directory
+            (Enterprise Gateway: KERNEL_WORKING_DIR, a path on the kernel's machine).
+        startup_timeout: seconds the server may take to start the kernel (on a cluster: minutes)
+            and the kernel to answer; restarts get as long.
         verify: TLS certificate check: True, False, or the path of a CA bundle.
         connect_timeout: seconds to reach the server before ServerUnreachableError.
         websocket_protocol: the websocket subprotocol to offer; None for the default protocol.
         max_message_bytes: the server's websocket message limit (Tornado servers: 10 MiB);
             bigger payloads travel in parts below it.
+        auto_restart: when the kernel dies (or the server culled or deleted a kernel started here), the
+            next call gets a fresh one (with a KernelRestartedWarning) instead of raising KernelDiedError.
 
     The other options are ``start()``'s.
     """
@@ -295,6 +306,7 @@ def connect_server(
             on_timeout=on_timeout,
             websocket_protocol=websocket_protocol,
             max_message_bytes=max_message_bytes,
+            auto_restart=auto_restart,
         )
     )
     return Kernel(core, portal)

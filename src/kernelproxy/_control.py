@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Callable
 
-from ._exceptions import KernelProxyError
+from ._exceptions import KernelProxyError, ServerError
 
 if TYPE_CHECKING:
     from jupyter_client.manager import AsyncKernelManager
@@ -33,11 +33,19 @@ class KernelControl(abc.ABC):
     owned: bool = False  # kernelproxy started it: closing the Kernel stops it
     restartable: bool = False  # restart() gives a fresh kernel
     server: str | None = None  # the Jupyter Server or gateway's URL, for kernels reached through one
-    kernel_id: str | None = None  # the kernel's id there
+
+    @property
+    def kernel_id(self) -> str | None:
+        """The kernel's id on its server, for kernels reached through one."""
+        return None
 
     def process_check(self) -> ProcessCheck | None:
         """A way to ask whether the kernel's process exited (local kernels only)."""
         return None
+
+    def advice(self, connection: KernelConnection) -> str:
+        """What to do about the kernel's death, for the message of the calls that find it dead."""
+        return "call restart() for a fresh one" if self.restartable else "start or connect to another kernel"
 
     @abc.abstractmethod
     async def interrupt(self, connection: KernelConnection) -> None:
@@ -114,16 +122,28 @@ class ServerControl(KernelControl):
         self.kernel = kernel
         self.owned = kernel.owned
         self.server = kernel.client.address.url
-        self.kernel_id = kernel.kernel_id
+
+    @property
+    def kernel_id(self) -> str:  # a kernel we started that the server lost is started again under a new id
+        return self.kernel.kernel_id
+
+    def advice(self, connection: KernelConnection) -> str:
+        if getattr(connection.wire, "gone", False) and self.kernel.start is None:
+            return "it was attached by kernel_id, so connect to another kernel"
+        return "call restart() for a fresh one"
 
     async def interrupt(self, connection: KernelConnection) -> None:
         await self.kernel.interrupt_kernel()
 
     async def restart(self, connection: KernelConnection) -> None:
-        if connection.restarted_by_server:
-            await self.kernel.wait_settled()  # it is fresh already: restarting it again races the server
-        else:
-            await self.kernel.restart_kernel()
+        if connection.restarted_by_server and not getattr(connection.wire, "gone", False):
+            try:
+                await self.kernel.wait_settled()  # it is fresh already: restarting it again races the server
+                return
+            except ServerError as exc:
+                if exc.status != 404:
+                    raise
+        await self.kernel.restart_kernel()
 
     async def shutdown(self, connection: KernelConnection) -> None:
         await self.kernel.shutdown_kernel()

@@ -11,8 +11,12 @@ ipykernel already depend on; the websocket side is in ``_wires/websocket_wire``.
 from __future__ import annotations
 
 import asyncio
+import getpass
+import html
 import json
 import logging
+import os
+import re
 import ssl
 import urllib.parse
 from collections.abc import Awaitable
@@ -23,7 +27,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HT
 
 from ._exceptions import AuthenticationError, ServerError, ServerUnreachableError
 
-DEFAULT_REQUEST_TIMEOUT = 60.0  # seconds for one REST request (starting a kernel on a cluster can take a while)
+DEFAULT_REQUEST_TIMEOUT = 60.0  # seconds for one REST request; starting and restarting kernels take startup_timeout
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to reach the server at all: an unreachable one fails fast
 RESTART_RETRY_WINDOW = 15.0  # seconds to keep asking for a restart the server cannot do yet
 log = logging.getLogger("kernelproxy")
@@ -74,24 +78,60 @@ class ServerClient:
     def __init__(self, address: ServerAddress) -> None:
         self.address = address
         self._http = AsyncHTTPClient(force_instance=True)  # our own: no settings shared with the application's
+        self._version: dict[str, Any] | None = None  # GET api, once: which kind of server this is
 
-    async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One REST call; the decoded JSON reply (None for 204). Raises ServerError and its kinds."""
-        url = self.address.endpoint(path)
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        check_token: bool = True,
+    ) -> Any:
+        """One REST call; the decoded JSON reply (None for 204). Raises ServerError and its kinds.
+
+        ``timeout`` replaces the address's request timeout (kernel starts on a
+        cluster take minutes). A 401 is an AuthenticationError; a 403 only if the
+        token does not work for ``GET api/kernelspecs`` either (``check_token``):
+        servers also answer 403 for refusals that have nothing to do with the
+        token (Enterprise Gateway's KERNEL_USERNAME check, JupyterHub's page for a
+        stopped user server), and then their own words are the error.
+        """
+        return await self._fetch(method, self.address.endpoint(path), body, timeout, check_token=check_token)
+
+    async def _fetch(
+        self,
+        method: str,
+        url: str,
+        body: dict[str, Any] | None,
+        timeout: float | None,
+        *,
+        check_token: bool,
+        redirects: int = 0,
+    ) -> Any:
         request = HTTPRequest(
             url,
             method=method,
             headers={**self.address.headers(), "Content-Type": "application/json"},
             body=json.dumps(body) if body is not None else (b"" if method == "POST" else None),
             connect_timeout=self.address.connect_timeout,
-            request_timeout=self.address.request_timeout,
+            request_timeout=timeout if timeout is not None else self.address.request_timeout,
             follow_redirects=False,
             **self.address.tls_options(),
         )
         try:
             response = await self._http.fetch(request)
         except HTTPClientError as exc:
-            raise _http_error(method, url, exc) from exc
+            target = _redirect_on_same_server(url, exc)
+            if target is not None and method == "GET" and not check_token and redirects < 3:
+                # Only the 403 probe follows redirects, and only on the same server (the token goes along):
+                # JupyterHub sends /user/NAME/... of a stopped server to /hub/user/NAME/..., which says so.
+                return await self._fetch("GET", target, None, timeout, check_token=False, redirects=redirects + 1)
+            error = _http_error(method, url, exc, token_rejected=exc.code == 403 and not check_token)
+            if exc.code == 403 and check_token:
+                error = await self._why_forbidden(error)
+            raise error from exc
         except ssl.SSLError as exc:
             raise ServerUnreachableError(
                 f"TLS with {self.address.url} failed ({exc}); if the server's certificate comes from a private "
@@ -104,6 +144,30 @@ class ServerClient:
             ) from exc
         return _json(response)
 
+    async def _why_forbidden(self, error: ServerError) -> ServerError:
+        """What a 403 means: the token is refused only if ``GET api/kernelspecs`` is refused too.
+
+        Every server has that endpoint and asks for the token there. Whatever
+        else the probe hears says more than the 403 did (JupyterHub answers a
+        POST to a stopped user server with an XSRF page, a GET with 424 "server
+        no longer running"); a token that works leaves the 403's own message.
+        """
+        try:
+            await self.request("GET", "api/kernelspecs", check_token=False)
+        except ServerError as probe:  # AuthenticationError included
+            return probe
+        return error
+
+    async def is_enterprise_gateway(self) -> bool:
+        """Enterprise Gateway says so in ``GET api`` (``gateway_version``); asked once per client."""
+        if self._version is None:
+            try:
+                answer = await self.request("GET", "api")
+            except ServerError:
+                answer = None
+            self._version = answer if isinstance(answer, dict) else {}
+        return "gateway_version" in self._version
+
     async def list_kernels(self) -> list[dict[str, Any]]:
         return cast("list[dict[str, Any]]", await self.request("GET", "api/kernels"))
 
@@ -111,23 +175,56 @@ class ServerClient:
         return cast("dict[str, Any]", await self.request("GET", f"api/kernels/{_quote(kernel_id)}"))
 
     async def start_kernel(
-        self, name: str | None, env: dict[str, str] | None = None, path: str | None = None
+        self,
+        name: str | None,
+        env: dict[str, str] | None = None,
+        path: str | None = None,
+        *,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
+        """Start a kernel; ``timeout`` (seconds) is how long the server may take (a cluster: minutes)."""
         body: dict[str, Any] = {}
         if name is not None:
             body["name"] = name
         if path is not None:
             body["path"] = path  # the kernel's working directory, relative to the server's root
+        env = await self._kernel_env(env, path, timeout)
         if env:
             body["env"] = env  # gateways pass KERNEL_* variables to the kernel; Jupyter Server ignores this
         try:
-            return cast("dict[str, Any]", await self.request("POST", "api/kernels", body))
+            return cast("dict[str, Any]", await self.request("POST", "api/kernels", body, timeout=timeout))
         except AuthenticationError:
             raise
         except ServerError as exc:
             if name is not None and exc.status is not None and exc.status >= 400:
                 await self._check_kernelspec(name)  # Jupyter Server answers an unknown name with a bare 500
             raise
+
+    async def _kernel_env(
+        self, env: dict[str, str] | None, path: str | None, timeout: float | None
+    ) -> dict[str, str] | None:
+        """The start request's ``env`` field.
+
+        To Enterprise Gateway, what jupyter_server's own gateway client sends
+        (``GatewayKernelManager.start_kernel``): this process's ``KERNEL_*``
+        variables, then the caller's ``env``; plus ``KERNEL_USERNAME`` (from those,
+        else the login name: the gateway refuses kernels for requests naming no
+        user, when it runs as root), ``KERNEL_LAUNCH_TIMEOUT`` (the start timeout)
+        and ``KERNEL_WORKING_DIR`` (``cwd``). To other servers only the caller's
+        ``env``: Kernel Gateway gives a kernel just PATH and the requested
+        variables when a request has an ``env`` field, instead of its whole
+        environment (no HOME, no LANG), so nothing is sent there unasked.
+        """
+        if not await self.is_enterprise_gateway():
+            return env or None
+        merged = {key: value for key, value in os.environ.items() if key.startswith("KERNEL_")}
+        merged.update(env or {})
+        merged.setdefault("KERNEL_USERNAME", _login_name())
+        if timeout is not None:
+            merged.setdefault("KERNEL_LAUNCH_TIMEOUT", str(int(timeout)))
+        if path is not None:
+            merged.setdefault("KERNEL_WORKING_DIR", path)
+        return merged
 
     async def _check_kernelspec(self, name: str) -> None:
         try:
@@ -142,8 +239,8 @@ class ServerClient:
     async def interrupt_kernel(self, kernel_id: str) -> None:
         await self.request("POST", f"api/kernels/{_quote(kernel_id)}/interrupt")
 
-    async def restart_kernel(self, kernel_id: str) -> None:
-        await self.request("POST", f"api/kernels/{_quote(kernel_id)}/restart")
+    async def restart_kernel(self, kernel_id: str, *, timeout: float | None = None) -> None:
+        await self.request("POST", f"api/kernels/{_quote(kernel_id)}/restart", timeout=timeout)
 
     async def delete_kernel(self, kernel_id: str) -> None:
         try:
@@ -156,6 +253,15 @@ class ServerClient:
         self._http.close()
 
 
+@dataclass(frozen=True)
+class StartSpec:
+    """How a kernel was started on a server: what starts it again when the server lost it."""
+
+    name: str | None
+    env: dict[str, str] | None
+    path: str | None
+
+
 class ServerKernelControl:
     """Start-stop control of one kernel on a server, shaped like the parts of jupyter_client's
     KernelManager that kernelproxy uses (interrupt, restart, shutdown), so restarts and
@@ -163,17 +269,45 @@ class ServerKernelControl:
 
     provisioner = None  # no local process to poll: the wire and the server report deaths
 
-    def __init__(self, client: ServerClient, kernel_id: str, *, owned: bool) -> None:
+    def __init__(
+        self,
+        client: ServerClient,
+        kernel_id: str,
+        *,
+        owned: bool,
+        start: StartSpec | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self.client = client
         self.kernel_id = kernel_id
         self.owned = owned  # started by us: shut down at close
+        self.start = start  # how it was started (kernels we started): a kernel deleted on the server starts again
+        self.timeout = timeout  # seconds a (re)start may take on the server
+        self.replaced = 0  # how many times a kernel gone from the server was started again
 
     async def interrupt_kernel(self) -> None:
         await self.client.interrupt_kernel(self.kernel_id)
 
     async def restart_kernel(self, now: bool = True) -> None:
-        await self.wait_settled()
-        await _while_busy(lambda: self.client.restart_kernel(self.kernel_id))
+        """Restart the kernel on its server; one we started that the server no longer has starts again there."""
+        try:
+            await self.wait_settled()
+            await _while_busy(lambda: self.client.restart_kernel(self.kernel_id, timeout=self.timeout))
+        except ServerError as exc:
+            if exc.status != 404 or isinstance(exc, AuthenticationError):
+                raise
+            if self.start is None:
+                raise ServerError(
+                    f"kernel {self.kernel_id} no longer exists on {self.client.address.url} (culled or shut down "
+                    "there); it was attached by kernel_id, so kernelproxy cannot start it again: connect to another",
+                    404,
+                ) from None
+            model = await self.client.start_kernel(
+                self.start.name, self.start.env, self.start.path, timeout=self.timeout
+            )
+            log.info("kernel %s was gone from the server; started %s in its place", self.kernel_id, model["id"])
+            self.kernel_id = model["id"]
+            self.replaced += 1
 
     async def wait_settled(self) -> None:
         """Wait (up to RESTART_RETRY_WINDOW) while the server is itself (re)starting the kernel.
@@ -249,11 +383,32 @@ def _json(response: HTTPResponse) -> Any:
     try:
         return json.loads(response.body)
     except ValueError as exc:
-        start = response.body[:200]
-        raise ServerError(f"the server's reply to {response.request.url} is not JSON: {start!r}") from exc
+        text = " ".join(_text_of(response.body.decode("utf-8", "replace")).split())[:MAX_DETAIL]
+        raise ServerError(
+            f"the server's reply to {response.request.url} is not JSON ({text!r}): is this the server's base URL?"
+        ) from exc
 
 
-def _http_error(method: str, url: str, exc: HTTPClientError) -> ServerError:
+def _redirect_on_same_server(url: str, exc: HTTPClientError) -> str | None:
+    """Where a redirect answer points, if it stays on the same scheme, host and port."""
+    if exc.code not in (301, 302, 303, 307, 308) or exc.response is None:
+        return None
+    location = exc.response.headers.get("Location")
+    if not location:
+        return None
+    target = urllib.parse.urljoin(url, location)
+    same = urllib.parse.urlsplit(target)[:2] == urllib.parse.urlsplit(url)[:2]
+    return target if same else None
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no name for this uid (a container's arbitrary user)
+        return str(os.getuid()) if hasattr(os, "getuid") else "kernelproxy"
+
+
+def _http_error(method: str, url: str, exc: HTTPClientError, *, token_rejected: bool = False) -> ServerError:
     status = exc.code
     if status == 599:  # tornado's code for a connection failure or timeout
         return ServerUnreachableError(
@@ -262,10 +417,16 @@ def _http_error(method: str, url: str, exc: HTTPClientError) -> ServerError:
             status,
         )
     detail = _error_detail(exc.response)
-    if status in (401, 403):
+    if status == 401 or token_rejected:
         return AuthenticationError(
             f"the server at {url.split('/api/')[0]}/ rejected the token (HTTP {status}{detail}): "
             "pass the server's token as token=... (see `jupyter server list` on its machine)",
+            status,
+        )
+    if status == 403 and "KERNEL_USERNAME" in detail:
+        return ServerError(
+            f"the server refused {method} {url}: HTTP 403{detail} (the gateway starts no kernels for that user: "
+            "pass env={'KERNEL_USERNAME': 'name'} to connect_server, or set $KERNEL_USERNAME)",
             status,
         )
     if status == 404 and "/api/kernels/" in url:
@@ -273,12 +434,42 @@ def _http_error(method: str, url: str, exc: HTTPClientError) -> ServerError:
     return ServerError(f"the server refused {method} {url}: HTTP {status}{detail}", status)
 
 
+MAX_DETAIL = 300  # characters of a server's error message quoted in ours
+
+
 def _error_detail(response: HTTPResponse | None) -> str:
+    """The server's own words about an error, in one short line: never a whole HTML page."""
     if response is None or not response.body:
         return ""
     try:
         body = json.loads(response.body)
         message = body.get("message") or body.get("reason") or ""
     except (ValueError, AttributeError):
-        message = response.body[:200].decode("utf-8", "replace")
+        message = _text_of(response.body.decode("utf-8", "replace"))
+    message = " ".join(str(message).split())
+    if len(message) > MAX_DETAIL:
+        message = message[: MAX_DETAIL - 3] + "..."
     return f", {message}" if message else ""
+
+
+def _text_of(page: str) -> str:
+    """An HTML error page's message without markup; other text as it is.
+
+    Jupyter's error pages (Jupyter Server, JupyterHub) put it in an ``<h1>`` and
+    the ``<p>`` after it, among navigation bars and scripts; tornado's bare pages
+    in their ``<title>``.
+    """
+    if not re.search(r"<(html|body|head|title|!doctype)\b", page[:1000], re.IGNORECASE):
+        return page
+
+    def text(fragment: str) -> str:
+        return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", fragment)).split())
+
+    heading = re.search(r"<h1[^>]*>(.*?)</h1>(?:\s*<p[^>]*>(.*?)</p>)?", page, re.IGNORECASE | re.DOTALL)
+    if heading:
+        first, second = text(heading.group(1)), text(heading.group(2) or "")
+        return f"{first}: {second}" if second and second not in first else first
+    title = re.search(r"<title[^>]*>(.*?)</title>", page, re.IGNORECASE | re.DOTALL)
+    if title:
+        return text(title.group(1))
+    return text(re.sub(r"<(script|style)\b.*?</\1\s*>", " ", page, flags=re.IGNORECASE | re.DOTALL))
