@@ -90,3 +90,9 @@ def test_timeout_on_a_kernel_that_dies_of_sigint_says_so_and_restart_recovers(xe
 def test_forcing_comm_on_xeus_says_why_it_cannot():
     with pytest.raises(kernelproxy.ProtocolError, match="transport='comm' is not possible"):
         kernelproxy.start("xpython", transport="comm", startup_timeout=60)
+
+
+def test_asking_for_a_subshell_says_what_the_kernel_lacks(xeus):
+    with pytest.raises(kernelproxy.SubshellUnavailableError, match="xeus-python .*kernel subshells"):
+        xeus.options(subshell=True)
+    assert xeus.call(lambda: "main shell still works") == "main shell still works"

@@ -287,6 +287,7 @@ AGENT_REVISIONS = {
     2: "54f0523d2a76b1b65c3bc74a8e944486b4f62c4eda038ffb9adc4a93a081ad63",
     3: "f45540912ea558d8b6a28e60da70b944546f3351fdbc2519da8a4afead0ee7bb",
     4: "ccc59a6ad0cee5cfb5cbd5c3aea8f8a7a4efe10afc50f501c62ae3bc41edb72a",
+    5: "91b70ccd600d8c861e2e2476745f9b42236077688528cbf039ad861dd1d486b1",
 }
 
 

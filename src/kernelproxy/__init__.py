@@ -24,6 +24,7 @@ from ._exceptions import (
     ServerError,
     ServerUnreachableError,
     StaleRefError,
+    SubshellUnavailableError,
 )
 from ._kernel import AsyncKernel
 from ._magic import load_ipython_extension
@@ -61,6 +62,7 @@ __all__ = [
     "ServerError",
     "ServerUnreachableError",
     "StaleRefError",
+    "SubshellUnavailableError",
     "__version__",
     "connect",
     "connect_async",

@@ -44,13 +44,19 @@ def install_expression(probe: str) -> str:
     )
 
 
-async def install_agent(connection: KernelConnection) -> dict[str, Any]:
-    """Install the agent (idempotently) and return its hello() description of the kernel."""
+async def install_agent(connection: KernelConnection, *, shell: str | None = None) -> dict[str, Any]:
+    """Install the agent (idempotently) and return its hello() description of the kernel.
+
+    ``shell``: run it on that subshell (the main shell may be busy with someone's cell).
+    """
     probe = uuid.uuid4().hex
     content = await connection.execute(
-        {EXPRESSION_KEY: install_expression(probe)}, extra={agent.CONTENT_KEY: probe}
+        {EXPRESSION_KEY: install_expression(probe)},
+        extra={agent.CONTENT_KEY: probe},
+        shell=shell,
+        interruptible=False,  # abandoned (a timeout), it is left to finish: it takes milliseconds
     )
-    hello = read_expression_result(content)
+    hello = read_expression_result(content, shell)
     if not isinstance(hello, dict) or hello.get("protocol") != agent.PROTOCOL:
         raise ProtocolError(f"the kernel's agent answered the handshake with {hello!r:.200} (version mismatch?)")
     return hello

@@ -6,6 +6,15 @@ this module matches them up. Each incoming message is routed by its parent
 share the kernel. A monitor task notices a dead kernel (process gone, or the
 wire's liveness check failing) and fails every waiting request with
 KernelDiedError instead of letting it hang.
+
+Requests may run on a subshell (``shell``: its ``subshell_id``, sent in the
+header); what the kernel runs is tracked per shell. No request waits forever
+for a reply that will not come: one that the kernel finished without answering
+(a comm it does not know: it was restarted) or whose reply may have been lost
+while the wire reconnected fails with ``RequestLost``, which the layers above
+answer by sending it again (the agent runs a request id once). What hints that
+someone else restarted the kernel (its 'starting' status or IOPub welcome, a
+missed heartbeat) goes to ``on_hint``.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol, cast
 
-from ._exceptions import KernelDiedError, SerializationError
+from ._exceptions import KernelDiedError, ProtocolError, SerializationError
 from ._protocol import Interrupt, Outcome, Stage
 from ._wires.base import Wire
 
@@ -45,10 +54,27 @@ MONITOR_STOP_GRACE = 1.0  # seconds closing waits for the liveness monitor to st
 INTERRUPT_GRACE = 2.0  # seconds an interrupted request has to answer before we say the kernel ignored it
 
 
+class RequestLost(ProtocolError):
+    """A request's reply will not come: send it again (with the same request id, so it never runs twice).
+
+    ``check``: first make sure the kernel is still the one the request was meant
+    for (someone may have restarted it).
+    """
+
+    def __init__(self, why: str, *, check: bool = False) -> None:
+        super().__init__(f"the kernel did not answer a request: {why}")
+        self.why = why
+        self.check = check
+
+
 class ReplyMatcher(Protocol):
     """How a request tells its reply from the other messages it causes (comm replies have no shell reply)."""
 
     wait_idle: bool  # with a listener, return the reply only after IOPub 'idle' (output may follow the reply)
+    # Seconds after the kernel's 'idle' for a request after which no reply will come (RequestLost), or None
+    # for requests the kernel always answers. Comm requests need it: a kernel drops messages to comms it does
+    # not know (it was restarted) and says only 'idle'.
+    reply_grace: float | None
 
     def __call__(self, channel: str, msg: dict[str, Any]) -> Match:
         """"reply": ``msg`` is the reply; "part": a piece of it, consumed; "other": any other message."""
@@ -58,6 +84,7 @@ class ShellReply:
     """The default: the reply is the request's ``*_reply`` on shell or control."""
 
     wait_idle = True
+    reply_grace: float | None = None
 
     def __call__(self, channel: str, msg: dict[str, Any]) -> Match:
         return "other" if channel == "iopub" else "reply"
@@ -77,6 +104,10 @@ class _Pending:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     listener: IopubListener | None = None
     control: bool = False  # sent on the control channel
+    shell: str | None = None  # the subshell running it (None: the main shell)
+    sent: int = 0  # the connection's send counter when it left (0: not sent yet)
+    interrupter: Callable[[], Awaitable[None]] | None = None  # stops its remote work; None: interrupt the kernel
+    interruptible: bool = True  # False: an abandoned request is left to finish (a handshake)
 
 
 class KernelConnection:
@@ -94,11 +125,17 @@ class KernelConnection:
         self._process_check = process_check
         self._interrupter = interrupter or self.interrupt_by_message
         self._pending: dict[str, _Pending] = {}
-        self._running: str | None = None  # msg_id the kernel is executing, from IOPub status
+        self._running: dict[str | None, str | None] = {}  # per shell, msg_id the kernel is executing (IOPub status)
         self._monitor_task: asyncio.Task[None] | None = None
+        self._sent = 0  # counts messages sent: orders requests against reconnect barriers and checks
+        self._recovery: asyncio.Future[None] | None = None
         self.dead: KernelDiedError | None = None
         self.restarted_by_server = False  # the kernel died and its server started a fresh one in its place
         self._answered = False  # the kernel answered wait_ready()
+        self.on_hint: Callable[[str], None] | None = None  # told what suggests the kernel was restarted
+        self.on_reconnect: Callable[[], None] | None = None  # told when the wire reconnected
+        wire.hint = self._hint
+        wire.reconnected = self._reconnected
 
     @property
     def rejected_messages(self) -> int:
@@ -109,28 +146,56 @@ class KernelConnection:
 
     async def open(self) -> None:
         self.dead = None
-        self._running = None
+        self._running = {}
         await self.wire.start(self._on_message)
         self._monitor_task = asyncio.ensure_future(self._monitor())
 
     async def close(self) -> None:
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
-            # Bounded: a heartbeat's zmq.asyncio recv has been seen to ignore its cancellation (a close that
-            # hung for good); the wire's close below closes that socket, which ends it anyway.
-            await asyncio.wait([self._monitor_task], timeout=MONITOR_STOP_GRACE)
-            self._monitor_task = None
+        for task in (self._monitor_task, self._recovery):
+            if task is not None:
+                task.cancel()
+                # Bounded: a heartbeat's zmq.asyncio recv has been seen to ignore its cancellation (a close that
+                # hung for good); the wire's close below closes that socket, which ends it anyway.
+                await asyncio.wait([task], timeout=MONITOR_STOP_GRACE)
+        self._monitor_task = self._recovery = None
         await self.wire.close()
 
     def fail_all(self, error: BaseException) -> None:
         """Fail every waiting request with ``error``."""
         for pending in list(self._pending.values()):
-            if isinstance(error, KernelDiedError):
-                pending.outcome.died = error
-            if not pending.reply.done():
-                pending.reply.set_exception(error)
-            pending.idle.set()
+            self._fail(pending, error)
         self._pending.clear()
+
+    def _fail(self, pending: _Pending, error: BaseException) -> None:
+        if isinstance(error, KernelDiedError):
+            pending.outcome.died = error
+        if not pending.reply.done():
+            pending.reply.set_exception(error)
+        pending.idle.set()
+        self._pending.pop(pending.msg_id, None)
+
+    @property
+    def sent(self) -> int:
+        """How many messages were sent so far: a later request has a higher number."""
+        return self._sent
+
+    def restarted(self, before: int, error: KernelDiedError) -> None:
+        """The kernel is a new process since message number ``before``: settle the requests sent to the old one.
+
+        Those it never ran are sent again (``RequestLost``): not started (the old
+        process died before them), or finished without a reply (the new process
+        dropped a message to a comm it does not know). Those the old process was
+        running fail with ``error``: each shell runs requests in order, so by now
+        the new process has finished every one sent to it before the check.
+        """
+        self._running = {}
+        for pending in list(self._pending.values()):
+            if 0 < pending.sent < before:
+                never_ran = pending.outcome.stage in (Stage.PREPARING, Stage.SENT, Stage.FINISHED)
+                if never_ran and not pending.outcome.abandoned:
+                    self._fail(pending, RequestLost("the kernel was restarted before it started it"))
+                else:
+                    self._fail(pending, error)
 
     def declare_dead(self, error: KernelDiedError) -> None:
         if self.dead is None:
@@ -149,6 +214,9 @@ class KernelConnection:
         listener: IopubListener | None = None,
         matcher: ReplyMatcher = SHELL_REPLY,
         outcome: Outcome | None = None,
+        shell: str | None = None,
+        interrupter: Callable[[], Awaitable[None]] | None = None,
+        interruptible: bool = True,
     ) -> dict[str, Any]:
         """Send one request and return its reply message.
 
@@ -157,26 +225,43 @@ class KernelConnection:
         after that (unless the ``matcher`` says the reply itself comes after
         the output), so no output is lost behind it. ``matcher`` tells the
         reply from other messages. ``outcome`` records the request's fate for
-        its caller. If the caller is cancelled, the request is abandoned:
-        interrupted if the kernel is running it, or as soon as it starts.
+        its caller. ``shell``: the subshell to run it on (None: the main shell).
+        If the caller is cancelled, the request is abandoned: interrupted if the
+        kernel is running it, or as soon as it starts, with ``interrupter``
+        (default: the kernel's interrupt; a subshell's requests need their own),
+        unless it is not ``interruptible``. Raises ``RequestLost`` when its reply
+        will not come.
         """
         if self.dead is not None:
             raise self.dead
         outcome = outcome if outcome is not None else Outcome()
         msg = self.session.msg(msg_type, content)
+        if shell is not None:
+            msg["header"]["subshell_id"] = shell
         try:
             encoded = self.wire.encode(msg)  # before registering: a request that cannot be sent leaves no trace
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError included: a lone surrogate in a name...
             raise SerializationError(f"cannot encode the {msg_type} (its JSON part): {exc}") from exc
         msg_id = msg["header"]["msg_id"]
-        reply_future = asyncio.get_running_loop().create_future()
-        pending = _Pending(msg_id, reply_future, outcome, matcher, listener=listener, control=channel == "control")
+        pending = _Pending(
+            msg_id,
+            asyncio.get_running_loop().create_future(),
+            outcome,
+            matcher,
+            listener=listener,
+            control=channel == "control",
+            shell=shell,
+            interrupter=interrupter,
+            interruptible=interruptible,
+        )
         pending.reply.add_done_callback(_consume_outcome)  # an abandoned request's failure is nobody's error
         self._pending[msg_id] = pending
         outcome.msg_id = msg_id
         outcome.stage = Stage.SENT  # from here on it may have reached the kernel
         try:
             await self.wire.send(channel, encoded, buffers)
+            self._sent += 1
+            pending.sent = self._sent
             # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits
             reply = await asyncio.shield(pending.reply)
             if listener is not None and matcher.wait_idle:
@@ -194,12 +279,22 @@ class KernelConnection:
                 self._pending.pop(msg_id, None)
 
     async def send(
-        self, channel: str, msg_type: str, content: dict[str, Any], buffers: list[Any] | None = None
+        self,
+        channel: str,
+        msg_type: str,
+        content: dict[str, Any],
+        buffers: list[Any] | None = None,
+        *,
+        shell: str | None = None,
     ) -> None:
         """Send a message that has no reply (comm_close, a part of a chunked request...)."""
         if self.dead is not None:
             raise self.dead
-        await self.wire.send(channel, self.wire.encode(self.session.msg(msg_type, content)), buffers)
+        msg = self.session.msg(msg_type, content)
+        if shell is not None:
+            msg["header"]["subshell_id"] = shell
+        await self.wire.send(channel, self.wire.encode(msg), buffers)
+        self._sent += 1
 
     async def execute(
         self,
@@ -208,6 +303,9 @@ class KernelConnection:
         extra: dict[str, Any] | None = None,
         listener: IopubListener | None = None,
         outcome: Outcome | None = None,
+        shell: str | None = None,
+        interrupter: Callable[[], Awaitable[None]] | None = None,
+        interruptible: bool = True,
     ) -> dict[str, Any]:
         """A silent execute_request that runs no cell code, only ``user_expressions``.
 
@@ -224,7 +322,16 @@ class KernelConnection:
         }
         if extra:
             content.update(extra)
-        reply = await self.request("shell", "execute_request", content, listener=listener, outcome=outcome)
+        reply = await self.request(
+            "shell",
+            "execute_request",
+            content,
+            listener=listener,
+            outcome=outcome,
+            shell=shell,
+            interrupter=interrupter,
+            interruptible=interruptible,
+        )
         return cast(dict[str, Any], reply["content"])
 
     async def wait_ready(self, timeout: float) -> dict[str, Any]:
@@ -265,10 +372,14 @@ class KernelConnection:
         """The caller gave up on ``pending``: stop its remote work, leave the kernel usable."""
         outcome = pending.outcome
         outcome.abandoned = True
+        if not pending.interruptible:
+            self._pending.pop(pending.msg_id, None)
+            return
+        running = self._running.get(pending.shell)
         if outcome.stage is Stage.RUNNING:
             await self._interrupt_and_wait(pending)
-        elif self._running is not None and self._running != pending.msg_id:
-            outcome.queued_behind = self._running  # _route_iopub interrupts it when it starts
+        elif running is not None and running != pending.msg_id:
+            outcome.queued_behind = running  # _route_iopub interrupts it when it starts
         # Otherwise the kernel has not said it started it: _route_iopub interrupts it when it does.
 
     async def _interrupt_and_wait(self, pending: _Pending) -> None:
@@ -277,7 +388,7 @@ class KernelConnection:
         outcome.interrupt = Interrupt.ANSWERED
         try:
             try:
-                await self._interrupter()
+                await (pending.interrupter or self._interrupter)()
             except KernelDiedError:
                 return  # recorded in the outcome by fail_all()
             except Exception as exc:  # an unanswered interrupt_request, a server that refused it...
@@ -314,8 +425,8 @@ class KernelConnection:
             return False
         if match == "reply":
             pending.outcome.stage = Stage.ANSWERED
-            if self._running == pending.msg_id:
-                self._running = None  # done, whenever its 'idle' arrives: later requests are not behind it
+            if self._running.get(pending.shell) == pending.msg_id:
+                self._running[pending.shell] = None  # done, whenever its 'idle' arrives: later ones are not behind it
             if pending.outcome.abandoned:
                 self._pending.pop(pending.msg_id, None)
             if not pending.reply.done():
@@ -323,8 +434,14 @@ class KernelConnection:
         return True
 
     def _route_iopub(self, msg: dict[str, Any]) -> None:
-        parent_id = msg["parent_header"].get("msg_id")
-        if msg["msg_type"] == "status":
+        parent = msg["parent_header"]
+        parent_id = parent.get("msg_id")
+        msg_type = msg["msg_type"]
+        if not parent_id and msg_type == "iopub_welcome":
+            self._hint("the kernel's IOPub socket welcomed a (re)connected subscriber")
+            return
+        shell = parent.get("subshell_id")
+        if msg_type == "status":
             state = msg["content"].get("execution_state")
             if state in ("restarting", "dead") and not parent_id:  # said by a Jupyter server of its kernel
                 self.restarted_by_server = state == "restarting"
@@ -336,22 +453,26 @@ class KernelConnection:
                     )
                 )
                 return
+            if state == "starting" and not parent_id:
+                self._hint("the kernel said it is starting")
             ours = self._pending.get(parent_id or "")
             if msg["parent_header"].get("msg_type") in CONTROL_REQUESTS or (ours is not None and ours.control):
                 pass  # handled beside the shell's work, not instead of it: it says nothing of what runs there
             elif state == "busy":
-                self._running = parent_id
-            elif state == "idle" and self._running == parent_id:
-                self._running = None
+                self._running[shell] = parent_id
+            elif state == "idle" and self._running.get(shell) == parent_id:
+                self._running[shell] = None
         pending = self._pending.get(parent_id or "")
         if pending is None:
             return
         outcome = pending.outcome
-        if self._running == parent_id and outcome.stage is Stage.SENT:
+        running = self._running.get(pending.shell)
+        if running == parent_id and outcome.stage is Stage.SENT:
             outcome.stage = Stage.RUNNING
             if outcome.abandoned and outcome.interrupt is Interrupt.NONE and not pending.reply.done():
-                asyncio.ensure_future(self._interrupt_and_wait(pending))  # abandoned while queued; started now
-        elif self._running is None and outcome.stage is Stage.RUNNING and msg["msg_type"] == "status":
+                if pending.interruptible:  # abandoned while queued; started now
+                    asyncio.ensure_future(self._interrupt_and_wait(pending))
+        elif running is None and outcome.stage is Stage.RUNNING and msg_type == "status":
             outcome.stage = Stage.FINISHED  # idle: interrupting it now would hit whatever runs next
         if not pending.reply.done() and self._offer(pending, "iopub", msg):
             return
@@ -360,8 +481,58 @@ class KernelConnection:
                 pending.listener(msg)
             except Exception:
                 log.exception("IOPub listener failed")
-        if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+        if msg_type == "status" and msg["content"].get("execution_state") == "idle":
             pending.idle.set()
+            grace = pending.matcher.reply_grace
+            if grace is not None and not pending.reply.done():
+                asyncio.get_running_loop().call_later(grace, self._no_reply, pending)
+
+    def _no_reply(self, pending: _Pending) -> None:
+        """The kernel finished ``pending`` a while ago and no reply came: it will not (see ``reply_grace``)."""
+        if not pending.reply.done() and self._pending.get(pending.msg_id) is pending:
+            self._fail(pending, RequestLost("the kernel finished it without answering", check=True))
+
+    def _hint(self, why: str) -> None:
+        if self.on_hint is not None and self.dead is None:
+            self.on_hint(why)
+
+    # ------------------------------------------------------------------ reconnects
+
+    def _reconnected(self) -> None:
+        """The wire reopened: replies the kernel sent meanwhile may be lost (Jupyter Server replays them only
+        when ours was the kernel's last connection). Find the requests that lost theirs, with barriers."""
+        if self.on_reconnect is not None:
+            self.on_reconnect()
+        if self._recovery is not None:
+            self._recovery.cancel()  # its barriers may be lost too: start over
+        self._recovery = asyncio.ensure_future(self._recover())
+
+    async def _recover(self) -> None:
+        """For each shell with requests waiting, a kernel_info_request behind them: each shell runs its
+        requests in order and answers in order, so once the barrier's reply is here, a request sent before
+        it that still has no reply lost it (or never arrived): RequestLost, and it is sent again."""
+        shells = {pending.shell for pending in self._pending.values() if pending.sent}
+        if shells and self.dead is None:
+            await asyncio.gather(*(self._barrier(shell) for shell in shells), return_exceptions=True)
+
+    async def _barrier(self, shell: str | None) -> None:
+        msg = self.session.msg("kernel_info_request", {})
+        if shell is not None:
+            msg["header"]["subshell_id"] = shell
+        loop = asyncio.get_running_loop()
+        pending = _Pending(msg["header"]["msg_id"], loop.create_future(), Outcome(), shell=shell, interruptible=False)
+        pending.reply.add_done_callback(_consume_outcome)
+        self._pending[pending.msg_id] = pending
+        try:
+            await self.wire.send("shell", self.wire.encode(msg))
+            self._sent += 1
+            pending.sent = before = self._sent
+            await asyncio.shield(pending.reply)
+        finally:
+            self._pending.pop(pending.msg_id, None)
+        for waiting in list(self._pending.values()):
+            if waiting.shell == shell and 0 < waiting.sent < before and not waiting.reply.done():
+                self._fail(waiting, RequestLost("its reply was lost while the connection to the server was down"))
 
     # ------------------------------------------------------------------ liveness
 

@@ -15,7 +15,8 @@ The tree::
     ├── KernelStartError         a kernel process could not be started or never became ready
     ├── KernelDiedError          the kernel died or stopped answering
     ├── KernelClosedError        (also RuntimeError) the Kernel was shut down and used again
-    ├── StaleRefError            a RemoteRef was used after its kernel restarted
+    ├── StaleRefError            a RemoteRef was used after its kernel restarted (by anyone)
+    ├── SubshellUnavailableError a call asked for a subshell and the kernel has none
     └── ProtocolError            a reply kernelproxy cannot read: corruption or a version mismatch
 
     KernelRestartedWarning (UserWarning)  auto_restart replaced a dead kernel with a fresh one
@@ -48,6 +49,7 @@ __all__ = [
     "ServerError",
     "ServerUnreachableError",
     "StaleRefError",
+    "SubshellUnavailableError",
 ]
 
 
@@ -140,7 +142,20 @@ class KernelClosedError(KernelProxyError, RuntimeError):
 
 
 class StaleRefError(KernelProxyError):
-    """Raised when a RemoteRef is used after its kernel restarted: the object it pointed to is gone."""
+    """Raised when a RemoteRef is used after its kernel restarted: the object it pointed to is gone.
+
+    Also after a restart by someone else (another client, the notebook's Restart
+    button): the agent in the new kernel process refuses refs minted by the old one,
+    so a stale ref never reaches another client's object.
+    """
+
+
+class SubshellUnavailableError(KernelProxyError):
+    """Raised when a call asks for a subshell (``options(subshell=True)``) and the kernel has none.
+
+    Subshells need a kernel that lists "kernel subshells" in its supported
+    features (JEP 91: ipykernel 7 and later); the message names the kernel.
+    """
 
 
 class ProtocolError(KernelProxyError):

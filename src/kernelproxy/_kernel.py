@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import functools
 import logging
+import uuid
 import warnings
 import weakref
 from collections.abc import Coroutine, Mapping
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 from . import _protocol as protocol
 from . import _serialization as serialization
 from ._bootstrap import check_environment, install_agent
-from ._connection import KernelConnection
+from ._connection import KernelConnection, RequestLost
 from ._control import KernelControl
 from ._exceptions import (
     CallTimeout,
@@ -31,13 +32,14 @@ from ._exceptions import (
     KernelRestartedWarning,
     KernelStartError,
     ProtocolError,
+    SubshellUnavailableError,
 )
 from ._output import Forwarder
 from ._refs import AsyncRemoteRef, Path, _Root, check_fresh, pickling_for
 from ._tracebacks import local_tracebacks, trimming
-from ._transports.base import AgentMissingError, Message, Transport
+from ._transports.base import AgentMissingError, Message, SubshellMissingError, Transport
 from ._transports.comm import CommTransport
-from ._transports.execute import ExecuteTransport
+from ._transports.execute import AGENT, ExecuteTransport
 from ._types import UNSET, CallOptions, KernelInfo, KernelStatus, OnTimeout, Output, Unset
 from ._wires.base import Wire
 
@@ -48,6 +50,12 @@ TRANSPORTS = ("auto", "comm", "execute")
 log = logging.getLogger("kernelproxy")
 RELEASE_TIMEOUT = 60.0  # seconds a batch of releases may wait behind other requests
 RESTART_ATTEMPTS = 2  # a kernel that dies while restarting gets one more restart
+REQUEST_ATTEMPTS = 5  # times a request is sent (again: its reply was lost, the kernel restarted) before it fails
+SUBSHELL_FEATURE = "kernel subshells"  # in kernel_info_reply's supported_features (JEP 91; ipykernel >= 7)
+FOREIGN_RESTART = (
+    "the kernel was restarted by someone else (another client, or whoever runs it) while this call was "
+    "waiting; its namespace is empty now"
+)
 
 
 def check_transport_name(transport: str) -> None:
@@ -86,13 +94,21 @@ class _KernelState:
         self.state = State.READY
         self.restarted = asyncio.Event()
         self.loop = asyncio.get_running_loop()
-        self.generation = 0  # counts restarts: refs from an older generation are stale
+        self.generation = 0  # counts restarts (ours and others'): refs from an older generation are stale
         self.sent_code = serialization.CodeSet()  # functions whose source this kernel has (for its tracebacks)
-        self._releases: collections.deque[tuple[int, int]] = collections.deque()
+        self._releases: collections.deque[tuple[int, int, str | None]] = collections.deque()
         self._release_task: asyncio.Future[Any] | None = None
         self.connection: KernelConnection = self._new_connection()
         self.transport: Transport | None = None
         self.info: KernelInfo | None = None
+        self.agent_instance: str | None = None  # the agent's instance id: a new one means a new kernel process
+        self.features: list[str] = []  # kernel_info_reply's supported_features
+        self._hello: dict[str, Any] = {}
+        self._check: asyncio.Future[None] | None = None  # a check of the kernel's incarnation, after a hint
+        self._recheck = False  # a hint came during that check: check again
+        self.subshell: Subshell | None = None  # kernelproxy's subshell, made on first use
+        self._subshell_lock = asyncio.Lock()
+        self._subshell_requests: set[str] = set()  # ids of the requests sent to it, not answered yet
         if control.owned:
             _started_kernels.add(self)
 
@@ -117,16 +133,22 @@ class _KernelState:
             process_check=self.control.process_check(),  # None: no local process, the wire reports deaths
             interrupter=lambda: self.control.interrupt(connection),
         )
+        connection.on_hint = self._on_hint
         return connection
 
     async def open(self, ready_timeout: float) -> None:
         """Connect, wait for the kernel, install the agent, check versions, pick the transport."""
+        self.info = None  # hints from the kernel's start are not someone else's restart
+        self.subshell = None
         await self.connection.open()
         kernel_info = await self.connection.wait_ready(ready_timeout)
         hello = await install_agent(self.connection)
         check_environment(hello)
         transport = await self._negotiate_transport(hello)
         self.transport = transport
+        self.agent_instance = hello.get("instance")
+        self.features = list(kernel_info.get("supported_features") or [])
+        self._hello = hello
         self.info = KernelInfo(
             implementation=kernel_info.get("implementation", "?"),
             implementation_version=kernel_info.get("implementation_version", "?"),
@@ -156,8 +178,11 @@ class _KernelState:
                 log.info("comm transport unavailable (%s); using the execute transport", exc)
         return ExecuteTransport(self.connection, content_frames=bool(hello.get("parent_access")))
 
-    async def usable_transport(self) -> Transport:
-        """The transport, once the kernel can take requests; else raise why it cannot."""
+    async def usable_transport(self, subshell: bool = False) -> Transport:
+        """The transport (kernelproxy's subshell's with ``subshell``), once the kernel can take requests.
+
+        Raises why it cannot.
+        """
         while self.state is State.RESTARTING:
             await self.restarted.wait()
         if self.state is State.CLOSED:
@@ -171,11 +196,11 @@ class _KernelState:
                         KernelRestartedWarning,
                         stacklevel=2,
                     )
-                return await self.usable_transport()
-            restartable = self.control.restartable
-            advice = "call restart() for a fresh one" if restartable else "start or connect to another kernel"
-            raise KernelDiedError(f"{cause} earlier; {advice}")
+                return await self.usable_transport(subshell)
+            raise KernelDiedError(f"{cause} earlier; {self.control.advice(self.connection)}")
         assert self.transport is not None
+        if subshell:
+            return (await self._subshell()).transport
         return self.transport
 
     async def request(
@@ -184,13 +209,185 @@ class _KernelState:
         frames: list[Any],
         listener: Callable[[dict[str, Any]], None] | None,
         outcome: protocol.Outcome | None = None,
+        *,
+        subshell: bool = False,
     ) -> Message:
-        transport = await self.usable_transport()
+        """Send one request to the agent (on kernelproxy's subshell with ``subshell``); return its reply.
+
+        The request has an id: when its reply is lost (a server connection that
+        dropped) or the kernel dropped it (someone restarted the kernel: our comm
+        is gone there), it is sent again, and the agent never runs one id twice.
+        A restart by someone else is noticed here at the latest: the agent is
+        installed again, refs made before are stale, the request runs.
+        """
+        rid = uuid.uuid4().hex
+        if subshell:
+            self._subshell_requests.add(rid)
         try:
-            return await transport.request(header, frames, listener=listener, outcome=outcome)
-        except AgentMissingError:  # the kernel was restarted behind our back: the request never ran
-            await install_agent(self.connection)
-            return await transport.request(header, frames, listener=listener, outcome=outcome)
+            return await self._send(rid, header, frames, listener, outcome, subshell)
+        finally:
+            self._subshell_requests.discard(rid)
+
+    async def _send(
+        self,
+        rid: str,
+        header: protocol.Header,
+        frames: list[Any],
+        listener: Callable[[dict[str, Any]], None] | None,
+        outcome: protocol.Outcome | None,
+        subshell: bool,
+    ) -> Message:
+        same_instance_losses = 0
+        error: BaseException | None = None
+        for _ in range(REQUEST_ATTEMPTS):
+            if self._check is not None and not self._check.done() and not subshell:
+                await asyncio.shield(self._check)  # a restart is suspected: learn the answer before sending
+            transport = await self.usable_transport(subshell)
+            interrupter = functools.partial(self.cancel_on_subshell, rid) if subshell else None
+            try:
+                message = await transport.request(
+                    header, frames, listener=listener, outcome=outcome, rid=rid, interrupter=interrupter
+                )
+            except AgentMissingError as exc:  # the kernel was restarted behind our back: the request never ran
+                error = exc
+                await self.check_incarnation()
+                continue
+            except SubshellMissingError as exc:  # restarted, or someone deleted our subshell: it never ran
+                error = exc
+                if not await self.check_incarnation():
+                    self.subshell = None
+                continue
+            except RequestLost as exc:
+                error = exc
+                if exc.check and not await self.check_incarnation(transport.shell):
+                    same_instance_losses += 1
+                    if same_instance_losses >= 2:  # the kernel is the same, but it drops our comm's messages
+                        await self._reopen(transport)
+                continue
+            reply, _ = message
+            instance = reply.get("agent")
+            if instance is not None and instance != self.agent_instance:  # it ran in a new kernel process
+                await self.check_incarnation()
+            return message
+        raise ProtocolError(f"kernelproxy's request got no answer after {REQUEST_ATTEMPTS} attempts: {error}")
+
+    # ------------------------------------------------------------------ someone else restarts the kernel
+
+    def _on_hint(self, why: str) -> None:
+        """Something suggests the kernel was restarted (by someone else): check it in the background."""
+        if self.state is not State.READY or self.info is None:
+            return  # our own start or restart
+        log.debug("kernelproxy checks whether the kernel was restarted: %s", why)
+        self._recheck = True
+        if self._check is None or self._check.done():
+            self._check = asyncio.ensure_future(self._check_while_hinted())
+
+    async def _check_while_hinted(self) -> None:
+        while self._recheck and self.state is State.READY and self.connection.dead is None:
+            self._recheck = False
+            try:
+                await self.check_incarnation()
+            except Exception as exc:  # a dead or closed kernel says so to the next call
+                log.debug("checking the kernel's incarnation failed: %r", exc)
+                return
+
+    async def check_incarnation(self, shell: str | None = None) -> bool:
+        """Ask the agent who it is (installing it where the kernel lost it); adopt a new kernel process.
+
+        Says whether the kernel is a new process since kernelproxy last looked.
+        """
+        before = self.connection.sent + 1  # the hello's own number: requests sent earlier went to the old one
+        hello = await install_agent(self.connection, shell=shell)
+        if hello.get("instance") == self.agent_instance:
+            return False
+        await self._adopt(hello, before)
+        return True
+
+    async def _adopt(self, hello: dict[str, Any], before: int) -> None:
+        """The kernel is a new process (someone restarted it): refs are stale, our comm and subshell are gone."""
+        if hello.get("instance") == self.agent_instance:
+            return  # a concurrent check adopted it already
+        log.info("the kernel was restarted by someone else; kernelproxy reinstalled its agent")
+        self.agent_instance = hello.get("instance")
+        self.generation += 1
+        self.sent_code.clear()
+        self._hello = hello
+        self.subshell = None
+        self.connection.restarted(before, KernelDiedError(FOREIGN_RESTART))
+        check_environment(hello)
+        self.transport = await self._negotiate_transport(hello)
+        if self.info is not None:
+            self.info = dataclasses.replace(
+                self.info,
+                python=hello["python"],
+                cloudpickle=hello["cloudpickle"],
+                pid=hello["pid"],
+                executable=hello["executable"],
+                hostname=hello["hostname"],
+                transport=self.transport.description + self.connection.wire.description,
+                agent_revision=hello.get("revision", 0),
+            )
+
+    async def _reopen(self, transport: Transport) -> None:
+        """The agent is the same but does not answer on our comm (someone closed it): open another."""
+        if transport.shell is not None:
+            self.subshell = None
+        elif transport is self.transport:
+            self.transport = await self._negotiate_transport(self._hello)
+
+    # ------------------------------------------------------------------ subshells
+
+    def check_subshells(self) -> None:
+        """Raise SubshellUnavailableError if the kernel has no subshells (known once it answered)."""
+        if self.info is not None and SUBSHELL_FEATURE not in self.features:
+            info = self.info
+            raise SubshellUnavailableError(
+                f"this kernel ({info.implementation} {info.implementation_version}) has no subshells: its "
+                f"kernel_info_reply does not list {SUBSHELL_FEATURE!r} in supported_features (JEP 91; "
+                "ipykernel 7 and later have them). Calls into a busy kernel need them; use the main shell "
+                "(subshell=False), which runs calls after the kernel's current work"
+            )
+
+    async def _subshell(self) -> Subshell:
+        """kernelproxy's subshell (made on first use: a thread in the kernel, and a transport to it)."""
+        self.check_subshells()
+        async with self._subshell_lock:
+            if self.subshell is None:
+                shell = await self._create_subshell()
+                if isinstance(self.transport, CommTransport):
+                    transport: Transport = await CommTransport.open(self.connection, shell=shell)
+                else:
+                    transport = ExecuteTransport(
+                        self.connection, content_frames=bool(self._hello.get("parent_access")), shell=shell
+                    )
+                self.subshell = Subshell(shell, transport)
+            return self.subshell
+
+    async def _create_subshell(self) -> str:
+        reply = await asyncio.wait_for(self.connection.request("control", "create_subshell_request", {}), 30)
+        content = reply["content"]
+        if content.get("status") != "ok" or not isinstance(content.get("subshell_id"), str):
+            raise SubshellUnavailableError(f"the kernel did not create a subshell: {content!r:.200}")
+        return str(content["subshell_id"])
+
+    async def interrupt_subshell(self) -> None:
+        """Stop every request of ours running on our subshell (their calls raise CallInterrupted)."""
+        await self.usable_transport()
+        for rid in list(self._subshell_requests):
+            await self.cancel_on_subshell(rid)
+
+    async def cancel_on_subshell(self, rid: str) -> None:
+        """Stop a request running on our subshell: an exception raised in its thread, never SIGINT (which would
+        hit the main thread: someone's cell). Runs on a second subshell, since ours is busy with the request."""
+        subshell = self.subshell
+        if subshell is None:
+            return
+        if subshell.canceller is None:
+            shell = await self._create_subshell()
+            subshell.canceller = ExecuteTransport(self.connection, content_frames=False, shell=shell)
+        payload = await subshell.canceller.expression(f"{AGENT}.cancel({rid!r})")
+        if isinstance(payload, dict) and not payload.get("cancelled"):
+            log.debug("cancelling request %s on the subshell: %s", rid, payload.get("reason"))
 
     async def restart(self, ready_timeout: float, *, only_if_dead: bool = False) -> bool:
         """Restart the kernel; with ``only_if_dead``, only if no one restarted it meanwhile. Say if it did."""
@@ -229,9 +426,9 @@ class _KernelState:
         finally:
             self.restarted.set()
 
-    def release_later(self, object_id: int, generation: int) -> None:
+    def release_later(self, object_id: int, generation: int, instance: str | None) -> None:
         """Queue a kept object's release (called by finalizers, from any thread: no I/O here)."""
-        self._releases.append((object_id, generation))
+        self._releases.append((object_id, generation, instance))
         try:
             self.loop.call_soon_threadsafe(self._schedule_release)
         except RuntimeError:
@@ -245,17 +442,20 @@ class _KernelState:
         """Send the queued releases, a batch per request, until none are left."""
         await asyncio.sleep(0)  # let finalizers of one collection queue together
         while self._releases:  # releases queued during a request go in the next batch
-            ids = []
+            batches: dict[str | None, list[int]] = {}
             while self._releases:
-                object_id, generation = self._releases.popleft()
+                object_id, generation, instance = self._releases.popleft()
                 if generation == self.generation:
-                    ids.append(object_id)
-            if not ids or self.state is not State.READY or self.connection.dead is not None:
+                    batches.setdefault(instance, []).append(object_id)
+            if not batches or self.state is not State.READY or self.connection.dead is not None:
                 continue
-            try:
-                await asyncio.wait_for(self.request(protocol.release(ids), [], None), RELEASE_TIMEOUT)
-            except Exception as exc:  # the kernel went away (its objects with it) or is busy for long
-                log.debug("releasing kept objects failed: %r", exc)
+            for instance, ids in batches.items():  # the agent ignores ids of another instance: never others' objects
+                try:
+                    await asyncio.wait_for(
+                        self.request(protocol.release(ids, agent=instance), [], None), RELEASE_TIMEOUT
+                    )
+                except Exception as exc:  # the kernel went away (its objects with it) or is busy for long
+                    log.debug("releasing kept objects failed: %r", exc)
 
     async def interrupt(self) -> None:
         await self.usable_transport()
@@ -285,6 +485,15 @@ class _KernelState:
     def kill_now(self) -> None:
         """Stop our kernel without an event loop (interpreter exit)."""
         self.control.kill_now()
+
+
+@dataclasses.dataclass(eq=False)
+class Subshell:
+    """kernelproxy's subshell in the kernel: its id, the transport to it, and one more to cancel its work."""
+
+    id: str
+    transport: Transport
+    canceller: ExecuteTransport | None = None
 
 
 _started_kernels: weakref.WeakSet[_KernelState] = weakref.WeakSet()
@@ -320,8 +529,13 @@ class AsyncKernel:
         timeout: float | None | Unset = UNSET,
         output: Output | Unset = UNSET,
         on_timeout: OnTimeout | Unset = UNSET,
+        subshell: bool | Unset = UNSET,
     ) -> AsyncKernel:
-        """A view of the same kernel whose calls use other options (``timeout``, ``output``, ``on_timeout``)."""
+        """A view of the same kernel whose calls use other options (see ``CallOptions``).
+
+        ``subshell=True``: calls run on kernelproxy's subshell, while the kernel's main
+        shell is busy (SubshellUnavailableError if the kernel has no subshells).
+        """
         options = self._options
         if not isinstance(timeout, Unset):
             options = dataclasses.replace(options, timeout=timeout)
@@ -329,11 +543,15 @@ class AsyncKernel:
             options = dataclasses.replace(options, output=output)
         if not isinstance(on_timeout, Unset):
             options = dataclasses.replace(options, on_timeout=on_timeout)
+        if not isinstance(subshell, Unset):
+            options = dataclasses.replace(options, subshell=subshell)
+            if subshell:
+                self._state.check_subshells()
         return AsyncKernel(self._state, options)
 
     @property
     def call_options(self) -> CallOptions:
-        """This view's call options: ``timeout``, ``output``, ``on_timeout``."""
+        """This view's call options: ``timeout``, ``output``, ``on_timeout``, ``subshell``."""
         return self._options
 
     @property
@@ -428,7 +646,7 @@ class AsyncKernel:
         with pickling_for(self._state):
             parts = {"the ref's arguments": path}
             frames = serialization.dumps(path, parts=parts, sent_code=self._state.sent_code) if path else []
-        header = protocol.ref_eval(root.id, keep=keep)
+        header = protocol.ref_eval(root.id, keep=keep, agent=root.instance)
         return await self._request(header, frames, self._options.timeout, f"RemoteRef #{root.id}")
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> asyncio.Task[T]:
@@ -562,8 +780,8 @@ class AsyncKernel:
         timeout = self._options.timeout if timeout is None else timeout
         if isinstance(listener, Unset):
             listener = Forwarder() if self._options.output == "forward" else None  # to where the caller's output goes
-        outcome = protocol.Outcome()
-        request = self._state.request(header, frames, listener, outcome)
+        outcome = protocol.Outcome(subshell=self._options.subshell)
+        request = self._state.request(header, frames, listener, outcome, subshell=self._options.subshell)
         try:
             reply, out = await (asyncio.wait_for(request, timeout) if timeout is not None else request)
         except asyncio.TimeoutError as exc:
@@ -582,6 +800,7 @@ class AsyncKernel:
             and outcome.died is None
             and self._options.on_timeout == "restart"
             and self._state.owned
+            and not self._options.subshell  # a restart would end someone's cell on the main shell
         ):
             await self._state.restart(self._state.ready_timeout)
             return (
@@ -592,8 +811,14 @@ class AsyncKernel:
     # ------------------------------------------------------------------ lifecycle
 
     async def interrupt(self) -> None:
-        """Interrupt what the kernel is running (the running call raises CallInterrupted)."""
-        await self._state.interrupt()
+        """Interrupt what the kernel is running (the running call raises CallInterrupted).
+
+        On a subshell view, stop what kernelproxy runs on its subshell instead (the main shell is left alone).
+        """
+        if self._options.subshell:
+            await self._state.interrupt_subshell()
+        else:
+            await self._state.interrupt()
 
     async def restart(self, *, timeout: float = 60) -> None:
         """Restart the kernel (one kernelproxy started, or one on a server): its namespace is emptied."""

@@ -21,6 +21,7 @@ from ._exceptions import (
     RemoteError,
     RemoteTraceback,
     SerializationError,
+    StaleRefError,
 )
 from ._serialization import missing_module_advice
 from ._tracebacks import attach_ipython_rendering
@@ -61,15 +62,23 @@ class EvalHeader(TypedDict):
     expr: str
 
 
-class RefEvalHeader(TypedDict):
+class _RefEvalFields(TypedDict):
     op: Literal["ref_eval"]
     root: int
     keep: bool
 
 
-class ReleaseHeader(TypedDict):
+class RefEvalHeader(_RefEvalFields, total=False):
+    agent: str  # the agent instance that kept the root: another instance refuses it (stale)
+
+
+class _ReleaseFields(TypedDict):
     op: Literal["release"]
     ids: list[int]
+
+
+class ReleaseHeader(_ReleaseFields, total=False):
+    agent: str  # the agent instance that kept them: another instance ignores them
 
 
 class EchoHeader(TypedDict):
@@ -127,12 +136,18 @@ def eval_(expression: str) -> EvalHeader:
     return {"op": "eval", "expr": expression}
 
 
-def ref_eval(root: int, *, keep: bool) -> RefEvalHeader:
-    return {"op": "ref_eval", "root": root, "keep": keep}
+def ref_eval(root: int, *, keep: bool, agent: str | None = None) -> RefEvalHeader:
+    header: RefEvalHeader = {"op": "ref_eval", "root": root, "keep": keep}
+    if agent is not None:
+        header["agent"] = agent
+    return header
 
 
-def release(ids: list[int]) -> ReleaseHeader:
-    return {"op": "release", "ids": ids}
+def release(ids: list[int], *, agent: str | None = None) -> ReleaseHeader:
+    header: ReleaseHeader = {"op": "release", "ids": ids}
+    if agent is not None:
+        header["agent"] = agent
+    return header
 
 
 def echo() -> EchoHeader:
@@ -180,6 +195,7 @@ class Outcome:
     interrupt: Interrupt = Interrupt.NONE
     died: KernelDiedError | None = None
     abandoned: bool = False
+    subshell: bool = False  # it ran on a subshell: interrupted by an exception in that thread, never SIGINT
 
     def describe(self) -> str:
         """What became of the request after it was abandoned, in words for an error message."""
@@ -197,6 +213,12 @@ class Outcome:
             return "the kernel had not started it yet; it is interrupted as soon as it starts"
         if self.stage is Stage.FINISHED:
             return "the kernel finished it without a reply that kernelproxy recognised (lost, or not answered)"
+        if self.interrupt is Interrupt.IGNORED and self.subshell:
+            return (
+                "it runs on kernelproxy's subshell, in code that cannot be stopped from another thread (C code: "
+                "time.sleep, I/O, a lock, a long numpy operation); it gets KeyboardInterrupt when it returns to "
+                "Python. The kernel's main shell was not interrupted"
+            )
         if self.interrupt is Interrupt.IGNORED:
             return (
                 "the kernel ignored the interrupt (stuck in code that blocks SIGINT?) and is still busy: "
@@ -204,6 +226,8 @@ class Outcome:
             )
         if self.interrupt is Interrupt.FAILED:
             return "interrupting the kernel failed; it may still be running the call"
+        if self.subshell:
+            return "its remote work on the subshell was stopped; the kernel's main shell was not interrupted"
         return "its remote work was interrupted and the kernel is usable"
 
 
@@ -229,6 +253,10 @@ def reply_error(reply: dict[str, Any], frames: list[Any], what: str, loads: Any)
         return exc
     if kind == "interrupted":
         return CallInterrupted(f"{what} was interrupted in the kernel\n{tb}".rstrip())
+    if kind == "stale":
+        return StaleRefError(f"{evalue}. Make a new ref")
+    if kind == "lost":
+        return ProtocolError(f"{what}: {evalue}")
     if kind == "deserialize":
         advice = missing_module_advice(reply.get("missing"))
         return SerializationError(f"the kernel could not unpickle the {what}: {evalue}. {advice}")

@@ -85,7 +85,10 @@ class _Root:
         self.type: str = description["type"]
         self.repr: str = description["repr"]
         self.generation = state.generation
-        weakref.finalize(self, state.release_later, self.id, self.generation)
+        # The agent instance (kernel process) that kept it: another one refuses the ref instead of resolving
+        # the same id to something else (ids start over in a restarted kernel).
+        self.instance: str | None = description.get("agent", state.agent_instance)
+        weakref.finalize(self, state.release_later, self.id, self.generation, self.instance)
 
 
 class _RefBase(_StandsForTheRemoteObject):  # type: ignore[misc]  # an Any base, on purpose (see above)
@@ -141,7 +144,7 @@ class _RefBase(_StandsForTheRemoteObject):  # type: ignore[misc]  # an Any base,
                 "pass ref.get() to copy its value instead"
             )
         check_fresh(self._root)
-        return (_AgentResolve(), (self._root.id, self._path))
+        return (_AgentResolve(), (self._root.id, self._path, self._root.instance))
 
     def __repr__(self) -> str:
         name = type(self).__name__

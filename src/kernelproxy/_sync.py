@@ -48,13 +48,19 @@ class Kernel:
         timeout: float | None | Unset = UNSET,
         output: Output | Unset = UNSET,
         on_timeout: OnTimeout | Unset = UNSET,
+        subshell: bool | Unset = UNSET,
     ) -> Kernel:
-        """A view of the same kernel with other call options: ``k.options(timeout=2).call(f)``."""
-        return Kernel(self._core.options(timeout=timeout, output=output, on_timeout=on_timeout), self._portal)
+        """A view of the same kernel with other call options: ``k.options(timeout=2).call(f)``.
+
+        ``subshell=True``: calls run on kernelproxy's subshell of the kernel, while its main
+        shell is busy with someone's cell (see ``CallOptions``).
+        """
+        core = self._core.options(timeout=timeout, output=output, on_timeout=on_timeout, subshell=subshell)
+        return Kernel(core, self._portal)
 
     @property
     def call_options(self) -> CallOptions:
-        """This view's call options: ``timeout``, ``output``, ``on_timeout``."""
+        """This view's call options: ``timeout``, ``output``, ``on_timeout``, ``subshell``."""
         return self._core.call_options
 
     @property
@@ -215,7 +221,10 @@ class Kernel:
     # ------------------------------------------------------------------ lifecycle
 
     def interrupt(self) -> None:
-        """Interrupt what the kernel is running (that call raises CallInterrupted)."""
+        """Interrupt what the kernel is running (that call raises CallInterrupted).
+
+        On a subshell view, stop what kernelproxy runs on its subshell instead (the main shell is left alone).
+        """
         self._portal.run(self._core.interrupt())
 
     def restart(self, *, timeout: float = 60) -> None:

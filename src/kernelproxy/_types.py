@@ -45,12 +45,19 @@ class CallOptions:
         on_timeout: what a timeout does. "interrupt" interrupts the kernel; if the
             kernel ignores the interrupt (stuck in C code), CallTimeout says so and
             the kernel stays busy. "restart" then also restarts the kernel (one
-            kernelproxy started), emptying its namespace.
+            kernelproxy started), emptying its namespace. Never on a subshell.
+        subshell: run calls on kernelproxy's own subshell of the kernel (a thread
+            of its own, JEP 91, ipykernel >= 7) instead of its main shell, so they
+            run while the kernel is busy with someone's cell. They run *concurrently*
+            with that cell, on the same objects: only for what is safe to read or do
+            meanwhile. A timeout or cancel stops only the subshell's work (an
+            exception raised in its thread), never the main shell's cell.
     """
 
     timeout: Optional[float] = None
     output: Output = "forward"
     on_timeout: OnTimeout = "interrupt"
+    subshell: bool = False
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:
@@ -59,6 +66,8 @@ class CallOptions:
             raise ValueError(f"output must be 'forward' or 'discard', not {self.output!r}")
         if self.on_timeout not in ("interrupt", "restart"):
             raise ValueError(f"on_timeout must be 'interrupt' or 'restart', not {self.on_timeout!r}")
+        if not isinstance(self.subshell, bool):
+            raise TypeError(f"subshell must be True or False, not {self.subshell!r}")
 
 
 @dataclass(frozen=True)

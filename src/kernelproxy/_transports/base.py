@@ -8,23 +8,37 @@ serialization, errors, timeouts, works the same over any transport.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Mapping
+from typing import Any, Callable, ClassVar
 
 from .._connection import IopubListener as IopubListener  # re-exported for the transports
 from .._exceptions import ProtocolError
 from .._protocol import Message as Message
 from .._protocol import Outcome as Outcome
 
+Interrupter = Callable[[], Awaitable[None]]  # stops one request's remote work (a subshell's: not SIGINT)
+
 
 class AgentMissingError(ProtocolError):
     """The agent is not installed in the kernel (it was restarted by someone else): reinstall and retry."""
+
+
+class SubshellMissingError(ProtocolError):
+    """The kernel has no such subshell (it was restarted, or someone deleted it): make a new one and retry."""
+
+
+def kernel_refusal(ename: str, evalue: str, shell: str | None) -> ProtocolError:
+    """The error for a message the kernel itself refused (an error ``*_reply`` instead of the agent's answer)."""
+    if ename == "UnknownSubshellError":
+        return SubshellMissingError(f"the kernel has no subshell {shell} (restarted, or the subshell was deleted)")
+    return ProtocolError(f"the kernel refused kernelproxy's message: {ename}: {evalue}")
 
 
 class Transport(abc.ABC):
     """How requests reach the kernel's agent."""
 
     name: ClassVar[str]
+    shell: str | None = None  # the subshell it runs requests on (None: the main shell)
 
     @property
     def description(self) -> str:
@@ -39,12 +53,17 @@ class Transport(abc.ABC):
         *,
         listener: IopubListener | None = None,
         outcome: Outcome | None = None,
+        rid: str | None = None,
+        interrupter: Interrupter | None = None,
     ) -> Message:
         """Send one request; return the agent's reply header and frames.
 
         ``listener`` receives the IOPub messages (stream output...) the request causes;
-        ``outcome`` records how far the request got, for its caller.
-        Cancelling the awaiting task abandons the request and interrupts its remote work.
+        ``outcome`` records how far the request got, for its caller. ``rid``: the
+        request's id, the same when it is sent again (the agent runs it once).
+        Cancelling the awaiting task abandons the request and interrupts its
+        remote work (with ``interrupter``, when given). Raises ``RequestLost``
+        when the reply will not come: send it again.
         """
 
     async def close(self) -> None:  # noqa: B027 - a transport may hold nothing

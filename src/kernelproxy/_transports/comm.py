@@ -17,6 +17,13 @@ parts ahead of the reply; each side assembles them into one buffer per frame.
 Replies travel on IOPub (comms' own channel, kept in order with the call's
 output) or, where the wire asks for it, on shell: a Jupyter Server drops IOPub
 messages beyond 1,000 a second, and shell replies reach only the requester.
+
+Each request carries an id (``rid``): sent again after its reply was lost, it
+is answered from what the agent kept, never run twice. A comm lives in one
+kernel process: a kernel restarted by someone else drops our messages with
+only 'idle' to show for them (``reply_grace``), and the kernel state opens a
+new comm. A comm opened on a subshell runs its requests on that subshell's
+thread.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 from .._connection import KernelConnection, Match
 from .._exceptions import ProtocolError
 from ..agent import _agent as agent
-from .base import IopubListener, Message, Outcome, Transport
+from .base import Interrupter, IopubListener, Message, Outcome, Transport, kernel_refusal
 
 DIGESTS = ("blake3", "sha256")  # offered to the agent, best first
 PROBE_SIZE = 256 * 1024  # bytes echoed at negotiation: proves binary buffers survive the path
@@ -38,6 +45,9 @@ PROBE_SIZE = 256 * 1024  # bytes echoed at negotiation: proves binary buffers su
 # traffic (3 messages a request) far below the kernel's PUB high-water mark (1,000), past which it drops.
 MAX_IN_FLIGHT = 64
 PART_OVERHEAD = 64 * 1024  # room left in a wire message for the JSON around a part's bytes
+# Seconds after the kernel's 'idle' for a request with no reply before it counts as unanswered: replies on
+# IOPub come before 'idle' (same socket); replies on shell travel beside it and may come a little later.
+REPLY_GRACE = {"iopub": 0.2, "shell": 1.0}
 
 
 def digest_frames(algorithm: str, frames: list[Any]) -> str:
@@ -49,13 +59,23 @@ class CommTransport(Transport):
     name = "comm"
 
     def __init__(
-        self, connection: KernelConnection, comm_id: str, digest: str, *, part_size: int | None, reply_on: str
+        self,
+        connection: KernelConnection,
+        comm_id: str,
+        digest: str,
+        *,
+        part_size: int | None,
+        reply_on: str,
+        shell: str | None = None,
     ) -> None:
         self._conn = connection
         self._comm_id = comm_id
         self.digest = digest
         self._part_size = part_size  # None: frames travel whole
         self._reply_on = reply_on
+        self.shell = shell  # the subshell it runs requests on (None: the main shell)
+        self._keep_replies = connection.wire.may_lose_replies  # the agent keeps replies until acknowledged
+        self._acks: list[str] = []  # request ids whose replies arrived, acknowledged with the next request
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     @property
@@ -63,9 +83,18 @@ class CommTransport(Transport):
         parts = f", in parts of {self._part_size // 2**20} MiB" if self._part_size else ""
         return f"comm (binary buffers, {self.digest} digest, replies on {self._reply_on}{parts})"
 
+    @property
+    def comm_id(self) -> str:
+        return self._comm_id
+
     @classmethod
-    async def open(cls, connection: KernelConnection, timeout: float = 10.0) -> CommTransport:
-        """Open the agent's comm and prove a binary round trip; raise ProtocolError if the kernel cannot."""
+    async def open(
+        cls, connection: KernelConnection, timeout: float = 10.0, *, shell: str | None = None
+    ) -> CommTransport:
+        """Open the agent's comm (on ``shell``, a subshell) and prove a binary round trip.
+
+        Raises ProtocolError if the kernel cannot.
+        """
         comm_id = uuid.uuid4().hex
         limit = connection.wire.max_message_bytes
         part_size = limit - PART_OVERHEAD if limit is not None else None
@@ -78,14 +107,18 @@ class CommTransport(Transport):
         content = {"comm_id": comm_id, "target_name": agent.COMM_TARGET, "data": data}
         try:
             matcher = _CommReply(comm_id, parts=False, wait_idle=False)
-            reply = await asyncio.wait_for(connection.request("shell", "comm_open", content, matcher=matcher), timeout)
+            opening = connection.request("shell", "comm_open", content, matcher=matcher, shell=shell)
+            reply = await asyncio.wait_for(opening, timeout)
         except asyncio.TimeoutError as exc:
             raise ProtocolError(f"the kernel did not answer kernelproxy's comm_open within {timeout} s") from exc
+        if reply["msg_type"] == "comm_reply":  # refused by the kernel itself (a subshell it does not have)
+            raise kernel_refusal(reply["content"].get("ename", "?"), reply["content"].get("evalue", ""), shell)
         opened = reply["content"].get("data", {})
         algorithm = opened.get("opened")
         if reply["msg_type"] != "comm_msg" or algorithm not in DIGESTS:
             raise ProtocolError(f"the kernel refused kernelproxy's comm: {reply['content']!r:.200}")
-        transport = cls(connection, comm_id, algorithm, part_size=part_size, reply_on=opened.get("reply_on", "iopub"))
+        reply_on = opened.get("reply_on", "iopub")
+        transport = cls(connection, comm_id, algorithm, part_size=part_size, reply_on=reply_on, shell=shell)
         probe = os.urandom(PROBE_SIZE)
         header, frames = await asyncio.wait_for(transport.request({"op": "echo"}, [probe]), timeout)
         if header.get("status") != "ok" or len(frames) != 1 or bytes(frames[0]) != probe:
@@ -99,20 +132,41 @@ class CommTransport(Transport):
         *,
         listener: IopubListener | None = None,
         outcome: Outcome | None = None,
+        rid: str | None = None,
+        interrupter: Interrupter | None = None,
     ) -> Message:
         data: dict[str, Any] = {"header": header, "digest": digest_frames(self.digest, frames)}
+        if rid is not None:
+            data["rid"] = rid
+        if self._keep_replies:
+            data["keep_reply"] = True
         matcher = self.reply_matcher()
         async with self._slots:
+            if self._acks:
+                data["ack"], self._acks = self._acks, []
             if self._part_size is not None and sum(memoryview(f).nbytes for f in frames) > self._part_size:
                 data["upload"] = uuid.uuid4().hex
                 await self._send_parts(data["upload"], frames)
                 frames = []
             content = {"comm_id": self._comm_id, "data": data}
             reply = await self._conn.request(
-                "shell", "comm_msg", content, buffers=frames, listener=listener, matcher=matcher, outcome=outcome
+                "shell",
+                "comm_msg",
+                content,
+                buffers=frames,
+                listener=listener,
+                matcher=matcher,
+                outcome=outcome,
+                shell=self.shell,
+                interrupter=interrupter,
             )
+        if rid is not None and self._keep_replies:
+            self._acks.append(rid)
         if reply["msg_type"] == "comm_close":
             raise ProtocolError(f"the kernel closed kernelproxy's comm: {reply['content'].get('data')!r:.200}")
+        if reply["msg_type"] != "comm_msg":  # the kernel refused the message itself (a subshell it does not have)
+            content = reply["content"]
+            raise kernel_refusal(content.get("ename", "?"), content.get("evalue", ""), self.shell)
         data = reply["content"].get("data", {})
         buffers = matcher.frames(data) if "parts" in data else reply.get("buffers", [])
         if data.get("digest") != digest_frames(self.digest, buffers):
@@ -128,7 +182,12 @@ class CommTransport(Transport):
     def reply_matcher(self) -> _CommReply:
         """Recognises the reply to one request on this comm."""
         # On IOPub the reply comes after the call's output (the agent flushes first): no 'idle' to wait for.
-        return _CommReply(self._comm_id, parts=self._part_size is not None, wait_idle=self._reply_on != "iopub")
+        return _CommReply(
+            self._comm_id,
+            parts=self._part_size is not None,
+            wait_idle=self._reply_on != "iopub",
+            reply_grace=REPLY_GRACE.get(self._reply_on, REPLY_GRACE["shell"]),
+        )
 
     async def _send_parts(self, upload: str, frames: list[Any]) -> None:
         """Send the frames of one request as parts no bigger than the wire carries, ahead of the request.
@@ -139,16 +198,16 @@ class CommTransport(Transport):
         try:
             for fields, piece in agent.split_parts(frames, self._part_size):  # type: ignore[no-untyped-call]
                 content = {"comm_id": self._comm_id, "data": {"part": {"upload": upload, **fields}}}
-                await self._conn.send("shell", "comm_msg", content, [piece])
+                await self._conn.send("shell", "comm_msg", content, [piece], shell=self.shell)
         except BaseException:
             if self._conn.dead is None:
                 abort = {"comm_id": self._comm_id, "data": {"part": {"upload": upload, "abort": True}}}
-                await asyncio.shield(self._conn.send("shell", "comm_msg", abort))
+                await asyncio.shield(self._conn.send("shell", "comm_msg", abort, shell=self.shell))
             raise
 
     async def close(self) -> None:
         if self._conn.dead is None:
-            await self._conn.send("shell", "comm_close", {"comm_id": self._comm_id, "data": {}})
+            await self._conn.send("shell", "comm_close", {"comm_id": self._comm_id, "data": {}}, shell=self.shell)
 
 
 class _CommReply:
@@ -158,15 +217,18 @@ class _CommReply:
     ``part`` messages; they are consumed here and put together.
     """
 
-    def __init__(self, comm_id: str, *, parts: bool, wait_idle: bool) -> None:
+    def __init__(self, comm_id: str, *, parts: bool, wait_idle: bool, reply_grace: float | None = None) -> None:
         self._comm_id = comm_id
         self._parts = parts
         self.wait_idle = wait_idle
+        self.reply_grace = reply_grace
         self._assembly: Any = agent.PartsAssembly()  # type: ignore[no-untyped-call]
         self._error: str | None = None
 
     def __call__(self, channel: str, msg: dict[str, Any]) -> Match:
         content = msg["content"]
+        if channel == "shell" and msg["msg_type"] == "comm_reply" and content.get("status") == "error":
+            return "reply"  # the kernel refused the comm message (ipykernel 7: a subshell it does not have)
         if msg["msg_type"] not in ("comm_msg", "comm_close") or content.get("comm_id") != self._comm_id:
             return "other"
         data = content.get("data")

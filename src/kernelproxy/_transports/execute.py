@@ -17,6 +17,10 @@ Where frames travel:
 Large frames are chunked (``chunk_size``) with at most ``window`` chunks in
 flight (one in literal mode), so neither side ever holds more than the
 payload plus a few chunks.
+
+Each agent call goes through ``once()`` with an id of its own: when its reply is
+lost (a server websocket reconnected) it is sent again with the same id, and
+the agent answers from what it kept instead of running it twice.
 """
 
 from __future__ import annotations
@@ -29,16 +33,21 @@ from typing import Any, Callable
 
 import pybase64
 
-from .._connection import KernelConnection
+from .._connection import KernelConnection, RequestLost
 from .._exceptions import ProtocolError, SerializationError
 from ..agent import _agent as agent
-from .base import AgentMissingError, IopubListener, Message, Outcome, Transport
+from .base import AgentMissingError, Interrupter, IopubListener, Message, Outcome, Transport, kernel_refusal
 
 CHUNK_SIZE = 16 * 1024 * 1024
 WINDOW = 2
 INLINE_LIMIT = 1024 * 1024  # frames up to this size in total travel in the request itself
 EXPRESSION_KEY = "kernelproxy"
 AGENT = f"__import__({agent.MODULE_NAME!r})"
+RESENDS = 5  # times an agent call whose reply was lost is sent again before the request fails
+LOST = (
+    "the kernel ran kernelproxy's request, but its reply was lost on the way (the connection to the server "
+    "dropped) and the kernel no longer keeps it"
+)
 
 
 class ExecuteTransport(Transport):
@@ -52,9 +61,13 @@ class ExecuteTransport(Transport):
         chunk_size: int = CHUNK_SIZE,
         window: int = WINDOW,
         inline_limit: int = INLINE_LIMIT,
+        shell: str | None = None,
     ) -> None:
         self._conn = connection
         self._content_frames = content_frames
+        self.shell = shell  # the subshell it runs requests on (None: the main shell)
+        self._keep_replies = connection.wire.may_lose_replies  # the agent keeps answers until acknowledged
+        self._acks: list[str] = []
         limit = connection.wire.max_message_bytes
         if limit is not None:  # base64 grows 4/3; leave room for the rest of the message
             chunk_size = min(chunk_size, (limit - 64 * 1024) * 3 // 4)
@@ -75,7 +88,10 @@ class ExecuteTransport(Transport):
         *,
         listener: IopubListener | None = None,
         outcome: Outcome | None = None,
+        rid: str | None = None,
+        interrupter: Interrupter | None = None,
     ) -> Message:
+        rid = rid or uuid.uuid4().hex
         tid = uuid.uuid4().hex
         try:
             header_literal = repr(json.dumps(header))
@@ -92,8 +108,10 @@ class ExecuteTransport(Transport):
             else:
                 await self._upload(tid, frames, sizes)
                 source, extra = repr(tid), None
-            expression = f"{AGENT}.ex(globals(), {header_literal}, {source}, {self._inline_limit}, {tid!r})"
-            reply = await self.expression(expression, extra=extra, listener=listener, outcome=outcome)
+            args = f"globals(), {header_literal}, {source}, {self._inline_limit}, {tid!r}, {rid!r}"
+            reply = await self.call(
+                "ex", args, rid=rid, extra=extra, listener=listener, outcome=outcome, interrupter=interrupter
+            )
             if "tid" in reply:
                 out = await self._download(tid, reply.pop("sizes"))
             else:
@@ -103,6 +121,37 @@ class ExecuteTransport(Transport):
             self._forget(tid)
             raise
 
+    async def call(
+        self,
+        function: str,
+        args: str,
+        *,
+        rid: str | None = None,
+        extra: dict[str, Any] | None = None,
+        listener: IopubListener | None = None,
+        outcome: Outcome | None = None,
+        interrupter: Interrupter | None = None,
+    ) -> Any:
+        """Evaluate the agent's ``function(args)`` once, under a request id; sent again if its reply is lost."""
+        rid = rid or uuid.uuid4().hex
+        for attempt in range(RESENDS):
+            acks, self._acks = self._acks, []
+            expression = f"{AGENT}.once({rid!r}, {self._keep_replies}, {acks!r}, {AGENT}.{function}, {args})"
+            try:
+                payload = await self.expression(
+                    expression, extra=extra, listener=listener, outcome=outcome, interrupter=interrupter
+                )
+            except RequestLost as exc:
+                if attempt == RESENDS - 1:
+                    raise ProtocolError(f"{exc}; sent {RESENDS} times, the reply never came") from exc
+                continue
+            if self._keep_replies:
+                self._acks.append(rid)
+            if isinstance(payload, dict) and payload.get("kind") == "lost":
+                raise ProtocolError(LOST)
+            return payload
+        raise AssertionError("unreachable")
+
     async def expression(
         self,
         expression: str,
@@ -110,24 +159,30 @@ class ExecuteTransport(Transport):
         extra: dict[str, Any] | None = None,
         listener: IopubListener | None = None,
         outcome: Outcome | None = None,
+        interrupter: Interrupter | None = None,
     ) -> Any:
         """Evaluate one agent expression; return the payload of its display bundle (or None)."""
         content = await self._conn.execute(
-            {EXPRESSION_KEY: expression}, extra=extra, listener=listener, outcome=outcome
+            {EXPRESSION_KEY: expression},
+            extra=extra,
+            listener=listener,
+            outcome=outcome,
+            shell=self.shell,
+            interrupter=interrupter,
         )
-        return read_expression_result(content)
+        return read_expression_result(content, self.shell)
 
     # ------------------------------------------------------------------ chunking
 
     async def _upload(self, tid: str, frames: list[Any], sizes: list[int]) -> None:
-        await self.expression(f"{AGENT}.alloc({tid!r}, {sizes!r})")
+        await self.call("alloc", f"{tid!r}, {sizes!r}")
 
         def chunk_sender(index: int, offset: int, view: memoryview) -> Callable[[], Awaitable[Any]]:
             def send() -> Awaitable[Any]:
                 text = _b64(view)
                 if self._content_frames:
-                    return self.expression(f"{AGENT}.put({tid!r}, {index}, {offset})", extra={agent.CONTENT_KEY: text})
-                return self.expression(f"{AGENT}.put({tid!r}, {index}, {offset}, '{text}')")
+                    return self.call("put", f"{tid!r}, {index}, {offset}", extra={agent.CONTENT_KEY: text})
+                return self.call("put", f"{tid!r}, {index}, {offset}, '{text}'")
 
             return send
 
@@ -143,7 +198,7 @@ class ExecuteTransport(Transport):
 
         def chunk_fetcher(index: int, offset: int, size: int, last: bool) -> Callable[[], Awaitable[None]]:
             async def fetch() -> None:
-                reply = await self.expression(f"{AGENT}.get({tid!r}, {index}, {offset}, {size}, {last})")
+                reply = await self.call("get", f"{tid!r}, {index}, {offset}, {size}, {last}")
                 data = pybase64.b64decode(reply["data"], validate=True)
                 frames[index][offset : offset + len(data)] = data
 
@@ -179,8 +234,10 @@ class ExecuteTransport(Transport):
             task.add_done_callback(_ignore_result)
 
 
-def read_expression_result(content: dict[str, Any]) -> Any:
+def read_expression_result(content: dict[str, Any], shell: str | None = None) -> Any:
     """Extract the agent's payload from an execute_reply; raise ProtocolError if there is none."""
+    if content.get("ename") == "UnknownSubshellError":
+        raise kernel_refusal(content["ename"], content.get("evalue", ""), shell)
     if content.get("status") != "ok":
         raise ProtocolError(
             f"the kernel rejected kernelproxy's request: {content.get('ename')}: {content.get('evalue')}"

@@ -25,6 +25,11 @@ class Wire(abc.ABC):
     session: Session  # builds message dicts (and signs them, where the wire signs)
     max_message_bytes: int | None = None  # the largest message the path carries; None: no limit
     rejected_messages = 0  # messages dropped for a bad signature or a bad format
+    may_lose_replies = False  # a reconnect can lose replies (a server websocket): the agent keeps them for resends
+    # Set by the connection: told what suggests the kernel was restarted (a missed heartbeat), and when the
+    # wire reopened after a drop.
+    hint: Callable[[str], None] | None = None
+    reconnected: Callable[[], None] | None = None
 
     @property
     def description(self) -> str:

@@ -29,6 +29,7 @@ import orjson
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import Session
 from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
 from .._exceptions import AuthenticationError, ServerError, ServerUnreachableError
@@ -47,6 +48,8 @@ STATUS_POLL_INTERVAL = 5.0  # seconds between REST checks that the kernel still 
 
 
 class WebsocketWire(Wire):
+    may_lose_replies = True
+
     def __init__(
         self,
         rest: ServerClient,
@@ -68,6 +71,7 @@ class WebsocketWire(Wire):
         self._connected = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._lost: str | None = None  # why the websocket is gone for good
+        self.gone = False  # the server no longer has the kernel (404): culled or shut down there
         self._next_status_poll = 0.0
         self._closing = False
 
@@ -153,6 +157,8 @@ class WebsocketWire(Wire):
             assert self._conn is not None
             data = await self._conn.read_message()
             self._ack_quickly()
+            if data is not None:
+                self._release_next()
             if data is None:
                 if self._closing:
                     return
@@ -180,6 +186,28 @@ class WebsocketWire(Wire):
                 self._socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             except OSError:
                 pass  # closed meanwhile: the reader finds out
+
+    def _release_next(self) -> None:
+        """Write an empty unsolicited pong after each message read (RFC 6455 5.5.3: no answer expected).
+
+        Jupyter Server leaves Nagle's algorithm on for kernel websockets, so it
+        holds each message until the one before is acknowledged. Direct, our
+        TCP_QUICKACK acknowledges at once; behind a proxy (JupyterHub's
+        configurable-http-proxy, an ingress) the proxy's own socket to the server
+        delays its ACK by 40 ms, and every reply waited for it (48 ms a call
+        through the hub's proxy instead of 8). The pong crosses the proxy right
+        after the message it follows, and the proxy's segment to the server
+        carries the ACK the server is waiting for. A ping would not do: the
+        server's pong becomes one more unacknowledged message holding back the next.
+        """
+        conn = self._conn
+        write_frame = getattr(getattr(conn, "protocol", None), "_write_frame", None)  # tornado has no write_pong
+        if write_frame is None:
+            return
+        try:
+            write_frame(True, 0xA, b"")
+        except (WebSocketClosedError, StreamClosedError):
+            pass  # the reader finds out
 
     def _decode(self, data: bytes | str) -> tuple[str, dict[str, Any]]:
         if isinstance(data, str):
@@ -220,10 +248,13 @@ class WebsocketWire(Wire):
             try:
                 await self._connect()
                 log.info("kernelproxy reopened the websocket to kernel %s", self.kernel_id)
+                if self.reconnected is not None:
+                    self.reconnected()
                 return True
             except ServerError as exc:
                 error = exc
                 if exc.status == 404 or isinstance(exc, AuthenticationError):
+                    self.gone = exc.status == 404
                     break  # the kernel is gone, or we may no longer talk to it: retrying will not help
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
@@ -247,7 +278,8 @@ class WebsocketWire(Wire):
             model = await self._rest.get_kernel(self.kernel_id)
         except ServerError as exc:
             if exc.status == 404:
-                return f"the kernel {self.kernel_id} no longer exists on the server (it was shut down there)"
+                self.gone = True
+                return f"the kernel {self.kernel_id} no longer exists on the server (culled or shut down there)"
             return None  # a slow or briefly unreachable server: the websocket tells if it is gone
         if model.get("execution_state") == "dead":
             return f"the server reports kernel {self.kernel_id} dead"

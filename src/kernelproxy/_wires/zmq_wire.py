@@ -149,6 +149,8 @@ class ZmqWire(Wire):
 
     async def death(self) -> str | None:
         self._misses = 0 if await self._heartbeat.beat(HEARTBEAT_TIMEOUT) else self._misses + 1
+        if self._misses == 1 and self.hint is not None:
+            self.hint("the kernel missed a heartbeat")  # a restart does that: worth a look
         if self._misses < HEARTBEAT_MISSES:
             return None
         return (

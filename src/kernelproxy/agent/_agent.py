@@ -38,10 +38,30 @@ cell       code: str                   (none)
 ``call`` with ``keep: true`` keeps the result here instead of returning it.
 ``cell`` runs ``code`` through IPython's cell machinery (``%%remote``).
 Kept objects live in ``_objects`` under an id, until the host releases them;
-a reply that keeps one carries ``ref: {"id", "type", "repr"}``. A path step is
+a reply that keeps one carries ``ref: {"id", "type", "repr", "agent"}``. A path step is
 ``("getattr", name)``, ``("getitem", key)``, ``("call", args, kwargs)`` or
 ``("op", operator_name, args)``; a RemoteRef inside arguments unpickles here
-as ``resolve(id, path)``: the kernel's own object.
+as ``resolve(id, path, agent)``: the kernel's own object.
+
+``agent`` is this agent's *instance id*, made when it is installed in a kernel
+process (an upgrade keeps it; ``hello()`` reports it). Object ids start over
+in a restarted kernel, so a ref names the instance that kept its object:
+``resolve``, ``ref_eval`` (header field ``agent``) refuse a ref of another
+instance with an error of kind ``stale``, and ``release`` (header field
+``agent``) ignores ids of another instance, so a stale ref never reaches, nor
+frees, another client's object.
+
+Request ids: a comm request's data, or the execute transport's ``once()``,
+may carry ``rid`` (unique per request, the same when the host sends the request
+again). The agent remembers the last ``HANDLED_MAX`` ids it ran: a request
+whose ``rid`` already ran is not run again; it gets the reply kept for it
+(``keep_reply: true`` asks to keep replies, for wires that may lose them: a
+Jupyter Server websocket) or an error of kind ``lost``. ``ack: [rid, ...]``
+drops kept replies the host has received; kept replies are bounded by
+``KEPT_MAX_BYTES`` (the newest is kept whatever its size). ``cancel(rid)``
+stops a request that runs on another thread (a subshell) by raising
+KeyboardInterrupt there (``PyThreadState_SetAsyncExc``), which Python raises at
+the next bytecode: code in C is not stopped until it returns.
 
 Reply headers:
 
@@ -51,12 +71,16 @@ Reply headers:
   ``exception`` (user code raised; frame 0, if present, is the pickled
   exception), ``interrupted`` (KeyboardInterrupt), ``deserialize`` (the
   request could not be unpickled here), ``serialize`` (the result could not be
-  pickled here) or ``protocol`` (malformed request: corruption or a version
-  mismatch). An ``exception`` reply also has ``stack``: the traceback as data
-  (see ``_stack``), for hosts that render it themselves. A ``deserialize``
-  reply whose pickle named a module it could not find has ``missing``:
-  ``{"module", "package", "version"}``, the package's version here (None: not
-  importable), so the host can tell a missing package from a version difference.
+  pickled here), ``stale`` (a ref of another agent instance), ``lost`` (a
+  request sent again whose reply is no longer kept) or ``protocol`` (malformed
+  request: corruption or a version mismatch). An ``exception`` reply also has
+  ``stack``: the traceback as data (see ``_stack``), for hosts that render it
+  themselves. A ``deserialize`` reply whose pickle named a module it could not
+  find has ``missing``: ``{"module", "package", "version"}``, the package's
+  version here (None: not importable), so the host can tell a missing package
+  from a version difference.
+
+The execute transport's replies (``ex``) also carry ``agent``, the instance id.
 
 The execute transport reaches this module through ``user_expressions`` and
 moves frames as base64 text (``ex``, ``alloc``, ``put``, ``get``, ``free``);
@@ -80,6 +104,8 @@ each ahead of the request, whose data names the ``upload`` instead of
 carrying buffers (``{"part": {"upload", "abort": true}}`` drops a half-sent
 one); the agent sends ``{"part": {"index", "offset", "sizes"}}`` messages
 ahead of a big reply, whose data then says ``parts: N``. Parts get no answer.
+With subshells (ipykernel >= 7) a comm opened on a subshell answers on that
+subshell's socket; a request's ``header.subshell_id`` picks the thread it runs on.
 """
 
 import binascii
@@ -88,13 +114,14 @@ import linecache
 import os
 import platform
 import sys
+import threading
 import traceback
 from types import CodeType
 
 PROTOCOL = 1
 # Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
 # an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
-REVISION = 4
+REVISION = 5
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -553,6 +580,8 @@ class _RequestUnpicklingError(Exception):
 def _load_request(frames):
     try:
         return loads(frames)
+    except _StaleRef:
+        raise
     except BaseException as exc:
         error = _RequestUnpicklingError("%s: %s" % (type(exc).__name__, exc))
         error.missing = missing_module(exc)
@@ -665,11 +694,28 @@ def _keep(value):
         text = "<repr failed: %s>" % type(exc).__name__
     if len(text) > 200:
         text = text[:197] + "..."
-    return _ok(ref={"id": _next_object_id[0], "type": _type_name(value), "repr": text})
+    return _ok(ref={"id": _next_object_id[0], "type": _type_name(value), "repr": text, "agent": _instance[0]})
 
 
-def resolve(object_id, path=()):
-    """The object a RemoteRef stands for: its kept root, then each step of its path."""
+class _StaleRef(LookupError):
+    """A RemoteRef made by another agent instance: the kernel restarted since, and its object is gone."""
+
+
+def _check_instance(instance, object_id):
+    """Refuse a ref minted by another instance of the agent (another kernel process): ids start over there."""
+    if instance is not None and instance != _instance[0]:
+        raise _StaleRef(
+            "RemoteRef #%d points into a kernel process that is gone (the kernel restarted since): its object "
+            "no longer exists, and id %d may now be another client's object" % (object_id, object_id)
+        )
+
+
+def resolve(object_id, path=(), instance=None):
+    """The object a RemoteRef stands for: its kept root, then each step of its path.
+
+    ``instance`` is the agent instance that kept it (None from older hosts: not checked).
+    """
+    _check_instance(instance, object_id)
     try:
         target = _objects[object_id]
     except KeyError:
@@ -702,11 +748,15 @@ def _op_ref_name(header, frames, ns):
 
 
 def _op_ref_eval(header, frames, ns):
+    _check_instance(header.get("agent"), header["root"])
     value = resolve(header["root"], _load_request(frames) if frames else ())
     return _keep(value) if header.get("keep") else _value_reply(value, "ref_eval")
 
 
 def _op_release(header, frames, ns):
+    instance = header.get("agent")
+    if instance is not None and instance != _instance[0]:  # stale: never free another client's objects
+        return _ok(alive=len(_objects), ignored=len(header["ids"]))
     for object_id in header["ids"]:
         _objects.pop(object_id, None)
     return _ok(alive=len(_objects))
@@ -787,13 +837,20 @@ def _malformed(header):
     return None
 
 
-def dispatch(header, frames, ns):
-    """Run one request; always return a reply, never raise (the kernel must survive any input)."""
+def dispatch(header, frames, ns, rid=None):
+    """Run one request; always return a reply, never raise (the kernel must survive any input).
+
+    With a request id ``rid``, ``cancel(rid)`` from another thread can stop it (see ``cancel``).
+    """
     try:
         problem = _malformed(header)
         if problem is not None:
             return _error("protocol", "ProtocolError", problem)
-        return HANDLERS[header["op"]](header, frames, ns)
+        if rid is None:
+            return HANDLERS[header["op"]](header, frames, ns)
+        return _cancellable(rid, HANDLERS[header["op"]], header, frames, ns)
+    except _StaleRef as exc:
+        return _error("stale", "StaleRefError", str(exc))
     except _RequestUnpicklingError as exc:
         reply, out = _error("deserialize", "SerializationError", str(exc), _user_traceback(exc))
         if exc.missing is not None:
@@ -805,11 +862,156 @@ def dispatch(header, frames, ns):
         return _exception_reply(exc)
 
 
+# --------------------------------------------------------------------- request ids: resends, kept replies, cancel
+
+_instance = [None]  # this agent's instance id, made at install: a new one in each kernel process (refs carry it)
+HANDLED_MAX = 4096  # request ids remembered (a resend of one of them is answered, never run again)
+KEPT_MAX_BYTES = 64 * 1024 * 1024  # replies kept for resends (the newest is kept whatever its size)
+_handled = {}  # rid -> True, oldest first: requests this agent has run
+_kept = {}  # rid -> (reply, size): replies kept until the host acknowledges them (wires that may lose them)
+_kept_bytes = [0]
+_store_lock = threading.Lock()  # the main shell and subshells use the store at once
+_active = {}  # rid -> ident of the thread running it, while it runs
+_cancelled = set()  # rids cancel() sent an exception to
+_active_lock = threading.Lock()
+
+
+def _recall(rid):
+    """(True, kept reply or None) if the request ``rid`` has run here, else (False, None)."""
+    with _store_lock:
+        if rid not in _handled:
+            return False, None
+        kept = _kept.get(rid)
+        return True, (kept[0] if kept is not None else None)
+
+
+def _remember(rid, reply, size, keep):
+    """Record that ``rid`` ran; with ``keep``, keep its reply until acknowledged (bounded)."""
+    with _store_lock:
+        _handled[rid] = True
+        while len(_handled) > HANDLED_MAX:
+            old = next(iter(_handled))
+            del _handled[old]
+            _forget_kept(old)
+        if keep:
+            _kept[rid] = (reply, size)
+            _kept_bytes[0] += size
+            while _kept_bytes[0] > KEPT_MAX_BYTES and len(_kept) > 1:
+                _forget_kept(next(iter(_kept)))
+
+
+def _forget_kept(rid):
+    kept = _kept.pop(rid, None)
+    if kept is not None:
+        _kept_bytes[0] -= kept[1]
+
+
+def _acknowledge(rids):
+    """The host has these replies: drop them."""
+    if isinstance(rids, list):
+        with _store_lock:
+            for rid in rids:
+                if isinstance(rid, str):
+                    _forget_kept(rid)
+
+
+def _lost_reply():
+    return _error(
+        "lost",
+        "ReplyLost",
+        "the kernel ran this request, but its reply was lost on the way and is no longer kept here",
+    )
+
+
+def _cancellable(rid, function, *args):
+    """Run ``function(*args)`` so that ``cancel(rid)`` from another thread can stop it."""
+    ident = threading.get_ident()
+    with _active_lock:
+        _active[rid] = ident
+    try:
+        return function(*args)
+    finally:
+        with _active_lock:
+            _active.pop(rid, None)
+            if rid in _cancelled:  # a cancel that came as it finished must not hit what this thread runs next
+                _cancelled.discard(rid)
+                _set_async_exc(ident, None)
+
+
+def _set_async_exc(ident, exc):
+    import ctypes
+
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(ident), ctypes.py_object(exc) if exc is not None else None
+    )
+
+
+def cancel(rid):
+    """Stop the request ``rid`` running in another thread (a subshell's) by raising KeyboardInterrupt there.
+
+    The exception is raised when that thread next runs Python bytecode: code
+    in C (``time.sleep``, a lock, I/O, a long numpy operation) is not stopped
+    until it returns. The main thread's requests are not stopped this way
+    (SIGINT does that). Returns a Bundle ``{"cancelled": bool, "reason": str}``.
+    """
+    with _active_lock:
+        ident = _active.get(rid)
+        if ident is None:
+            reason = "not running"
+        elif ident == threading.main_thread().ident:
+            ident, reason = None, "runs on the main thread"
+        else:
+            _cancelled.add(rid)
+            reason = "" if _set_async_exc(ident, KeyboardInterrupt) == 1 else "thread not found"
+    return Bundle({"cancelled": ident is not None and not reason, "reason": reason})
+
+
+def once(rid, keep, ack, function, *args):
+    """Execute-transport requests with an id: run ``function(*args)`` once; a resend gets the kept answer.
+
+    ``keep``: keep the answer (a Bundle) until acknowledged; ``ack``: ids whose answers the host has.
+    """
+    _acknowledge(ack)
+    seen, kept = _recall(rid)
+    if seen:
+        return kept if kept is not None else Bundle(_lost_reply()[0])
+    result = function(*args)
+    payload = result.payload if isinstance(result, Bundle) else None
+    size = 256
+    if isinstance(payload, dict):
+        size += sum(len(text) for text in payload.get("frames", ()) if isinstance(text, str))
+        size += len(payload.get("data", "")) if isinstance(payload.get("data"), str) else 0
+    _remember(rid, result, size, keep)
+    return result
+
+
+def _subshells_supported():
+    try:
+        kernel = sys.modules["IPython"].get_ipython().kernel
+        return bool(getattr(kernel, "_supports_kernel_subshells", False))
+    except Exception:
+        return False
+
+
+
 # --------------------------------------------------------------------- install
 
 _self = []  # type: list  # this module, once installed (comms keep running it if someone removes it from sys.modules)
 # State that outlives an upgrade: other clients' kept objects and transfers in flight.
-_SHARED_STATE = ("_exec_counter", "_uploads", "_parts", "_outbox", "_objects", "_next_object_id", "_sources")
+_SHARED_STATE = (
+    "_exec_counter",
+    "_uploads",
+    "_parts",
+    "_outbox",
+    "_objects",
+    "_next_object_id",
+    "_sources",
+    "_instance",
+    "_handled",
+    "_kept",
+    "_kept_bytes",
+    "_store_lock",
+)
 
 
 def _install(module):
@@ -823,6 +1025,8 @@ def _install(module):
         for name in _SHARED_STATE:
             if hasattr(older, name):
                 setattr(module, name, getattr(older, name))
+    if module._instance[0] is None:  # a new kernel process (or an upgrade from a revision without one)
+        module._instance[0] = binascii.hexlify(os.urandom(8)).decode("ascii")
     sys.modules[MODULE_NAME] = module
     module._self[:] = [module]
     return module
@@ -855,6 +1059,8 @@ def hello(probe=None):
             # from the parent message, frames may travel there instead of as literals.
             "parent_access": probe is not None and _content_field() == probe,
             "comms": listen(),
+            "instance": _instance[0],
+            "subshells": _subshells_supported(),
         }
     )
 
@@ -894,13 +1100,15 @@ def _encode(buf):
     return _b64encode(buf).decode("ascii")
 
 
-def ex(ns, header_json, frames=None, inline_limit=0, tid=None):
+def ex(ns, header_json, frames=None, inline_limit=0, tid=None, rid=None):
     """Execute-transport entry point: run one request, return a Bundle.
 
     ``frames`` is a list of base64 strings, the id of a finished upload (str),
     or None to read the base64 list from the request content.
     Replies larger than ``inline_limit`` bytes are parked in the outbox under
-    ``tid`` for the host to fetch with get().
+    ``tid`` for the host to fetch with get(). ``rid``: the request's id, for
+    ``cancel``. The reply names this agent's instance (``agent``), so the host
+    sees that the kernel restarted since its last request.
     """
     try:
         if frames is None:
@@ -914,7 +1122,8 @@ def ex(ns, header_json, frames=None, inline_limit=0, tid=None):
         header = json.loads(header_json)
     except BaseException as exc:
         return Bundle(_error("protocol", type(exc).__name__, "malformed request: %s" % exc)[0])
-    reply, out = dispatch(header, frames, ns)
+    reply, out = dispatch(header, frames, ns, rid)
+    reply["agent"] = _instance[0]
     sizes = [memoryview(frame).nbytes for frame in out]
     if sum(sizes) > inline_limit and tid is not None:
         _outbox[tid] = [memoryview(frame).cast("B") for frame in out]
@@ -1050,6 +1259,7 @@ def _on_comm_open(comm, open_msg):
         send = lambda data, buffers=None: comm.send(data, buffers=buffers)  # noqa: E731
 
     def on_msg(msg):
+        rid = None
         try:
             content = msg.get("content") if isinstance(msg, dict) else None
             data = content.get("data") if isinstance(content, dict) else None
@@ -1057,11 +1267,20 @@ def _on_comm_open(comm, open_msg):
             if isinstance(data, dict) and "part" in data:
                 _receive_part(data["part"], frames)
                 return  # parts are not answered: the request that follows them is
+            if isinstance(data, dict):
+                _acknowledge(data.get("ack"))
+                rid = data.get("rid") if isinstance(data.get("rid"), str) else None
             missing = ""
             if isinstance(data, dict) and "upload" in data:
                 frames = _take_upload(data["upload"])
                 if frames is None:
                     frames, missing = [], " (its parts did not all arrive)"
+            if rid is not None:
+                seen, kept = _recall(rid)
+                if seen:  # a resend (the host lost the reply): answer again, never run it twice
+                    reply, out = kept if kept is not None else _lost_reply()
+                    _send_reply(reply, out)
+                    return
             if not isinstance(data, dict) or missing or data.get("digest") != digest(frames):
                 reply, out = _error(
                     "protocol",
@@ -1070,9 +1289,15 @@ def _on_comm_open(comm, open_msg):
                 )
             else:
                 user_ns = sys.modules["IPython"].get_ipython().user_ns
-                reply, out = dispatch(data.get("header"), frames, user_ns)
+                reply, out = dispatch(data.get("header"), frames, user_ns, rid)
         except BaseException as exc:  # malformed beyond reading: still answer, never leave the host waiting
             reply, out = _error("protocol", type(exc).__name__, "malformed request: %s" % exc)
+        if rid is not None:
+            size = 256 + sum(memoryview(frame).nbytes for frame in out)
+            _remember(rid, (reply, out), size, bool(data.get("keep_reply")))
+        _send_reply(reply, out)
+
+    def _send_reply(reply, out):
         _flush_output()  # the call's output goes out on IOPub before the reply: the host needs no 'idle'
         final = {"header": reply, "digest": digest(out)}
         if part_size and sum(memoryview(frame).nbytes for frame in out) > part_size:
@@ -1136,12 +1361,15 @@ def _shell_sender(comm):
 
     Replies then reach only the client that asked, and Jupyter Server does not
     throttle them (it drops IOPub messages past 1,000 a second). Uses ipykernel's
-    reply routing (its parent identity and reply socket), as its own replies do.
+    reply routing (its parent identity and reply socket), as its own replies do;
+    with subshells (ipykernel >= 7), the socket of the (sub)shell that runs the request.
     """
     try:
         kernel = sys.modules["IPython"].get_ipython().kernel
-        if getattr(kernel, "_supports_kernel_subshells", False):
-            stream = kernel.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)
+        subshells = getattr(kernel, "_supports_kernel_subshells", False)
+        if subshells:
+            manager = kernel.shell_channel_thread.manager
+            stream = manager.get_subshell_to_shell_channel_socket(None)
         else:
             stream = kernel.shell_stream
         kernel._parent_ident["shell"]  # noqa: B018 - present in ipykernel >= 6
@@ -1153,7 +1381,10 @@ def _shell_sender(comm):
     def send(data, buffers=None):
         parent = kernel.get_parent("shell")
         ident = kernel._parent_ident["shell"]
+        socket = stream
+        if subshells:
+            socket = manager.get_subshell_to_shell_channel_socket(parent.get("header", {}).get("subshell_id"))
         content = {"comm_id": comm.comm_id, "data": data}
-        kernel.session.send(stream, "comm_msg", content, parent=parent, ident=ident, buffers=buffers)
+        kernel.session.send(socket, "comm_msg", content, parent=parent, ident=ident, buffers=buffers)
 
     return send
