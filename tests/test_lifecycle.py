@@ -653,3 +653,44 @@ def test_kernel_process_exits_with_host():
     pid = int(proc.stdout.split()[0])
     assert wait_pid_gone(pid, 10), f"kernel {pid} outlived its host"
     assert not pid_running(pid)
+
+
+# ---------------------------------------------------------------------- stopping one call (issue 13, section 4)
+
+
+def test_interrupt_one_submitted_call(fresh_kernel):
+    k = fresh_kernel
+    running = k.submit(time.sleep, 30)
+    queued = k.submit(lambda: "queued ran")
+    time.sleep(1.0)
+    started = time.monotonic()
+    assert k.interrupt(running) is True
+    with pytest.raises(CallInterrupted, match="interrupt"):
+        running.result(10)
+    assert time.monotonic() - started < 5
+    assert queued.result(10) == "queued ran"  # the call behind it was not interrupted
+    assert k.interrupt(queued) is False  # finished already
+    with pytest.raises(ValueError, match="submit"):
+        k.interrupt(k.options(timeout=5)._portal.submit(asyncio_sleep_zero()))
+    assert k.call(lambda: "usable") == "usable"
+
+
+async def asyncio_sleep_zero() -> None:
+    import asyncio
+
+    await asyncio.sleep(0)
+
+
+def test_interrupt_one_submitted_call_asyncio():
+    import asyncio
+
+    async def main() -> None:
+        async with await kernelproxy.start_async() as ak:
+            task = ak.submit(time.sleep, 30)
+            await asyncio.sleep(1.0)
+            assert await ak.interrupt(task) is True
+            with pytest.raises(CallInterrupted):
+                await task
+            assert await ak.call(lambda: 5) == 5
+
+    asyncio.run(main())

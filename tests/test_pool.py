@@ -465,3 +465,52 @@ def test_async_pool():
             pool.submit(square, 1)
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- stopping one task (issue 13, section 4)
+
+
+def test_interrupt_stops_one_running_task_and_only_its_kernel(pool):
+    stuck = pool.submit(pid_after, 60)
+    other = pool.submit(pid_after, 3)  # on the other kernel
+    time.sleep(1.0)
+    started = time.monotonic()
+    assert pool.interrupt(stuck) is True
+    with pytest.raises(kernelproxy.CallInterrupted, match="interrupted"):
+        stuck.result(10)
+    assert time.monotonic() - started < 5
+    assert other.result(10) in pids(pool)  # the other kernel's task was not interrupted
+    assert pool.interrupt(other) is False  # finished: nothing to stop
+    assert sorted(pool.map(square, range(6))) == [x * x for x in range(6)]  # both kernels still work
+
+
+def test_interrupt_drops_a_task_still_waiting_for_a_kernel():
+    with KernelPool(1, prefetch=False) as single:
+        busy = single.submit(pid_after, 2)
+        waiting = single.submit(pushed_or_none, "never_set_here")
+        time.sleep(0.5)
+        assert single.interrupt(waiting) is True
+        with pytest.raises(kernelproxy.CallInterrupted, match="before it started"):
+            waiting.result(5)
+        assert busy.result(10) > 0  # the running task was left alone
+        with pytest.raises(ValueError, match="submit"):
+            single.interrupt(concurrent.futures.Future())
+
+
+def pushed_or_none(name: str):
+    import __main__
+
+    return getattr(__main__, name, None)
+
+
+def test_async_pool_interrupt():
+    async def main():
+        async with kernelproxy.AsyncKernelPool(1) as pool:
+            stuck = pool.submit(pid_after, 60)
+            await asyncio.sleep(1.0)
+            assert await pool.interrupt(stuck) is True
+            with pytest.raises(kernelproxy.CallInterrupted):
+                await stuck
+            assert await asyncio.wait_for(pool.submit(square, 7), 10) == 49
+
+    asyncio.run(main())

@@ -118,3 +118,25 @@ def test_an_abandoned_task_is_never_run_again():
     task.behind = make_task(1)
     task.abandoned = True
     assert policy.fate_of_lost(task) is policy.Fate.FAIL
+
+
+def test_a_task_its_kernel_never_started_goes_back_without_a_retry():
+    """Its kernel died idle: the task was sent (or not even sent) but never began (issue 13)."""
+    from kernelproxy._protocol import Outcome, Stage
+
+    for stage in (Stage.PREPARING, Stage.SENT):
+        task = make_task(0, retries=0)
+        task.outcome = Outcome(stage=stage)
+        assert policy.fate_of_lost(task) is policy.Fate.REQUEUE
+    started = make_task(1, retries=0)
+    started.outcome = Outcome(stage=Stage.RUNNING)
+    assert policy.fate_of_lost(started) is policy.Fate.FAIL
+
+
+def test_remove_takes_one_task_out_of_the_queue():
+    queue = policy.TaskQueue()
+    tasks = [make_task(i) for i in range(3)]
+    queue.add(tasks)
+    assert queue.remove(tasks[1]) is True
+    assert queue.remove(tasks[1]) is False
+    assert [queue.pop(second=False).id, queue.pop(second=False).id] == [0, 2]

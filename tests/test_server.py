@@ -382,3 +382,11 @@ def test_cwd_is_relative_to_the_servers_root(jupyter_server):
     (root / "project").mkdir(exist_ok=True)
     with kernelproxy.connect_server(jupyter_server.url, token=jupyter_server.token, cwd="project") as k:
         assert os.path.samefile(k.call(os.getcwd), root / "project")
+
+
+def test_server_pool_requeues_a_task_sent_to_a_kernel_that_died_idle(kernel_gateway):
+    """A task that never started is never failed for its kernel's death, even with retries=0 (issue 13)."""
+    with kernelproxy.KernelPool.from_server(kernel_gateway.url, 2, token=kernel_gateway.token, retries=0) as pool:
+        os.kill(pool.kernels[0].info.pid, signal.SIGKILL)  # idle: the pool has not noticed yet
+        futures = [pool.submit(pow, i, 2) for i in range(6)]
+        assert [f.result(120) for f in futures] == [i * i for i in range(6)]

@@ -18,14 +18,15 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar, overload
 
 from . import _protocol as protocol
 from . import _serialization as serialization
 from ._bootstrap import check_environment, install_agent
-from ._connection import KernelConnection, RequestLost
+from ._connection import INTERRUPT_GRACE, KernelConnection, RequestLost
 from ._control import KernelControl
 from ._exceptions import (
+    CallInterrupted,
     CallTimeout,
     KernelClosedError,
     KernelDiedError,
@@ -109,6 +110,7 @@ class _KernelState:
         self.subshell: Subshell | None = None  # kernelproxy's subshell, made on first use
         self._subshell_lock = asyncio.Lock()
         self._subshell_requests: set[str] = set()  # ids of the requests sent to it, not answered yet
+        self.submitted: weakref.WeakKeyDictionary[Any, Submitted] = weakref.WeakKeyDictionary()  # future -> call
         if control.owned:
             _started_kernels.add(self)
 
@@ -461,6 +463,19 @@ class _KernelState:
         await self.usable_transport()
         await self.control.interrupt(self.connection)
 
+    async def interrupt_submitted(self, call: Submitted) -> bool:
+        """Stop one call started by submit(): abandon its request (which interrupts its remote work, on the
+        main shell or our subshell, once it runs); it raises CallInterrupted. Says if it was still going."""
+        task = call.task() if call.task is not None else None
+        if task is not None and task.done():
+            return False
+        call.interrupted = True
+        if task is None:  # not started yet: it raises CallInterrupted as it starts
+            return True
+        task.cancel()
+        await asyncio.wait({task}, timeout=INTERRUPT_GRACE + 5)
+        return True
+
     async def is_alive(self) -> bool:
         if self.state is State.CLOSED:
             return False
@@ -485,6 +500,35 @@ class _KernelState:
     def kill_now(self) -> None:
         """Stop our kernel without an event loop (interpreter exit)."""
         self.control.kill_now()
+
+
+class Submitted:
+    """A call started by ``submit()``, which ``interrupt(future)`` can stop."""
+
+    __slots__ = ("interrupted", "task", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.task: weakref.ref[asyncio.Task[Any]] | None = None  # weak: the task holds this, not the reverse
+        self.interrupted = False
+
+    def error(self) -> CallInterrupted:
+        return CallInterrupted(f"the {self.what} was interrupted (interrupt(future)); its remote work was stopped")
+
+
+async def run_submitted(call: Submitted, coro: Coroutine[Any, Any, T]) -> T:
+    """Run a submitted call; interrupted, it raises CallInterrupted (not CancelledError)."""
+    task = asyncio.current_task()
+    call.task = weakref.ref(task) if task is not None else None
+    if call.interrupted:
+        coro.close()
+        raise call.error()
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if call.interrupted:
+            raise call.error() from None
+        raise
 
 
 @dataclasses.dataclass(eq=False)
@@ -654,9 +698,13 @@ class AsyncKernel:
 
         Awaiting the task raises what ``call()`` raises: ``fn``'s own exception, ``CallTimeout`` after the
         view's timeout call option (``ak.options(timeout=5).submit(fn)``), ``SerializationError``,
-        ``KernelDiedError``... Cancelling the task interrupts the remote work.
+        ``KernelDiedError``... Cancelling the task interrupts the remote work; ``await ak.interrupt(task)``
+        does too, and the task raises CallInterrupted.
         """
-        return asyncio.ensure_future(self.call(fn, *args, **kwargs))
+        call = Submitted(f"call of {_name(fn)}")
+        task = asyncio.ensure_future(run_submitted(call, self.call(fn, *args, **kwargs)))
+        self._state.submitted[task] = call
+        return task
 
     def remote(self, fn: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorator: calling the result runs ``fn`` in the kernel (a coroutine here, with ``fn``'s parameters)."""
@@ -756,13 +804,19 @@ class AsyncKernel:
         return bool(header["result"])
 
     async def _call_frames(
-        self, frames: list[Any], what: str, timeout: float | None, listener: Callable[[dict[str, Any]], None] | None
+        self,
+        frames: list[Any],
+        what: str,
+        timeout: float | None,
+        listener: Callable[[dict[str, Any]], None] | None,
+        outcome: protocol.Outcome | None = None,
     ) -> Any:
         """Run a call pickled beforehand (frames of ``(fn, args, kwargs)``); IOPub output goes to ``listener``.
 
-        For KernelPool, which pickles on the caller's thread and labels each task's output.
+        For KernelPool, which pickles on the caller's thread and labels each task's output; ``outcome``
+        tells it whether the call started before its kernel died.
         """
-        _, out = await self._request(protocol.call(), frames, timeout, f"call of {what}", listener)
+        _, out = await self._request(protocol.call(), frames, timeout, f"call of {what}", listener, outcome)
         return serialization.loads(out, what=f"the result of {what}")
 
     async def _push_frames(self, frames: list[Any], names: list[str]) -> None:
@@ -776,11 +830,13 @@ class AsyncKernel:
         timeout: float | None,
         what: str,
         listener: Callable[[dict[str, Any]], None] | None | Unset = UNSET,
+        outcome: protocol.Outcome | None = None,
     ) -> Message:
         timeout = self._options.timeout if timeout is None else timeout
         if isinstance(listener, Unset):
             listener = Forwarder() if self._options.output == "forward" else None  # to where the caller's output goes
-        outcome = protocol.Outcome(subshell=self._options.subshell)
+        outcome = outcome if outcome is not None else protocol.Outcome()
+        outcome.subshell = self._options.subshell
         request = self._state.request(header, frames, listener, outcome, subshell=self._options.subshell)
         try:
             reply, out = await (asyncio.wait_for(request, timeout) if timeout is not None else request)
@@ -810,15 +866,29 @@ class AsyncKernel:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def interrupt(self) -> None:
+    @overload
+    async def interrupt(self) -> None: ...
+
+    @overload
+    async def interrupt(self, future: asyncio.Future[Any]) -> bool: ...
+
+    async def interrupt(self, future: asyncio.Future[Any] | None = None) -> bool | None:
         """Interrupt what the kernel is running (the running call raises CallInterrupted).
 
         On a subshell view, stop what kernelproxy runs on its subshell instead (the main shell is left alone).
+        With ``future`` (a task ``submit()`` returned): stop that call only; it raises CallInterrupted
+        (interrupted in the kernel if it runs, never sent if it waits). Returns False if it had finished.
         """
+        if future is not None:
+            call = self._state.submitted.get(future)
+            if call is None:
+                raise ValueError("interrupt(future) takes a future that this kernel's submit() returned")
+            return await self._state.interrupt_submitted(call)
         if self._options.subshell:
             await self._state.interrupt_subshell()
         else:
             await self._state.interrupt()
+        return None
 
     async def restart(self, *, timeout: float = 60) -> None:
         """Restart the kernel (one kernelproxy started, or one on a server): its namespace is emptied."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, overload
 
 from . import _display
-from ._kernel import AsyncKernel
+from ._kernel import AsyncKernel, Submitted, run_submitted
 from ._portal import Portal
 from ._refs import RemoteRef
 from ._tracebacks import local_tracebacks, trimming
@@ -119,9 +119,13 @@ class Kernel:
 
         The future's ``result()`` raises what ``call()`` raises: ``fn``'s own exception, ``CallTimeout`` after the
         view's timeout call option (``k.options(timeout=5).submit(fn)``), ``SerializationError``,
-        ``KernelDiedError``... Cancelling the future interrupts the remote work.
+        ``KernelDiedError``... ``k.interrupt(future)`` stops that call (interrupting the kernel if it runs)
+        and the future raises CallInterrupted; cancelling the future also interrupts the remote work.
         """
-        return self._portal.submit(self._core.call(fn, *args, **kwargs))
+        call = Submitted(f"call of {getattr(fn, '__qualname__', None) or fn!r}")
+        future = self._portal.submit(run_submitted(call, self._core.call(fn, *args, **kwargs)))
+        self._core._state.submitted[future] = call
+        return future
 
     def remote(self, fn: Callable[P, T]) -> Callable[P, T]:
         """Decorator: calling the decorated function runs it in the kernel (it keeps ``fn``'s signature)."""
@@ -220,12 +224,27 @@ class Kernel:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def interrupt(self) -> None:
+    @overload
+    def interrupt(self) -> None: ...
+
+    @overload
+    def interrupt(self, future: concurrent.futures.Future[Any]) -> bool: ...
+
+    def interrupt(self, future: concurrent.futures.Future[Any] | None = None) -> bool | None:
         """Interrupt what the kernel is running (that call raises CallInterrupted).
 
         On a subshell view, stop what kernelproxy runs on its subshell instead (the main shell is left alone).
+        With ``future`` (from ``submit()``): stop that call only; its future raises CallInterrupted (the
+        kernel is interrupted if it runs the call; a call still queued is never run). Returns False if it
+        had finished.
         """
+        if future is not None:
+            call = self._core._state.submitted.get(future)
+            if call is None:
+                raise ValueError("interrupt(future) takes a future that this kernel's submit() returned")
+            return self._portal.run(self._core._state.interrupt_submitted(call))
         self._portal.run(self._core.interrupt())
+        return None
 
     def restart(self, *, timeout: float = 60) -> None:
         """Restart a kernel kernelproxy started, or one on a Jupyter Server: empty namespace, agent reinstalled."""

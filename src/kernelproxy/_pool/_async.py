@@ -211,6 +211,14 @@ class AsyncKernelPool:
         scheduler.enqueue(tasks)
         return AsyncMapResult(scheduler, futures, tasks, chunksize > 1, end_time, counter)
 
+    async def interrupt(self, future: asyncio.Future[Any]) -> bool:
+        """Stop one task: interrupt the kernel running it (that kernel only), or drop it if it waits for one.
+
+        ``future`` is what ``submit()`` returned; it raises CallInterrupted. Returns
+        False if the task had finished already.
+        """
+        return await self._scheduler().interrupt(future)
+
     async def push(self, values: Mapping[str, Any] | None = None, /, **named: Any) -> None:
         """Set variables in every kernel (pickled once; kept for replacement kernels).
 

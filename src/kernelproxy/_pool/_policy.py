@@ -5,9 +5,10 @@
   (``PREFETCH_UNDER``): the second, sent while the first runs, hides the round
   trip. Never a task with a timeout as the second one (its clock would start
   early), and never two on a kernel whose calls have a default timeout.
-* A task sent to a kernel that died: if the kernel was still busy with the
-  task ahead of it, it never ran and goes back to the front without using a
-  retry; otherwise it runs again while it has retries, else it fails.
+* A task sent to a kernel that died: if it never started (the kernel never
+  said it began it: it was busy with the task ahead, or it died idle before
+  the task arrived), it goes back to the front without using a retry;
+  otherwise it runs again while it has retries, else it fails.
 
 Tested without kernels (tests/test_pool_policy.py).
 """
@@ -19,6 +20,7 @@ import enum
 from collections.abc import Iterable
 
 from .._exceptions import CallInterrupted
+from .._protocol import Stage
 from ._tasks import Task
 
 PREFETCH_UNDER = 0.1  # seconds: a kernel whose tasks take less gets its next task before the current one ends
@@ -62,6 +64,14 @@ class TaskQueue:
                 return task
         return None
 
+    def remove(self, task: Task) -> bool:
+        """Take ``task`` out of the queue; say whether it was there."""
+        try:
+            self._tasks.remove(task)
+        except ValueError:
+            return False
+        return True
+
     def cancel_unstarted(self) -> None:
         """Cancel the tasks that never started (shutdown(cancel_futures=True))."""
         self._tasks = collections.deque(task for task in self._tasks if task.started or not task.sink.cancel())
@@ -94,6 +104,8 @@ class Fate(enum.Enum):
 def fate_of_lost(task: Task) -> Fate:
     if task.behind is not None and not task.behind.ended and not task.abandoned:
         return Fate.REQUEUE  # the kernel was still busy with the task ahead of it
+    if task.outcome is not None and task.outcome.stage in (Stage.PREPARING, Stage.SENT) and not task.abandoned:
+        return Fate.REQUEUE  # the kernel never started it (it died idle, before the task arrived)
     if task.retries_left > 0 and not task.abandoned:
         return Fate.RETRY
     return Fate.FAIL

@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 from .. import _serialization as serialization
+from .._connection import INTERRUPT_GRACE
 from .._exceptions import CallInterrupted, KernelClosedError, KernelDiedError
 from .._launch import LocalSpec
 from .._output import Forwarder
+from .._protocol import Outcome
 from . import _policy as policy
 from ._supervisor import KernelSource, Slot, Supervisor, died_of
 from ._tasks import RUN_CHUNK, LoopSink, Sink, Task, TaskOptions, function_name
@@ -55,6 +57,7 @@ class Scheduler:
         self.broken: KernelDiedError | None = None  # no kernel left
         self.submit_lock = threading.Lock()
         self.closing: asyncio.Future[None] | None = None  # shutting down the kernels once the tasks are done
+        self.tasks: dict[int, Task] = {}  # id(future) -> its task, until the future is done: pool.interrupt()
 
     @property
     def slots(self) -> list[Slot]:
@@ -72,7 +75,9 @@ class Scheduler:
         except Exception as exc:
             sink.fail(exc)
             return None
-        return Task(task_id, frames, function_name(fn), 1, options, sink, options.retries)
+        task = Task(task_id, frames, function_name(fn), 1, options, sink, options.retries)
+        self.track(sink.future, task)
+        return task
 
     def make_chunk_task(
         self, fn: Callable[..., Any], chunk: list[tuple[Any, ...]], first: int, options: TaskOptions, sink: Sink
@@ -86,6 +91,36 @@ class Scheduler:
             sink.fail(exc)
             return None
         return Task(task_id, frames, function_name(fn), len(chunk), options, sink, options.retries)
+
+    def track(self, future: Any, task: Task | None) -> None:
+        """Remember which task a future stands for, until it is done (for ``interrupt``)."""
+        if task is None:
+            return
+        key = id(future)
+        self.tasks[key] = task
+        future.add_done_callback(lambda _: self.tasks.pop(key, None))
+
+    async def interrupt(self, future: Any) -> bool:
+        """Stop the task behind ``future``: interrupt its kernel if it runs (that kernel only), drop it if queued.
+
+        Its future raises CallInterrupted. Says whether there was anything to stop.
+        """
+        task = self.tasks.get(id(future))
+        if task is None:
+            if future.done():
+                return False
+            raise ValueError("interrupt() takes a future that this pool's submit() or map() returned")
+        if future.done():
+            return False
+        task.interrupted = True
+        request = task.request
+        if request is None or request.done():  # waiting for a kernel (queued, or requeued after a death)
+            self.queue.remove(task)
+            task.sink.fail(CallInterrupted(f"task {task.id} ({task.name}) was interrupted before it started"))
+            return True
+        request.cancel()  # abandons the call: its kernel is interrupted (at once, or when it starts the task)
+        await asyncio.wait({request}, timeout=INTERRUPT_GRACE + 5)
+        return True
 
     def check_open(self) -> None:
         if self.closed:
@@ -227,7 +262,11 @@ class Scheduler:
         task.behind, task.ended = (slot.holding[-1] if slot.holding else None), False
         slot.holding.append(task)
         output = Forwarder(task.output_to, f"[task {task.id}] ") if task.options.output == "forward" else None
-        request = asyncio.ensure_future(kernel._call_frames(task.frames, task.name, task.options.timeout, output))
+        task.outcome = Outcome()
+        request = asyncio.ensure_future(
+            kernel._call_frames(task.frames, task.name, task.options.timeout, output, task.outcome)
+        )
+        task.request = request
         if isinstance(task.sink, LoopSink):  # cancelling an asyncio future interrupts its remote work
             task.sink.future.add_done_callback(lambda future: request.cancel() if future.cancelled() else None)
         self.running += 1
@@ -244,8 +283,9 @@ class Scheduler:
             died = request.done() and not request.cancelled() and died_of(request.exception(), kernel)
             task.ended = not died
             if request.cancelled():
+                how = "interrupted" if task.interrupted else "cancelled"
                 task.sink.fail(
-                    CallInterrupted(f"task {task.id} ({task.name}) was cancelled; its remote work was interrupted")
+                    CallInterrupted(f"task {task.id} ({task.name}) was {how}; its remote work was interrupted")
                 )
                 return
             done = self.loop.time()

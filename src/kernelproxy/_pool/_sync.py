@@ -263,6 +263,15 @@ class KernelPool(concurrent.futures.Executor):
             if counter is not None:
                 counter.close()
 
+    def interrupt(self, future: concurrent.futures.Future[Any]) -> bool:
+        """Stop one running task: interrupt the kernel running it (that kernel only; the pool goes on).
+
+        ``future`` is what ``submit()`` returned; it raises CallInterrupted (``future.cancel()`` cannot
+        stop a task that runs, as with any ``concurrent.futures`` executor). A task still waiting for
+        a kernel is dropped. Returns False if the task had finished already.
+        """
+        return self._portal.run(self._pool._scheduler().interrupt(future))
+
     def push(self, values: Mapping[str, Any] | None = None, /, **named: Any) -> None:
         """Set variables in every kernel: ``push(weights=w)``. Pickled once; kept for replacement kernels.
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, Protocol
 
 from .._output import capture
+from .._protocol import Outcome
 from .._types import CallOptions, Output, Unset
 
 
@@ -41,6 +42,10 @@ class TaskOptions:
 
 class Sink(Protocol):
     """Where a task's outcome goes: a concurrent.futures.Future or an asyncio.Future."""
+
+    @property
+    def future(self) -> Any:
+        """The future the caller holds."""
 
     def claim(self) -> bool:
         """Mark the task running; False if it was cancelled before it started."""
@@ -112,6 +117,9 @@ class Task:
     abandoned: bool = False  # its caller no longer wants it (map() closed early)
     behind: Task | None = None  # the task its kernel was busy with when it was sent there
     ended: bool = False  # its call ended, other than by the death of its kernel
+    outcome: Outcome | None = None  # how far its last run got (did it start before its kernel died?)
+    request: asyncio.Future[Any] | None = None  # its call while it runs on a kernel
+    interrupted: bool = False  # stopped by pool.interrupt(future)
     # Where its output goes: taken where the task is made, on the submitting thread (or in its asyncio task).
     output_to: contextvars.Context = dataclasses.field(default_factory=capture)
 
