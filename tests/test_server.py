@@ -305,6 +305,10 @@ def test_server_gone_fails_calls_promptly(tmp_path):
 def test_pool_from_server(jupyter_server):
     before = server_kernel_ids(jupyter_server)
     with kernelproxy.KernelPool.from_server(jupyter_server.url, 2, token=jupyter_server.token) as pool:
+        deadline = time.monotonic() + 60
+        while len(pool.kernels) < 2:  # the first kernel ready starts the pool; the other joins when ready
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         pids = {k.info.pid for k in pool.kernels}
         assert len(pids) == 2
         assert sorted(pool.map(pow, range(20), [2] * 20)) == sorted(i * i for i in range(20))
@@ -390,3 +394,34 @@ def test_server_pool_requeues_a_task_sent_to_a_kernel_that_died_idle(kernel_gate
         os.kill(pool.kernels[0].info.pid, signal.SIGKILL)  # idle: the pool has not noticed yet
         futures = [pool.submit(pow, i, 2) for i in range(6)]
         assert [f.result(120) for f in futures] == [i * i for i in range(6)]
+
+
+def test_server_pool_works_as_its_kernels_become_ready(jupyter_server, monkeypatch):
+    """On a cluster kernel starts take minutes: the pool starts working with the first one ready (issue 13)."""
+    import asyncio
+
+    from kernelproxy._pool import _supervisor
+
+    original = _supervisor.connect_server_async
+    starts = []
+
+    async def one_slow_start(**options):
+        starts.append(len(starts))
+        if len(starts) == 2:
+            await asyncio.sleep(6)  # this one is slow to start on the "cluster"
+        return await original(**options)
+
+    monkeypatch.setattr(_supervisor, "connect_server_async", one_slow_start)
+    started = time.monotonic()
+    with kernelproxy.KernelPool.from_server(jupyter_server.url, 2, token=jupyter_server.token) as pool:
+        assert time.monotonic() - started < 6
+        assert len(pool.kernels) == 1
+        pool.push(weight=3)
+        assert pool.submit(lambda x: x * __import__("__main__").weight, 2).result(30) == 6
+        deadline = time.monotonic() + 60
+        while len(pool.kernels) < 2:
+            assert time.monotonic() < deadline, "the slow kernel never joined"
+            time.sleep(0.1)
+        late = pool.kernels[1]
+        assert late.eval("weight") == 3  # it got every push before its first task
+        assert sorted(pool.map(abs, [-1, -2, -3, -4])) == [1, 2, 3, 4]

@@ -37,7 +37,7 @@ from ._exceptions import (
 )
 from ._output import Forwarder
 from ._refs import AsyncRemoteRef, Path, _Root, check_fresh, pickling_for
-from ._tracebacks import local_tracebacks, trimming
+from ._tracebacks import local_tracebacks, trim, trimming
 from ._transports.base import AgentMissingError, Message, SubshellMissingError, Transport
 from ._transports.comm import CommTransport
 from ._transports.execute import AGENT, ExecuteTransport
@@ -523,11 +523,15 @@ async def run_submitted(call: Submitted, coro: Coroutine[Any, Any, T]) -> T:
     if call.interrupted:
         coro.close()
         raise call.error()
+    __tracebackhide__ = True  # noqa: F841
     try:
-        return await coro
+        return await coro  # kernelproxy re-raises (Python < 3.11 shows this line)
     except asyncio.CancelledError:
         if call.interrupted:
             raise call.error() from None
+        raise
+    except Exception as exc:
+        trim(exc)
         raise
 
 

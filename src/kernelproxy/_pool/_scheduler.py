@@ -167,9 +167,15 @@ class Scheduler:
         """Start ``count`` kernels and take the given ones; then start a worker per kernel."""
         local, server, connect_timeout = self._kernel_plan
         self.supervisor = Supervisor(local, server, connect_timeout)
+        self.supervisor.on_join = self._joined
         await self.supervisor.start(count, sources)
         for slot in self.supervisor.slots:
             slot.worker = asyncio.ensure_future(self._work(slot))
+
+    def _joined(self, slot: Slot) -> None:
+        """A kernel that was still starting is ready (server pools): it takes tasks too."""
+        slot.worker = asyncio.ensure_future(self._work(slot))
+        self.wake()
 
     async def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         """Stop taking tasks; with ``wait``, return once every task is done and every kernel closed."""
@@ -183,6 +189,8 @@ class Scheduler:
             await asyncio.shield(self.closing)
 
     async def _finish(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.settled()  # kernels still starting join, then leave with the others
         workers = [slot.worker for slot in self.slots if slot.worker is not None]
         await asyncio.gather(*workers, return_exceptions=True)
         if self.supervisor is not None:
@@ -324,7 +332,8 @@ class Scheduler:
         self.enqueue([task], front=True)
 
     def _check_any_left(self) -> None:
-        if all(slot.retired for slot in self.slots) and self.broken is None:
+        joining = self.supervisor is not None and self.supervisor.still_joining
+        if all(slot.retired for slot in self.slots) and self.broken is None and not joining:
             self.broken = KernelDiedError("every kernel of the pool died and none could be replaced")
             for task in self.queue.take_all():
                 if task.started or task.sink.claim():

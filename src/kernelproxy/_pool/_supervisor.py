@@ -3,6 +3,8 @@
 A *slot* is one place in the pool: the kernel in it now and how to replace it.
 
 * A kernel the pool started (locally, or on a server) is replaced by a new one.
+* A pool of server kernels starts working once its first kernel is ready; the
+  others join as they become ready (on a cluster a start can take minutes).
 * A given ``Kernel`` that kernelproxy started is restarted.
 * A kernel known by its connection file is connected to again (a Jupyter
   server restarts its dead kernels in place).
@@ -23,7 +25,7 @@ import enum
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from .._api import connect_async, connect_server_async
 from .._exceptions import KernelClosedError, KernelDiedError, KernelProxyError
@@ -90,13 +92,21 @@ class Supervisor:
         self.slots: list[Slot] = []
         self.pushed: list[tuple[list[str], list[memoryview]]] = []  # every push, in order, for replacements
         self.push_lock = asyncio.Lock()
+        self.joining: asyncio.Future[None] | None = None  # server kernels still starting after the first was ready
+        self.on_join: Callable[[Slot], None] | None = None  # told of each kernel that joins the working pool late
 
     # ------------------------------------------------------------------ starting and closing
 
     async def start(self, count: int, sources: Sequence[KernelSource]) -> None:
-        """Start ``count`` kernels and take the given ones (kernels or connection files), concurrently."""
+        """Start ``count`` kernels and take the given ones (kernels or connection files), concurrently.
+
+        Server kernels: returns once the first is ready; the others join later (``on_join``).
+        """
         openers = [asyncio.ensure_future(self._start_new()) for _ in range(count)]
         openers += [asyncio.ensure_future(self._take(source)) for source in sources]
+        if self.server is not None and not sources and count > 1:
+            await self._start_first(openers)
+            return
         try:
             outcomes = await asyncio.gather(*openers, return_exceptions=True)
         except BaseException:  # cancelled (KeyboardInterrupt in KernelPool()): close what did open
@@ -110,6 +120,59 @@ class Supervisor:
         if errors:
             await self.close_kernels()
             raise errors[0]
+
+    async def _start_first(self, openers: Sequence[asyncio.Future[Slot]]) -> None:
+        """Wait for the first server kernel that becomes ready; let the others join as they do."""
+        pending = set(openers)
+        errors: list[BaseException] = []
+        try:
+            while pending and not self.slots:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for opener in done:
+                    if opener.exception() is not None:
+                        errors.append(opener.exception())  # type: ignore[arg-type]
+                    else:
+                        self._add(opener.result())
+        except BaseException:  # cancelled (KeyboardInterrupt in KernelPool()): close what did open
+            await asyncio.shield(self._discard(openers))
+            raise
+        if not self.slots:
+            raise errors[0]
+        for error in errors:
+            log.warning("a kernel of the pool could not be started: %s", error)
+        if pending:
+            self.joining = asyncio.ensure_future(self._join(pending))
+
+    async def _join(self, openers: set[asyncio.Future[Slot]]) -> None:
+        for opener in asyncio.as_completed(openers):
+            try:
+                slot = await opener
+            except Exception as exc:
+                log.warning("a kernel of the pool could not be started: %s", exc)
+                continue
+            try:
+                await self.push_all(slot, slot.kernel)  # every value pushed so far, before its first task
+            except Exception as exc:
+                log.warning("a kernel that joined the pool late did not take its pushed values: %s", exc)
+                await slot.kernel.close()
+                continue
+            self._add(slot)
+            if self.on_join is not None:
+                self.on_join(slot)
+
+    def _add(self, slot: Slot) -> None:
+        slot.index = len(self.slots)
+        self.slots.append(slot)
+
+    @property
+    def still_joining(self) -> bool:
+        """Whether some kernels are still starting (server pools)."""
+        return self.joining is not None and not self.joining.done()
+
+    async def settled(self) -> None:
+        """Until no kernel is still starting."""
+        if self.joining is not None:
+            await asyncio.gather(asyncio.shield(self.joining), return_exceptions=True)
 
     async def _discard(self, openers: Sequence[asyncio.Future[Slot]]) -> None:
         await asyncio.wait(openers)
