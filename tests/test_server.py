@@ -9,11 +9,14 @@ reconnecting, kernels attached by id, and pools of server kernels.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import cloudpickle
 import numpy as np
@@ -425,3 +428,119 @@ def test_server_pool_works_as_its_kernels_become_ready(jupyter_server, monkeypat
         late = pool.kernels[1]
         assert late.eval("weight") == 3  # it got every push before its first task
         assert sorted(pool.map(abs, [-1, -2, -3, -4])) == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------- what servers say (issue 13, section 5)
+
+
+def test_kernel_gateway_kernels_keep_their_environment(kernel_gateway):
+    """Kernel Gateway gives a kernel only PATH and the requested variables when a start names any: none unasked."""
+    with kernelproxy.connect_server(kernel_gateway.url, token=kernel_gateway.token) as k:
+        assert k.call(lambda: "HOME" in __import__("os").environ) is True
+
+
+def http_error(status: int, body: bytes, content_type: str = "text/html"):
+    from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
+    from tornado.httputil import HTTPHeaders
+
+    request = HTTPRequest("http://server.example/api/kernels")
+    headers = HTTPHeaders({"Content-Type": content_type})
+    response = HTTPResponse(request, status, headers=headers, buffer=io.BytesIO(body))
+    return HTTPClientError(status, response=response)
+
+
+JUPYTERHUB_PAGE = (
+    b"<!DOCTYPE HTML>\n<html><head><title>JupyterHub</title><script>var x = '<h1>not this</h1>';</script></head>"
+    b"<body><nav>Home Token Admin</nav><div class='error'><h1>424 : Failed Dependency</h1>\n"
+    b"<p>JupyterHub server no longer running at /user/u/api/kernels. Restart the server at "
+    b"<a href='/hub/spawn/u'>/hub/spawn/u</a></p></div>" + b"<p>filler</p>" * 500 + b"</body></html>"
+)
+
+
+def test_html_error_pages_become_one_short_line():
+    from kernelproxy._server import _http_error
+
+    error = _http_error("POST", "http://server.example/api/kernels", http_error(424, JUPYTERHUB_PAGE))
+    text = str(error)
+    assert "424 : Failed Dependency: JupyterHub server no longer running at /user/u/api/kernels" in text
+    assert "<" not in text and "filler" not in text and len(text) < 500
+    bare = _http_error("GET", "http://server.example/api", http_error(502, b"<html><title>502: Bad Gateway</title>"))
+    assert "502: Bad Gateway" in str(bare) and "<" not in str(bare)
+    plain = _http_error("GET", "http://server.example/api", http_error(500, b"x" * 5000, "text/plain"))
+    assert len(str(plain)) < 450
+
+
+def test_a_403_is_a_wrong_token_only_if_the_token_is_refused_everywhere():
+    """Servers answer 403 for other refusals too (a gateway's user check): a probe tells them apart."""
+    import http.server
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def reply(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802
+            good = self.headers.get("Authorization") == "token good"
+            self.reply(200 if good else 403, b"{}" if good else b'{"reason": "Forbidden"}')
+
+        def do_POST(self):  # noqa: N802
+            self.reply(403, b'{"reason": "User \'root\' is not authorized. Ensure KERNEL_USERNAME is set"}')
+
+        def log_message(self, *args):
+            pass
+
+    with serving(Gateway) as url:
+        with pytest.raises(kernelproxy.ServerError, match="not authorized.*KERNEL_USERNAME") as info:
+            kernelproxy.connect_server(url, token="good")
+        assert info.value.status == 403 and not isinstance(info.value, kernelproxy.AuthenticationError)
+        with pytest.raises(kernelproxy.AuthenticationError, match="rejected the token"):
+            kernelproxy.connect_server(url, token="wrong")
+
+
+@contextlib.contextmanager
+def serving(handler) -> Iterator[str]:
+    """A tiny HTTP server on 127.0.0.1 in a thread; yields its URL."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_kernel_start_takes_as_long_as_startup_timeout(tmp_path):
+    """The REST call that starts a kernel follows startup_timeout (minutes on a cluster), not a fixed 60 s."""
+    import http.server
+
+    class SlowServer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def do_POST(self):  # noqa: N802
+            time.sleep(4)  # a kernel start on a busy cluster
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with serving(SlowServer) as url:
+        started = time.monotonic()
+        with pytest.raises(kernelproxy.KernelStartError, match="within 1 s .*raise startup_timeout"):
+            kernelproxy.connect_server(url, token="t", startup_timeout=1)
+        assert time.monotonic() - started < 3.5
+        started = time.monotonic()
+        with pytest.raises(kernelproxy.ServerError) as info:
+            kernelproxy.connect_server(url, token="t", startup_timeout=10)
+        assert info.value.status == 500  # it waited for the slow answer
+        assert time.monotonic() - started >= 4

@@ -25,7 +25,7 @@ from typing import Any, Callable, cast
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from ._exceptions import AuthenticationError, ServerError, ServerUnreachableError
+from ._exceptions import AuthenticationError, KernelStartError, ServerError, ServerUnreachableError
 
 DEFAULT_REQUEST_TIMEOUT = 60.0  # seconds for one REST request; starting and restarting kernels take startup_timeout
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to reach the server at all: an unreachable one fails fast
@@ -195,6 +195,13 @@ class ServerClient:
             return cast("dict[str, Any]", await self.request("POST", "api/kernels", body, timeout=timeout))
         except AuthenticationError:
             raise
+        except ServerUnreachableError as exc:
+            if timeout is None or "timeout" not in str(exc).lower():
+                raise
+            raise KernelStartError(
+                f"the server did not start the kernel within {timeout} s (startup_timeout): kernels on a cluster "
+                "can take minutes to start, raise startup_timeout"
+            ) from exc
         except ServerError as exc:
             if name is not None and exc.status is not None and exc.status >= 400:
                 await self._check_kernelspec(name)  # Jupyter Server answers an unknown name with a bare 500
@@ -465,6 +472,7 @@ def _text_of(page: str) -> str:
     def text(fragment: str) -> str:
         return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", fragment)).split())
 
+    page = re.sub(r"<(script|style)\b.*?</\1\s*>|<!--.*?-->", " ", page, flags=re.IGNORECASE | re.DOTALL)
     heading = re.search(r"<h1[^>]*>(.*?)</h1>(?:\s*<p[^>]*>(.*?)</p>)?", page, re.IGNORECASE | re.DOTALL)
     if heading:
         first, second = text(heading.group(1)), text(heading.group(2) or "")
@@ -472,4 +480,4 @@ def _text_of(page: str) -> str:
     title = re.search(r"<title[^>]*>(.*?)</title>", page, re.IGNORECASE | re.DOTALL)
     if title:
         return text(title.group(1))
-    return text(re.sub(r"<(script|style)\b.*?</\1\s*>", " ", page, flags=re.IGNORECASE | re.DOTALL))
+    return text(page)
