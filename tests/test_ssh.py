@@ -569,3 +569,27 @@ def test_connect_with_ssh_bad_login_is_a_clear_error(sshd, tcp_kernel, tmp_path)
 def tunnel_clients() -> list[psutil.Process]:
     """Our ssh clients (not the test's sshd and its per-login children, which linger a moment)."""
     return [proc for proc in ssh_processes() if proc.name() == "ssh"]
+
+
+@pytest.mark.parametrize("transport", ["comm", "execute"])
+def test_restart_by_someone_else_through_ssh(sshd, transport):
+    """Issue 13: the kernel's owner restarts it; through the tunnel the next call runs and old refs are stale."""
+    from jupyter_client.manager import KernelManager
+
+    manager = KernelManager(kernel_name="python3")  # TCP on 127.0.0.1: what the tunnel forwards
+    manager.start_kernel(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(json.loads(Path(manager.connection_file).read_text()))
+        with kernelproxy.connect(
+            manager.connection_file, ssh=sshd.destination, ssh_options=sshd.options(), transport=transport
+        ) as k:
+            ref = k.call_ref(lambda: ["before"])
+            pid = k.info.pid
+            manager.restart_kernel(now=True)
+            assert k.options(timeout=FAST).call(os.getpid) != pid
+            with pytest.raises(kernelproxy.StaleRefError):
+                ref.get()
+            assert k.status.restarts == 1
+    finally:
+        manager.shutdown_kernel(now=True)
+        manager.cleanup_resources()

@@ -236,3 +236,34 @@ def test_subshell_through_a_jupyter_server(jupyter_server, transport):
             sub.options(timeout=1).call(spin)
         assert cell.result(30)["status"] == "ok"
         assert k.eval("cell_finished") is True
+
+
+def list_subshells(manager: KernelManager) -> list[str]:
+    client = manager.client()
+    client.start_channels()
+    try:
+        msg = client.session.msg("list_subshell_request", {})
+        client.control_channel.send(msg)
+        while True:
+            reply = client.get_control_msg(timeout=10)
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return list(reply["content"]["subshell_id"])
+    finally:
+        client.stop_channels()
+
+
+def test_close_leaves_no_subshell_in_a_kernel_that_lives_on_and_a_deleted_one_is_made_again(notebook_kernel):
+    with kernelproxy.connect(notebook_kernel.connection_file) as k:
+        sub = k.options(subshell=True)
+        assert sub.call(lambda: 1) == 1
+        first = k.aio._state.subshell.id
+        assert list_subshells(notebook_kernel) == [first]
+        client = notebook_kernel.client()  # someone else deletes it
+        client.start_channels()
+        msg = client.session.msg("delete_subshell_request", {"subshell_id": first})
+        client.control_channel.send(msg)
+        client.get_control_msg(timeout=10)
+        client.stop_channels()
+        assert sub.call(lambda: 2) == 2  # made again, transparently
+        assert k.aio._state.subshell.id != first
+    assert list_subshells(notebook_kernel) == []

@@ -256,8 +256,7 @@ class _KernelState:
                 continue
             except SubshellMissingError as exc:  # restarted, or someone deleted our subshell: it never ran
                 error = exc
-                if not await self.check_incarnation():
-                    self.subshell = None
+                self.subshell = None  # a new one is made, and the kernel's incarnation checked on it
                 continue
             except RequestLost as exc:
                 error = exc
@@ -356,6 +355,9 @@ class _KernelState:
         async with self._subshell_lock:
             if self.subshell is None:
                 shell = await self._create_subshell()
+                # Who is there, asked on the new subshell (the main shell may be busy): a kernel restarted since
+                # is adopted (our agent installed) before a comm is opened on it.
+                await self.check_incarnation(shell)
                 if isinstance(self.transport, CommTransport):
                     transport: Transport = await CommTransport.open(self.connection, shell=shell)
                 else:
@@ -371,6 +373,15 @@ class _KernelState:
         if content.get("status") != "ok" or not isinstance(content.get("subshell_id"), str):
             raise SubshellUnavailableError(f"the kernel did not create a subshell: {content!r:.200}")
         return str(content["subshell_id"])
+
+    async def _delete_subshells(self, subshell: Subshell) -> None:
+        for shell in (subshell.id, subshell.canceller.shell if subshell.canceller is not None else None):
+            if shell is not None and self.connection.dead is None:
+                try:
+                    request = self.connection.request("control", "delete_subshell_request", {"subshell_id": shell})
+                    await asyncio.wait_for(request, 5)
+                except Exception as exc:  # the kernel is gone or busy on control: nothing to clean up then
+                    log.debug("deleting kernelproxy's subshell %s failed: %r", shell, exc)
 
     async def interrupt_subshell(self) -> None:
         """Stop every request of ours running on our subshell (their calls raise CallInterrupted)."""
@@ -489,6 +500,8 @@ class _KernelState:
         _started_kernels.discard(self)
         self.connection.fail_all(KernelClosedError("the kernel was shut down while this call was running"))
         try:
+            if self.subshell is not None and not (self.owned or shutdown):
+                await self._delete_subshells(self.subshell)  # a kernel that lives on: leave no threads behind
             if self.transport is not None:
                 await self.transport.close()
             if self.owned or shutdown:
