@@ -109,6 +109,6 @@ class KernelStatus:
     """Where a kernel stands now (``Kernel.status``): cheap, no round trip."""
 
     state: Literal["ready", "restarting", "dead", "closed"]
-    restarts: int  # how often kernelproxy restarted it: refs made before the last restart are stale
+    restarts: int  # how often it restarted (by kernelproxy, or noticed after someone else's): older refs are stale
     owned: bool  # kernelproxy started it (here or on a server): closing the Kernel stops it
     death: Optional[str] = None  # why it is dead, when it is
