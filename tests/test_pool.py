@@ -64,6 +64,7 @@ def raise_unlucky():
 
 
 def die():
+    time.sleep(0.2)  # the kernel has said it started this task: the pool knows it ran (see _policy)
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(30)
 
@@ -73,6 +74,7 @@ def die_unless(marker):
     if not os.path.exists(marker):
         with open(marker, "w"):
             pass
+        time.sleep(0.2)  # the kernel has said it started this task
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(30)
     return os.getpid()
@@ -514,3 +516,18 @@ def test_async_pool_interrupt():
             assert await asyncio.wait_for(pool.submit(square, 7), 10) == 49
 
     asyncio.run(main())
+
+
+def die_at_once():
+    os.kill(os.getpid(), signal.SIGKILL)  # before the kernel's 'busy' may have left it
+
+
+def test_a_task_that_kills_its_kernel_at_once_is_not_sent_again_and_again():
+    """Its kernel may die before saying it started it: sent again once at most, then it fails (retries=0)."""
+    with KernelPool(2, retries=0) as pool:
+        started = time.monotonic()
+        with pytest.raises(KernelDiedError):
+            pool.submit(die_at_once).result(timeout=90)
+        assert time.monotonic() - started < 60
+        wait_for(lambda: len(pool.kernels) == 2, 60, "replacements")
+        assert sorted(pool.map(square, range(4))) == [0, 1, 4, 9]

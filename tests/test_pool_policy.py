@@ -127,7 +127,9 @@ def test_a_task_its_kernel_never_started_goes_back_without_a_retry():
     for stage in (Stage.PREPARING, Stage.SENT):
         task = make_task(0, retries=0)
         task.outcome = Outcome(stage=stage)
-        assert policy.fate_of_lost(task) is policy.Fate.REQUEUE
+        assert policy.fate_of_lost(task) is policy.Fate.REQUEUE_ONCE
+        task.requeued_unseen = True  # once: a task that kills its kernel at once may not have said it started
+        assert policy.fate_of_lost(task) is policy.Fate.FAIL
     started = make_task(1, retries=0)
     started.outcome = Outcome(stage=Stage.RUNNING)
     assert policy.fate_of_lost(started) is policy.Fate.FAIL

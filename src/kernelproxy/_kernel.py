@@ -107,6 +107,7 @@ class _KernelState:
         self._hello: dict[str, Any] = {}
         self._check: asyncio.Future[None] | None = None  # a check of the kernel's incarnation, after a hint
         self._recheck = False  # a hint came during that check: check again
+        self.opening = False  # connecting (a start or a restart of ours): hints are not someone else's restart
         self.subshell: Subshell | None = None  # kernelproxy's subshell, made on first use
         self._subshell_lock = asyncio.Lock()
         self._subshell_requests: set[str] = set()  # ids of the requests sent to it, not answered yet
@@ -140,8 +141,14 @@ class _KernelState:
 
     async def open(self, ready_timeout: float) -> None:
         """Connect, wait for the kernel, install the agent, check versions, pick the transport."""
-        self.info = None  # hints from the kernel's start are not someone else's restart
+        self.opening = True  # hints from the kernel's start are not someone else's restart
         self.subshell = None
+        try:
+            await self._open(ready_timeout)
+        finally:
+            self.opening = False
+
+    async def _open(self, ready_timeout: float) -> None:
         await self.connection.open()
         kernel_info = await self.connection.wait_ready(ready_timeout)
         hello = await install_agent(self.connection)
@@ -276,7 +283,7 @@ class _KernelState:
 
     def _on_hint(self, why: str) -> None:
         """Something suggests the kernel was restarted (by someone else): check it in the background."""
-        if self.state is not State.READY or self.info is None:
+        if self.state is not State.READY or self.opening:
             return  # our own start or restart
         log.debug("kernelproxy checks whether the kernel was restarted: %s", why)
         self._recheck = True
@@ -297,8 +304,14 @@ class _KernelState:
 
         Says whether the kernel is a new process since kernelproxy last looked.
         """
-        before = self.connection.sent + 1  # the hello's own number: requests sent earlier went to the old one
-        hello = await install_agent(self.connection, shell=shell)
+        for attempt in range(REQUEST_ATTEMPTS):
+            before = self.connection.sent + 1  # the hello's own number: requests sent earlier went to the old one
+            try:
+                hello = await install_agent(self.connection, shell=shell)
+                break
+            except RequestLost:  # its reply was lost (a server connection dropped): installing is idempotent
+                if attempt == REQUEST_ATTEMPTS - 1:
+                    raise
         if hello.get("instance") == self.agent_instance:
             return False
         await self._adopt(hello, before)

@@ -5,10 +5,13 @@
   (``PREFETCH_UNDER``): the second, sent while the first runs, hides the round
   trip. Never a task with a timeout as the second one (its clock would start
   early), and never two on a kernel whose calls have a default timeout.
-* A task sent to a kernel that died: if it never started (the kernel never
-  said it began it: it was busy with the task ahead, or it died idle before
-  the task arrived), it goes back to the front without using a retry;
-  otherwise it runs again while it has retries, else it fails.
+* A task sent to a kernel that died: if the kernel was busy with the task
+  ahead of it, it never started and goes back to the front without using a
+  retry. If the kernel never said it started it (no IOPub 'busy': it died idle
+  before the task arrived), it goes back once without using a retry: a kernel
+  that dies within milliseconds of starting a task may not have said so
+  either, and such a task must not kill kernel after kernel. Otherwise it
+  runs again while it has retries, else it fails.
 
 Tested without kernels (tests/test_pool_policy.py).
 """
@@ -97,6 +100,7 @@ class Fate(enum.Enum):
     """What becomes of a task whose kernel died under it."""
 
     REQUEUE = "requeue"  # it never ran: again, at the front, no retry used
+    REQUEUE_ONCE = "requeue once"  # its kernel never said it started it: again, once, no retry used
     RETRY = "retry"  # it ran: again, at the front, one retry used
     FAIL = "fail"  # it ran and has no retries left (or nobody wants it)
 
@@ -104,8 +108,9 @@ class Fate(enum.Enum):
 def fate_of_lost(task: Task) -> Fate:
     if task.behind is not None and not task.behind.ended and not task.abandoned:
         return Fate.REQUEUE  # the kernel was still busy with the task ahead of it
-    if task.outcome is not None and task.outcome.stage in (Stage.PREPARING, Stage.SENT) and not task.abandoned:
-        return Fate.REQUEUE  # the kernel never started it (it died idle, before the task arrived)
+    unseen = task.outcome is not None and task.outcome.stage in (Stage.PREPARING, Stage.SENT)
+    if unseen and not task.requeued_unseen and not task.abandoned:
+        return Fate.REQUEUE_ONCE  # the kernel never said it started it (it died idle, before the task arrived)
     if task.retries_left > 0 and not task.abandoned:
         return Fate.RETRY
     return Fate.FAIL

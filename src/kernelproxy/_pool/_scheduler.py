@@ -318,6 +318,9 @@ class Scheduler:
         fate = policy.fate_of_lost(task)
         if fate is policy.Fate.REQUEUE:
             log.debug("task %d never ran on kernel %d, which died; it goes back to the queue", task.id, slot.index)
+        elif fate is policy.Fate.REQUEUE_ONCE:
+            task.requeued_unseen = True
+            log.info("kernel %d died before it started task %d; the task goes back to the queue", slot.index, task.id)
         elif fate is policy.Fate.RETRY:
             task.retries_left -= 1
             log.warning("kernel %d died during task %d (%s): %s; retrying it", slot.index, task.id, task.name, exc)

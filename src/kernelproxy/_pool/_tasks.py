@@ -120,6 +120,7 @@ class Task:
     outcome: Outcome | None = None  # how far its last run got (did it start before its kernel died?)
     request: asyncio.Future[Any] | None = None  # its call while it runs on a kernel
     interrupted: bool = False  # stopped by pool.interrupt(future)
+    requeued_unseen: bool = False  # sent again once already because its dead kernel never said it started it
     # Where its output goes: taken where the task is made, on the submitting thread (or in its asyncio task).
     output_to: contextvars.Context = dataclasses.field(default_factory=capture)
 

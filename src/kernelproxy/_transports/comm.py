@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from .._connection import KernelConnection, Match
+from .._connection import KernelConnection, Match, RequestLost
 from .._exceptions import ProtocolError
 from ..agent import _agent as agent
 from .base import Interrupter, IopubListener, Message, Outcome, Transport, kernel_refusal
@@ -48,6 +48,7 @@ PART_OVERHEAD = 64 * 1024  # room left in a wire message for the JSON around a p
 # Seconds after the kernel's 'idle' for a request with no reply before it counts as unanswered: replies on
 # IOPub come before 'idle' (same socket); replies on shell travel beside it and may come a little later.
 REPLY_GRACE = {"iopub": 0.2, "shell": 1.0}
+OPEN_ATTEMPTS = 3
 
 
 def digest_frames(algorithm: str, frames: list[Any]) -> str:
@@ -93,8 +94,19 @@ class CommTransport(Transport):
     ) -> CommTransport:
         """Open the agent's comm (on ``shell``, a subshell) and prove a binary round trip.
 
-        Raises ProtocolError if the kernel cannot.
+        Raises ProtocolError if the kernel cannot. Opened again if a reply was lost (a server connection
+        that dropped meanwhile).
         """
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                return await cls._open(connection, timeout, shell)
+            except RequestLost:
+                if attempt == OPEN_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    async def _open(cls, connection: KernelConnection, timeout: float, shell: str | None) -> CommTransport:
         comm_id = uuid.uuid4().hex
         limit = connection.wire.max_message_bytes
         part_size = limit - PART_OVERHEAD if limit is not None else None
