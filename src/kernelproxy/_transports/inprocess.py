@@ -32,7 +32,7 @@ from .._exceptions import KernelDiedError, ProtocolError, SerializationError
 from .._protocol import Interrupt, Stage
 from .._wires._fake_kernel import DirectCall, FakeKernel
 from ..agent import _agent as agent
-from .base import AgentMissingError, IopubListener, Message, Outcome, Transport
+from .base import AgentMissingError, Interrupter, IopubListener, Message, Outcome, Transport
 
 
 @dataclass(eq=False)
@@ -74,7 +74,11 @@ class InProcessTransport(Transport):
         *,
         listener: IopubListener | None = None,
         outcome: Outcome | None = None,
+        rid: str | None = None,
+        interrupter: Interrupter | None = None,
     ) -> Message:
+        # No reply is ever lost in process: ``rid`` (for sending a request again) is not needed, and the
+        # fake kernel has one shell, interrupted as the connection does it (``interrupter`` is for subshells).
         outcome = outcome if outcome is not None else Outcome()
         try:
             header_json = json.dumps(header)  # as any wire would: before anything is queued
