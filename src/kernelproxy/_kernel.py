@@ -907,7 +907,7 @@ class AsyncKernel:
 
         On a subshell view, stop what kernelproxy runs on its subshell instead (the main shell is left alone).
         With ``future`` (a task ``submit()`` returned): stop that call only; it raises CallInterrupted
-        (interrupted in the kernel if it runs, never sent if it waits). Returns False if it had finished.
+        (interrupted in the kernel if it runs, or as it starts if queued there). Returns False if it had finished.
         """
         if future is not None:
             call = self._state.submitted.get(future)

@@ -235,7 +235,7 @@ class Kernel:
 
         On a subshell view, stop what kernelproxy runs on its subshell instead (the main shell is left alone).
         With ``future`` (from ``submit()``): stop that call only; its future raises CallInterrupted (the
-        kernel is interrupted if it runs the call; a call still queued is never run). Returns False if it
+        kernel is interrupted if it runs the call, or as it starts if still queued there). Returns False if it
         had finished.
         """
         if future is not None:
