@@ -259,7 +259,7 @@ class _KernelState:
                 )
             except AgentMissingError as exc:  # the kernel was restarted behind our back: the request never ran
                 error = exc
-                await self.check_incarnation()
+                await self.check_incarnation(transport.shell)  # on the request's own shell: main may be busy
                 continue
             except SubshellMissingError as exc:  # restarted, or someone deleted our subshell: it never ran
                 error = exc
@@ -275,7 +275,7 @@ class _KernelState:
             reply, _ = message
             instance = reply.get("agent")
             if instance is not None and instance != self.agent_instance:  # it ran in a new kernel process
-                await self.check_incarnation()
+                await self.check_incarnation(transport.shell)
             return message
         raise ProtocolError(f"kernelproxy's request got no answer after {REQUEST_ATTEMPTS} attempts: {error}")
 
