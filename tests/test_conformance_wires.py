@@ -210,7 +210,10 @@ def test_the_listener_gets_stream_output_before_the_reply(site: Site) -> None:
     run(case())
 
 
-def test_an_abandoned_running_request_is_interrupted_and_answers(site: Site) -> None:
+def test_an_abandoned_running_request_is_interrupted_and_answers(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A loaded machine (or a server's REST interrupt) may take seconds: the case is the answered path.
+    monkeypatch.setattr(connection_module, "INTERRUPT_GRACE", 15.0)
+
     async def case() -> None:
         async with connected(site) as conn:
             outcome = Outcome()
@@ -223,7 +226,7 @@ def test_an_abandoned_running_request_is_interrupted_and_answers(site: Site) -> 
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task  # returns once the interrupt was answered (or the grace ran out)
-            assert time.monotonic() - started < connection_module.INTERRUPT_GRACE
+            assert time.monotonic() - started < 15.0
             assert (outcome.abandoned, outcome.stage, outcome.interrupt) == (True, Stage.ANSWERED, Interrupt.ANSWERED)
             assert outcome.describe() == "its remote work was interrupted and the kernel is usable"
             reply = await conn.execute({"v": "1 + 1"})

@@ -110,7 +110,9 @@ def test_a_tiny_timeout_on_an_idle_kernel_never_claims_other_work() -> None:
                     assert "queued behind other work" not in str(exc), str(exc)
                 # The abandoned call answered and the kernel idle as far as the host knows (its 'idle' status
                 # arrived): else the next call *is* queued behind it.
-                await until(lambda: not connection._pending and connection._running.get(None) is None, 10, "the kernel idle")
+                await until(
+                    lambda: not connection._pending and connection._running.get(None) is None, 10, "the kernel idle"
+                )
             assert await kernel.call(int, "8") == 8
 
     run(case())

@@ -50,6 +50,7 @@ CONTROL_REQUESTS = frozenset(
         "list_subshell_request",
     }
 )
+RECENT_CONTROL_IDS = 64  # control requests remembered, to tell their busy/idle from the shell's
 MONITOR_STOP_GRACE = 1.0  # seconds closing waits for the liveness monitor to stop
 INTERRUPT_GRACE = 2.0  # seconds an interrupted request has to answer before we say the kernel ignored it
 
@@ -126,6 +127,7 @@ class KernelConnection:
         self._interrupter = interrupter or self.interrupt_by_message
         self._pending: dict[str, _Pending] = {}
         self._running: dict[str | None, str | None] = {}  # per shell, msg_id the kernel is executing (IOPub status)
+        self._control_ids: dict[str, None] = {}  # our latest requests on control, oldest first
         self._monitor_task: asyncio.Task[None] | None = None
         self._sent = 0  # counts messages sent: orders requests against reconnect barriers and checks
         self._recovery: asyncio.Future[None] | None = None
@@ -256,6 +258,10 @@ class KernelConnection:
         )
         pending.reply.add_done_callback(_consume_outcome)  # an abandoned request's failure is nobody's error
         self._pending[msg_id] = pending
+        if pending.control:  # its busy/idle may come after its reply, when it is no longer pending
+            self._control_ids[msg_id] = None
+            while len(self._control_ids) > RECENT_CONTROL_IDS:
+                del self._control_ids[next(iter(self._control_ids))]
         outcome.msg_id = msg_id
         outcome.stage = Stage.SENT  # from here on it may have reached the kernel
         try:
@@ -455,8 +461,7 @@ class KernelConnection:
                 return
             if state == "starting" and not parent_id:
                 self._hint("the kernel said it is starting")
-            ours = self._pending.get(parent_id or "")
-            if msg["parent_header"].get("msg_type") in CONTROL_REQUESTS or (ours is not None and ours.control):
+            if msg["parent_header"].get("msg_type") in CONTROL_REQUESTS or parent_id in self._control_ids:
                 pass  # handled beside the shell's work, not instead of it: it says nothing of what runs there
             elif state == "busy":
                 self._running[shell] = parent_id
