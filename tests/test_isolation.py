@@ -17,7 +17,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 AGENT_MODULE = "_kernelproxy_agent_v1"
 
-# One silent expression that describes what the kernel's user-visible state looks like.
+# One silent expression that describes what the kernel's user-visible state looks like. Of the history
+# database, which every kernel of this user shares (other tests' kernels write to it meanwhile), its own rows.
 SNAPSHOT = """{
     'execution_count': get_ipython().execution_count,
     'Out': sorted(Out),
@@ -26,7 +27,9 @@ SNAPSHOT = """{
     'input_hist_raw': len(get_ipython().history_manager.input_hist_raw),
     'input_hist_parsed': len(get_ipython().history_manager.input_hist_parsed),
     'output_hist': sorted(get_ipython().history_manager.output_hist),
-    'history_db_tail': list(get_ipython().history_manager.get_tail(5, raw=True, include_latest=True)),
+    'history_db_rows': get_ipython().history_manager.db.execute(
+        'SELECT line, source FROM history WHERE session = ?', (get_ipython().history_manager.session_number,)
+    ).fetchall(),
     'last_outputs': [repr(_), repr(__), repr(___)],
     'names': sorted(globals()),
     'sys_last_value': repr(getattr(__import__('sys'), 'last_value', None)),

@@ -53,6 +53,9 @@ CONTROL_REQUESTS = frozenset(
 RECENT_CONTROL_IDS = 64  # control requests remembered, to tell their busy/idle from the shell's
 MONITOR_STOP_GRACE = 1.0  # seconds closing waits for the liveness monitor to stop
 INTERRUPT_GRACE = 2.0  # seconds an interrupted request has to answer before we say the kernel ignored it
+# Seconds a request may wait unstarted, with nothing running on its shell, before a barrier checks that it
+# arrived (through servers only: see _probe_stalled).
+STALL_PROBE_AFTER = 3.0
 
 
 class RequestLost(ProtocolError):
@@ -107,6 +110,7 @@ class _Pending:
     control: bool = False  # sent on the control channel
     shell: str | None = None  # the subshell running it (None: the main shell)
     sent: int = 0  # the connection's send counter when it left (0: not sent yet)
+    sent_at: float = 0.0  # the loop's time when it left
     interrupter: Callable[[], Awaitable[None]] | None = None  # stops its remote work; None: interrupt the kernel
     interruptible: bool = True  # False: an abandoned request is left to finish (a handshake)
 
@@ -131,6 +135,7 @@ class KernelConnection:
         self._monitor_task: asyncio.Task[None] | None = None
         self._sent = 0  # counts messages sent: orders requests against reconnect barriers and checks
         self._recovery: asyncio.Future[None] | None = None
+        self._stall_probe: asyncio.Future[Any] | None = None
         self.dead: KernelDiedError | None = None
         self.restarted_by_server = False  # the kernel died and its server started a fresh one in its place
         self._answered = False  # the kernel answered wait_ready()
@@ -153,13 +158,13 @@ class KernelConnection:
         self._monitor_task = asyncio.ensure_future(self._monitor())
 
     async def close(self) -> None:
-        for task in (self._monitor_task, self._recovery):
+        for task in (self._monitor_task, self._recovery, self._stall_probe):
             if task is not None:
                 task.cancel()
                 # Bounded: a heartbeat's zmq.asyncio recv has been seen to ignore its cancellation (a close that
                 # hung for good); the wire's close below closes that socket, which ends it anyway.
                 await asyncio.wait([task], timeout=MONITOR_STOP_GRACE)
-        self._monitor_task = self._recovery = None
+        self._monitor_task = self._recovery = self._stall_probe = None
         await self.wire.close()
 
     def fail_all(self, error: BaseException) -> None:
@@ -268,6 +273,7 @@ class KernelConnection:
             await self.wire.send(channel, encoded, buffers)
             self._sent += 1
             pending.sent = self._sent
+            pending.sent_at = asyncio.get_running_loop().time()
             # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits
             reply = await asyncio.shield(pending.reply)
             if listener is not None and matcher.wait_idle:
@@ -518,9 +524,35 @@ class KernelConnection:
         it that still has no reply lost it (or never arrived): RequestLost, and it is sent again."""
         shells = {pending.shell for pending in self._pending.values() if pending.sent}
         if shells and self.dead is None:
-            await asyncio.gather(*(self._barrier(shell) for shell in shells), return_exceptions=True)
+            lost = "its reply was lost while the connection to the server was down"
+            await asyncio.gather(*(self._barrier(shell, lost) for shell in shells), return_exceptions=True)
 
-    async def _barrier(self, shell: str | None) -> None:
+    def _probe_stalled(self) -> None:
+        """Through a server, a request can vanish without a trace: sent while a kernel someone restarted was
+        not yet connected to the server, it gets no reply and no status, so nothing would ever fail it. A
+        request still unstarted after STALL_PROBE_AFTER, on a shell where nothing runs that we know of, gets a
+        barrier behind it: if the barrier is answered first, the request was lost (and is checked and sent
+        again: the agent keeps replies through servers, so nothing runs twice). A request queued behind
+        someone's cell is answered before the barrier, which waits in the same queue."""
+        if self._stall_probe is not None and not self._stall_probe.done():
+            return
+        now = asyncio.get_running_loop().time()
+        shells = {
+            pending.shell
+            for pending in self._pending.values()
+            if pending.sent
+            and not pending.control
+            and not pending.reply.done()
+            and pending.outcome.stage is Stage.SENT
+            and now - pending.sent_at > STALL_PROBE_AFTER
+            and self._running.get(pending.shell) is None
+        }
+        if shells:
+            lost = "the kernel never started it (restarted meanwhile?)"
+            barriers = (self._barrier(shell, lost, check=True) for shell in shells)
+            self._stall_probe = asyncio.ensure_future(asyncio.gather(*barriers, return_exceptions=True))
+
+    async def _barrier(self, shell: str | None, lost: str, *, check: bool = False) -> None:
         msg = self.session.msg("kernel_info_request", {})
         if shell is not None:
             msg["header"]["subshell_id"] = shell
@@ -537,7 +569,7 @@ class KernelConnection:
             self._pending.pop(pending.msg_id, None)
         for waiting in list(self._pending.values()):
             if waiting.shell == shell and 0 < waiting.sent < before and not waiting.reply.done():
-                self._fail(waiting, RequestLost("its reply was lost while the connection to the server was down"))
+                self._fail(waiting, RequestLost(lost, check=check))
 
     # ------------------------------------------------------------------ liveness
 
@@ -556,6 +588,8 @@ class KernelConnection:
         while self.dead is None:
             if await self.check_process():
                 return
+            if self.wire.may_lose_replies:
+                self._probe_stalled()
             # A kernel process we can watch is alive while it starts: its heartbeat may not answer yet (and,
             # on a loaded machine, not for seconds), so the heartbeat counts once the kernel has answered.
             heartbeat_counts = self._answered or self._process_check is None
