@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -144,7 +145,42 @@ def start_external_kernel(
         cwd=str(directory),
         start_new_session=True,  # like a kernel launched by Jupyter: its own process group
     )
-    return ExternalKernel(path, process)
+    kernel = ExternalKernel(path, process)
+    try:
+        wait_for_heartbeat(kernel)
+    except BaseException:
+        stop_external_kernel(kernel)
+        raise
+    return kernel
+
+
+def wait_for_heartbeat(kernel: ExternalKernel, timeout: float = 60) -> None:
+    """Until the kernel answers a heartbeat, as Jupyter waits before it offers a kernel: on a loaded machine
+    ipykernel can take seconds to start, and connect() gives up on a silent heartbeat after 3.5 s."""
+    import zmq
+
+    info = json.loads(kernel.connection_file.read_text())
+    address = (
+        f"ipc://{info['ip']}-{info['hb_port']}"
+        if info["transport"] == "ipc"
+        else f"tcp://{info['ip']}:{info['hb_port']}"
+    )
+    deadline = time.monotonic() + timeout
+    context = zmq.Context.instance()
+    while time.monotonic() < deadline:
+        if kernel.process.poll() is not None:
+            raise RuntimeError(f"the test kernel exited with code {kernel.process.returncode}")
+        socket = context.socket(zmq.REQ)
+        socket.linger = 0
+        try:
+            socket.connect(address)
+            socket.send(b"ping")
+            if socket.poll(500):
+                socket.recv()
+                return
+        finally:
+            socket.close()
+    raise TimeoutError(f"the test kernel did not answer its heartbeat within {timeout} s")
 
 
 def stop_external_kernel(kernel: ExternalKernel) -> None:
