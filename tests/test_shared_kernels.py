@@ -328,7 +328,9 @@ def test_a_request_that_vanished_on_its_way_is_sent_again(jupyter_server, transp
         monkeypatch.setattr(wire, "send", lose_the_first_request)
         started = time.monotonic()
         assert k.options(timeout=FAST * 2).call(lambda: "arrived") == "arrived"
-        assert dropped and time.monotonic() - started < FAST
+        took = time.monotonic() - started
+        assert dropped and took < FAST
+        print(f"[{transport}] a vanished request was sent again and answered after {took:.2f} s")
         monkeypatch.undo()
         assert k.call(lambda: "next") == "next"
 
