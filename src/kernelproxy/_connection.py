@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol, cast
@@ -484,7 +485,9 @@ class KernelConnection:
         if pending.listener is not None:
             try:
                 pending.listener(msg)
-            except Exception:
+            except BaseException as exc:  # e.g. SystemExit from a sys.stdout replaced by the host: not our loop's end
+                if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+                    raise  # a real Ctrl-C, in an AsyncKernel's loop on the main thread
                 log.exception("IOPub listener failed")
         if msg_type == "status" and msg["content"].get("execution_state") == "idle":
             pending.idle.set()

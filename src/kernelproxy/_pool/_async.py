@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import warnings
+import weakref
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, overload
 
@@ -94,6 +96,9 @@ class AsyncKernelPool:
                 startup.prefetch,
             )
             startup.started = asyncio.ensure_future(startup.scheduler.start(startup.count, startup.sources))
+            # The loop holds the scheduler, not this: when every view of the pool is gone, finish and close.
+            startup.dropped = weakref.finalize(startup, _close_dropped, startup.scheduler, self._name)
+            startup.dropped.atexit = False  # at exit: _shutdown_pools_at_exit
         await asyncio.shield(startup.started)
         return self
 
@@ -249,6 +254,8 @@ class AsyncKernelPool:
             await asyncio.shield(startup.started)
         except Exception:
             return  # start() failed and cleaned up after itself
+        if startup.dropped is not None:
+            startup.dropped.detach()
         startup.scheduler.close_submissions()
         await startup.scheduler.shutdown(wait, cancel_futures)
 
@@ -329,6 +336,32 @@ class _Startup:
         self.prefetch = prefetch
         self.scheduler: Scheduler | None = None
         self.started: asyncio.Future[None] | None = None
+        self.dropped: weakref.finalize[Any, Any] | None = None
+
+
+def _close_dropped(scheduler: Scheduler, name: str) -> None:
+    """The last view of a pool that was never shut down is gone: warn (as for an unclosed file) and shut it down.
+
+    As ProcessPoolExecutor does when it is collected, the tasks already submitted
+    still run; then the kernels are closed. Runs wherever garbage is collected.
+    """
+    if scheduler.closed or scheduler.pid != os.getpid():
+        return
+    warnings.warn(
+        f"unclosed {name} ({len(scheduler.slots)} kernels): kernelproxy shuts it down once its submitted tasks "
+        "are done; call shutdown(), or use it in a `with` block",
+        ResourceWarning,
+        stacklevel=2,
+    )
+    scheduler.close_submissions()
+
+    def shut_down() -> None:
+        asyncio.ensure_future(scheduler.shutdown(wait=False, cancel_futures=False))
+
+    try:
+        scheduler.loop.call_soon_threadsafe(shut_down)
+    except RuntimeError:  # its loop is closed; _kill_started_kernels stops the kernels at exit
+        pass
 
 
 def _counter(progress: Progress, items: list[list[tuple[Any, ...]]]) -> ProgressCounter | None:

@@ -13,7 +13,9 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -22,6 +24,7 @@ from .._connection import INTERRUPT_GRACE
 from .._exceptions import CallInterrupted, KernelClosedError, KernelDiedError
 from .._launch import LocalSpec
 from .._output import Forwarder
+from .._portal import forked_message
 from .._protocol import Outcome
 from . import _policy as policy
 from ._supervisor import KernelSource, Slot, Supervisor, died_of
@@ -44,6 +47,7 @@ class Scheduler:
         prefetch: bool,
     ) -> None:
         self.loop = loop
+        self.pid = os.getpid()
         self.prefetch = prefetch
         self._kernel_plan = (local, server, connect_timeout)
         self.supervisor: Supervisor | None = None  # made on the loop (Python 3.9 binds locks to a loop)
@@ -58,6 +62,7 @@ class Scheduler:
         self.submit_lock = threading.Lock()
         self.closing: asyncio.Future[None] | None = None  # shutting down the kernels once the tasks are done
         self.tasks: dict[int, Task] = {}  # id(future) -> its task, until the future is done: pool.interrupt()
+        _watch_at_exit(self)
 
     @property
     def slots(self) -> list[Slot]:
@@ -123,6 +128,10 @@ class Scheduler:
         return True
 
     def check_open(self) -> None:
+        if self.pid != os.getpid():
+            raise KernelClosedError(forked_message().replace("this kernel", "this pool", 1))
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self.closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self.broken is not None:
@@ -342,3 +351,42 @@ class Scheduler:
                 if task.started or task.sink.claim():
                     task.sink.fail(KernelDiedError(str(self.broken)))
             self.wake()
+
+
+# ---------------------------------------------------------------------- interpreter exit
+
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+_exiting = False  # the interpreter is shutting down: no new tasks
+_hooked = False
+
+
+def _watch_at_exit(scheduler: Scheduler) -> None:
+    """At interpreter exit, finish the pools' submitted tasks, as ProcessPoolExecutor does."""
+    global _hooked
+    _live.add(scheduler)
+    if _hooked:
+        return
+    _hooked = True
+    try:  # runs before atexit hooks (and _kill_started_kernels), like concurrent.futures' own
+        threading._register_atexit(_finish_pools_at_exit)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # no such hook (not CPython), or already exiting
+        import atexit
+
+        atexit.register(_finish_pools_at_exit)
+
+
+def _finish_pools_at_exit() -> None:
+    """Refuse new tasks, then wait for every pool's submitted tasks and close its kernels."""
+    global _exiting
+    _exiting = True
+    for scheduler in list(_live):
+        if scheduler.pid != os.getpid() or scheduler.closing is not None and scheduler.closing.done():
+            continue
+        loop = scheduler.loop
+        if loop.is_closed() or not loop.is_running() or scheduler.supervisor is None:
+            continue  # an AsyncKernelPool whose loop has ended: nothing can run its tasks now
+        scheduler.close_submissions()
+        try:
+            asyncio.run_coroutine_threadsafe(scheduler.shutdown(wait=True, cancel_futures=False), loop).result()
+        except BaseException as exc:  # exiting anyway: the kernels are killed at atexit
+            log.warning("finishing a pool's tasks at exit failed: %r", exc)

@@ -126,6 +126,7 @@ class KernelPool(concurrent.futures.Executor):
         return pool
 
     def _start(self, pool: AsyncKernelPool) -> None:
+        pool._name = "KernelPool"
         self._portal = get_portal()
         self._portal.run(pool.start())
         self._pool = pool
@@ -295,6 +296,8 @@ class KernelPool(concurrent.futures.Executor):
             wait: block until then (else it happens in the background).
             cancel_futures: cancel the tasks that have not started.
         """
+        if self._pool._scheduler().pid != os.getpid():
+            return  # a forked child: the pool is its parent's to shut down
         self._pool._scheduler().close_submissions()
         future = self._portal.submit(self._pool.shutdown(wait, cancel_futures=cancel_futures))
         if wait:

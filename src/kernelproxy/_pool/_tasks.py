@@ -7,6 +7,7 @@ import builtins
 import concurrent.futures
 import contextvars
 import dataclasses
+import logging
 import types
 from collections.abc import Sequence
 from typing import Any, Callable, Protocol
@@ -14,6 +15,8 @@ from typing import Any, Callable, Protocol
 from .._output import capture
 from .._protocol import Outcome
 from .._types import CallOptions, Output, Unset
+
+log = logging.getLogger("kernelproxy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,11 @@ class Sink(Protocol):
 
 
 class ThreadSink:
-    """KernelPool's futures: concurrent.futures semantics (a running future cannot be cancelled)."""
+    """KernelPool's futures: concurrent.futures semantics (a running future cannot be cancelled).
+
+    Setting a concurrent.futures.Future runs its done-callbacks here, on the IO
+    thread; concurrent.futures catches their Exceptions, not SystemExit: caught here.
+    """
 
     __slots__ = ("future",)
 
@@ -71,11 +78,17 @@ class ThreadSink:
 
     def resolve(self, value: Any) -> None:
         if not self.future.done():  # only the loop's thread sets it; a running future cannot be cancelled
-            self.future.set_result(value)
+            try:
+                self.future.set_result(value)
+            except BaseException:
+                log.exception("a done-callback of a KernelPool future raised")
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
-            self.future.set_exception(exc)
+            try:
+                self.future.set_exception(exc)
+            except BaseException:
+                log.exception("a done-callback of a KernelPool future raised")
 
     def cancel(self) -> bool:
         return self.future.cancel()
