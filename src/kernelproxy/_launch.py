@@ -107,6 +107,13 @@ def local_spec(
     transport: str,
     manager_options: dict[str, Any],
 ) -> LocalSpec:
+    unknown = sorted(set(manager_options) - _manager_traits())
+    if unknown:  # traitlets would warn and ignore them
+        raise TypeError(
+            f"unexpected keyword argument{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+            "neither a kernelproxy option nor an option of jupyter_client's AsyncKernelManager, "
+            "which gets the other keywords"
+        )
     return LocalSpec(
         kernel_name=kernel_name,
         python=python,
@@ -116,6 +123,12 @@ def local_spec(
         transport=transport,
         manager_options=dict(manager_options),
     )
+
+
+@functools.cache
+def _manager_traits() -> frozenset[str]:
+    traits = AsyncKernelManager.class_trait_names()
+    return frozenset(name for name in traits if not name.startswith("_")) | {"parent", "config"}
 
 
 class _ThisPythonFirst(KernelSpecManager):

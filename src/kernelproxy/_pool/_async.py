@@ -19,7 +19,7 @@ from .._types import UNSET, Output, Unset
 from . import _arguments as arguments
 from ._arguments import Progress, ProgressCounter
 from ._scheduler import Scheduler
-from ._supervisor import KernelSource
+from ._supervisor import Initializer, KernelSource
 from ._tasks import LoopSink, Task, TaskOptions, ThreadSink
 
 T = TypeVar("T")
@@ -52,13 +52,29 @@ class AsyncKernelPool:
         startup_timeout: float | None = None,
         transport: str = "auto",
         prefetch: bool = True,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        max_tasks_per_child: int | None = None,
+        max_workers: int | None = None,
+        mp_context: Any = None,
         **options: Any,
     ) -> None:
         self._options = TaskOptions(retries=retries, timeout=timeout, output=output)
+        kernels, initializing = arguments.executor_options(
+            kernels,
+            max_workers=max_workers,
+            mp_context=mp_context,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_child=max_tasks_per_child,
+            pool=self._name,
+        )
         count, sources = arguments.split_sources(kernels, AsyncKernel, "AsyncKernelPool")
         local = local_spec(kernel_name, python, cwd, dict(env or {}), startup_timeout, transport, options)
         connect_timeout = DEFAULT_ATTACH_TIMEOUT if startup_timeout is None else startup_timeout
         self._startup = _Startup(count, sources, local, None, connect_timeout, prefetch)
+        self._startup.initializer = initializing
+        self._startup.max_tasks_per_child = max_tasks_per_child
 
     @classmethod
     def from_server(
@@ -72,6 +88,9 @@ class AsyncKernelPool:
         timeout: float | None = None,
         output: Output = "forward",
         prefetch: bool = True,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        max_tasks_per_child: int | None = None,
         **server_options: Any,
     ) -> AsyncKernelPool:
         """A pool of ``n`` new kernels on a Jupyter Server or gateway; they start on ``async with``.
@@ -80,7 +99,16 @@ class AsyncKernelPool:
         that dies is replaced by a new one there. ``server_options`` go to
         ``connect_server`` (verify, env, transport, startup_timeout...).
         """
-        pool = cls(arguments.check_count(n), retries=retries, timeout=timeout, output=output, prefetch=prefetch)
+        pool = cls(
+            arguments.check_count(n),
+            retries=retries,
+            timeout=timeout,
+            output=output,
+            prefetch=prefetch,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_child=max_tasks_per_child,
+        )
         pool._startup.server = arguments.server_spec(url, token, kernel_name, server_options)
         return pool
 
@@ -94,12 +122,19 @@ class AsyncKernelPool:
                 startup.server,
                 startup.connect_timeout,
                 startup.prefetch,
+                startup.initializer,
+                startup.max_tasks_per_child,
             )
             startup.started = asyncio.ensure_future(startup.scheduler.start(startup.count, startup.sources))
             # The loop holds the scheduler, not this: when every view of the pool is gone, finish and close.
             startup.dropped = weakref.finalize(startup, _close_dropped, startup.scheduler, self._name)
             startup.dropped.atexit = False  # at exit: _shutdown_pools_at_exit
-        await asyncio.shield(startup.started)
+        try:
+            await asyncio.shield(startup.started)
+        except BaseException:
+            if startup.started.done() and startup.dropped is not None:
+                startup.dropped.detach()  # it closed what it had started: nothing to warn about
+            raise
         return self
 
     def _scheduler(self) -> Scheduler:
@@ -337,6 +372,8 @@ class _Startup:
         self.scheduler: Scheduler | None = None
         self.started: asyncio.Future[None] | None = None
         self.dropped: weakref.finalize[Any, Any] | None = None
+        self.initializer: Initializer | None = None
+        self.max_tasks_per_child: int | None = None
 
 
 def _close_dropped(scheduler: Scheduler, name: str) -> None:
@@ -407,20 +444,20 @@ class AsyncMapResult(Generic[T]):
         futures = self._futures[::-1]
         self._futures = []  # one iteration only
         try:
-            while futures:
-                future = futures[-1]
-                if self._end_time is not None and not future.done():
+            while futures:  # no local keeps a result alive while the caller works on it (bpo-14406)
+                if self._end_time is not None and not futures[-1].done():
                     remaining = self._end_time - self._scheduler.loop.time()
-                    await asyncio.wait({future}, timeout=max(remaining, 0))
-                    if not future.done():
+                    await asyncio.wait({futures[-1]}, timeout=max(remaining, 0))
+                    if not futures[-1].done():
                         raise asyncio.TimeoutError
-                value = await future
-                futures.pop()  # finished results are not kept alive
+                await asyncio.wait({futures[-1]})
                 if self._chunked:
-                    for item in value:
-                        yield item
+                    chunk = futures.pop().result()
+                    chunk.reverse()
+                    while chunk:
+                        yield chunk.pop()
                 else:
-                    yield value
+                    yield futures.pop().result()
         finally:
             if futures:
                 self._scheduler.abandon(self._tasks)
