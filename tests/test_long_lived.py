@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import cloudpickle
 import psutil
@@ -310,3 +311,20 @@ def test_a_forked_child_gets_a_clear_error_and_never_touches_the_parents_kernel(
     for expected in ["parent dir kept True", "parent call 32", "parent restarted 64", "parent closed True"]:
         assert expected in lines, proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------- security statements
+
+
+def test_plain_http_to_another_machine_warns_once_naming_the_risk():
+    """Before: token and pickles went in clear without a word."""
+    with pytest.warns(UserWarning, match=r"plain http to another machine.*inject a reply.*https://"):
+        with pytest.raises(kernelproxy.ServerUnreachableError):
+            kernelproxy.connect_server("http://192.0.2.1:9/", token="t", connect_timeout=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per host
+        with pytest.raises(kernelproxy.ServerUnreachableError):
+            kernelproxy.connect_server("http://192.0.2.1:9/", token="t", connect_timeout=0.3)
+        for loopback in ("http://127.0.0.1:9/", "http://localhost:9/", "http://[::1]:9/"):  # no warning
+            with pytest.raises(kernelproxy.ServerUnreachableError):
+                kernelproxy.connect_server(loopback, token="t", connect_timeout=0.3)
