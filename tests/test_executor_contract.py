@@ -101,6 +101,22 @@ def test_a_failing_initializer_breaks_the_pool():
     assert isinstance(caught.value.__cause__, ValueError)
 
 
+def test_a_server_pool_runs_the_initializer_in_its_first_kernels_and_in_those_that_join(jupyter_server):
+    """A server pool starts working with its first ready kernel; that one, too, runs the initializer."""
+    pool = KernelPool.from_server(
+        jupyter_server.url, 2, token=jupyter_server.token, initializer=init, initargs=("on server",)
+    )
+    with pool:
+        assert pool.submit(get_init_status).result(timeout=60) == "on server"
+        deadline = time.monotonic() + 120
+        while len(pool.kernels) < 2:  # the other one joins when it is ready
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert {k.eval("INITIALIZER_STATUS") for k in pool.kernels} == {"on server"}
+    with pytest.raises(BrokenKernelPool, match="initializer init_fail failed"):
+        KernelPool.from_server(jupyter_server.url, 2, token=jupyter_server.token, initializer=init_fail)
+
+
 def test_max_tasks_per_child_gives_a_fresh_kernel_after_n_tasks():
     """CPython's ProcessPoolExecutorTest.test_max_tasks_per_child. Before: accepted and ignored."""
     with KernelPool(1, max_tasks_per_child=3, initializer=init, initargs=("fresh",)) as pool:

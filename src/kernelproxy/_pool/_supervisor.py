@@ -136,15 +136,20 @@ class Supervisor:
         if errors:
             await self.close_kernels()
             raise errors[0]
-        if self.initializer is not None:
-            ran = await asyncio.gather(*(self.initialize(slot.kernel) for slot in self.slots), return_exceptions=True)
-            failed = [outcome for outcome in ran if isinstance(outcome, BaseException)]
-            if failed:
-                await self.close_kernels()
-                raise BrokenKernelPool(
-                    f"the pool's initializer {self.initializer.name} failed in a kernel: "
-                    f"{type(failed[0]).__name__}: {failed[0]}"
-                ) from failed[0]
+        await self._initialize_all()
+
+    async def _initialize_all(self) -> None:
+        """Run the initializer in every kernel there is; if it fails in one, close them all: BrokenKernelPool."""
+        if self.initializer is None:
+            return
+        ran = await asyncio.gather(*(self.initialize(slot.kernel) for slot in self.slots), return_exceptions=True)
+        failed = [outcome for outcome in ran if isinstance(outcome, BaseException)]
+        if failed:
+            await self.close_kernels()
+            raise BrokenKernelPool(
+                f"the pool's initializer {self.initializer.name} failed in a kernel: "
+                f"{type(failed[0]).__name__}: {failed[0]}"
+            ) from failed[0]
 
     async def initialize(self, kernel: AsyncKernel) -> None:
         """Run the pool's initializer in ``kernel`` (its own output goes where the pool's does)."""
@@ -170,6 +175,14 @@ class Supervisor:
             raise errors[0]
         for error in errors:
             log.warning("a kernel of the pool could not be started: %s", error)
+        try:
+            await self._initialize_all()  # the late ones run it as they join (push_all)
+        except BaseException:
+            if pending:  # the others are not wanted now
+                for opener in pending:
+                    opener.cancel()
+                await asyncio.shield(self._discard(list(pending)))
+            raise
         if pending:
             self.joining = asyncio.ensure_future(self._join(pending))
 
