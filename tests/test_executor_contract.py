@@ -138,6 +138,8 @@ def test_max_tasks_per_child_with_map_and_prefetch():
 def test_meaningless_executor_keywords_are_refused_saying_why():
     with pytest.raises(TypeError, match="mp_context.*not processes forked or spawned"):
         KernelPool(2, mp_context=object())
+    with pytest.raises(TypeError, match="thread_name_prefix: its workers are kernels"):
+        KernelPool(2, thread_name_prefix="w")
     with pytest.raises(TypeError, match="'max_worker'.*AsyncKernelManager"):  # a typo: not silently ignored
         KernelPool(2, max_worker=3)
     with pytest.raises(TypeError, match="'no_such_option'"):

@@ -82,6 +82,18 @@ def executor_options(
     return kernels, Initializer(frames, function_name(initializer))
 
 
+# Executor keywords that mean nothing for kernels: refused, saying why, rather than passed on or ignored.
+MEANINGLESS = {
+    "thread_name_prefix": "its workers are kernels, not threads of this process",
+}
+
+
+def refuse_meaningless(options: Mapping[str, Any], pool: str) -> None:
+    for name, why in MEANINGLESS.items():
+        if name in options:
+            raise TypeError(f"{pool} takes no {name}: {why}")
+
+
 def check_count(n: int) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive number of kernels, not {n!r}")

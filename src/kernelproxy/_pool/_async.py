@@ -69,6 +69,7 @@ class AsyncKernelPool:
             max_tasks_per_child=max_tasks_per_child,
             pool=self._name,
         )
+        arguments.refuse_meaningless(options, self._name)
         count, sources = arguments.split_sources(kernels, AsyncKernel, "AsyncKernelPool")
         local = local_spec(kernel_name, python, cwd, dict(env or {}), startup_timeout, transport, options)
         connect_timeout = DEFAULT_ATTACH_TIMEOUT if startup_timeout is None else startup_timeout

@@ -93,6 +93,7 @@ class KernelPool(concurrent.futures.Executor):
             max_tasks_per_child=max_tasks_per_child,
             pool="KernelPool",
         )
+        arguments.refuse_meaningless(options, "KernelPool")
         count, sources = arguments.split_sources(kernels, Kernel, "KernelPool")
         given = [source.aio if isinstance(source, Kernel) else source for source in sources]
         pool = AsyncKernelPool(
