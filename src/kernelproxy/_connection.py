@@ -128,6 +128,10 @@ class KernelConnection:
         self._interrupter = interrupter or self.interrupt_by_message
         self._pending: dict[str, _Pending] = {}
         self._running: dict[str | None, str | None] = {}  # per shell, msg_id the kernel is executing (IOPub status)
+        # Per shell, our latest answered request: the kernel may still be wrapping it up (flushing, then 'idle';
+        # its 'busy' may even come after a reply on shell) when the next one is abandoned; that one is not
+        # "queued behind other work" (replies come before 'idle').
+        self._last_answered: dict[str | None, str] = {}
         self._control_ids: dict[str, None] = {}  # our latest requests on control, oldest first
         self._monitor_task: asyncio.Task[None] | None = None
         self._sent = 0  # counts messages sent: orders requests against reconnect barriers and checks
@@ -149,7 +153,7 @@ class KernelConnection:
 
     async def open(self) -> None:
         self.dead = None
-        self._running = {}
+        self._running, self._last_answered = {}, {}
         await self.wire.start(self._on_message)
         self._monitor_task = asyncio.ensure_future(self._monitor())
 
@@ -191,7 +195,7 @@ class KernelConnection:
         running fail with ``error``: each shell runs requests in order, so by now
         the new process has finished every one sent to it before the check.
         """
-        self._running = {}
+        self._running, self._last_answered = {}, {}
         for pending in list(self._pending.values()):
             if 0 < pending.sent < before:
                 never_ran = pending.outcome.stage in (Stage.PREPARING, Stage.SENT, Stage.FINISHED)
@@ -385,7 +389,7 @@ class KernelConnection:
         running = self._running.get(pending.shell)
         if outcome.stage is Stage.RUNNING:
             await self._interrupt_and_wait(pending)
-        elif running is not None and running != pending.msg_id:
+        elif running is not None and running not in (pending.msg_id, self._last_answered.get(pending.shell)):
             outcome.queued_behind = running  # _route_iopub interrupts it when it starts
         # Otherwise the kernel has not said it started it: _route_iopub interrupts it when it does.
 
@@ -432,6 +436,7 @@ class KernelConnection:
             return False
         if match == "reply":
             pending.outcome.stage = Stage.ANSWERED
+            self._last_answered[pending.shell] = pending.msg_id
             if self._running.get(pending.shell) == pending.msg_id:
                 self._running[pending.shell] = None  # done, whenever its 'idle' arrives: later ones are not behind it
             if pending.outcome.abandoned:

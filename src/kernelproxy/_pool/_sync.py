@@ -282,13 +282,18 @@ class KernelPool(concurrent.futures.Executor):
             # No local holds a result while the caller works on it, nor after (bpo-14406): with big
             # results, peak memory would double. A chunk's items are popped as they are yielded.
             while futures:
+                try:
+                    box = [_result(futures.pop(), end_time)]  # emptied before the yield: no local keeps it
+                except Exception as exc:
+                    trim(exc)  # the caller's line, then the remote frames
+                    raise
                 if chunked:
-                    chunk = _result(futures.pop(), end_time)
+                    chunk = box.pop()
                     chunk.reverse()
                     while chunk:
                         yield chunk.pop()
                 else:
-                    yield _result(futures.pop(), end_time)
+                    yield box.pop()
         finally:
             if futures:  # closed early, timed out or failed: stop what nobody will read
                 self._pool._abandon_threadsafe(tasks)
@@ -348,9 +353,5 @@ class KernelPool(concurrent.futures.Executor):
 
 
 def _result(future: concurrent.futures.Future[Any], end_time: float | None) -> Any:
-    """The future's result, kept in no local of the map's generator (bpo-14406)."""
-    try:
-        return future.result() if end_time is None else future.result(end_time - time.monotonic())
-    except Exception as exc:
-        trim(exc)  # the caller's line, then the remote frames
-        raise
+    """The future's result; the future itself is then referenced by no one (bpo-14406)."""
+    return future.result() if end_time is None else future.result(end_time - time.monotonic())
