@@ -89,13 +89,14 @@ def test_a_done_callback_that_exits_does_not_end_the_io_thread(kernel):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_ten_thousand_concurrent_submits_on_one_kernel_all_return(kernel, transport):
+def test_ten_thousand_concurrent_submits_on_one_kernel_all_return(kernel, request):
     """Before: over execute (and comm replies past IOPub's high-water mark) the kernel or its replies got stuck."""
     count = 10_000
     started = time.monotonic()
     futures = [kernel.submit(pow, i, 2) for i in range(count)]
     done, not_done = concurrent.futures.wait(futures, timeout=330)
     elapsed = time.monotonic() - started
+    transport = request.node.callspec.id
     assert not not_done, f"{len(not_done)} of {count} submits never returned ({transport})"
     assert [f.result() for f in futures] == [i * i for i in range(count)]
     sys.stderr.write(f"\n{count} concurrent submits over {transport}: {elapsed:.1f} s ({count / elapsed:.0f}/s)\n")
