@@ -8,13 +8,9 @@ Workloads, each run as ``map`` over 2 workers in the same process and run:
 * trivial: ``f(x) = x`` over 10,000 items (per-task overhead: the scheduler and the round trip);
 * cpu: 200 tasks of ~50 ms of pure-Python loop each (calibrated on this machine at start).
 
-The lone kernel keeps at most 64 calls in flight: with thousands of concurrent
-``Kernel.submit`` calls on one kernel, the comm transport loses replies and the
-calls never finish (a kernelproxy bug outside the pool, which holds at most two
-tasks per kernel).
-
 Contestants: ``kernelproxy.KernelPool(2)`` (chunksize 1, and a chunked row),
-one kernel alone (``Kernel.submit`` for every item, 64 in flight: its best case),
+one kernel alone (``Kernel.submit`` for every item at once: kernelproxy keeps 64
+of them in the kernel, the rest wait on the host: its best case),
 loky's reusable executor and ``concurrent.futures.ProcessPoolExecutor`` with 2
 workers, and ipyparallel's load-balanced view over 2 engines (skipped if
 ipyparallel is not installed). All of them are up at once and each workload
@@ -32,7 +28,6 @@ ipyparallel's load-balanced view (chunksize 1).
 from __future__ import annotations
 
 import argparse
-import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -114,26 +109,17 @@ def kernel_pool() -> Iterator[Callable[[Callable[..., Any], list[Any], int], lis
         yield lambda fn, items, chunksize: list(pool.map(fn, items, chunksize=chunksize))
 
 
-ONE_KERNEL_WINDOW = 64  # requests in flight on the lone kernel
-
-
 @contextlib.contextmanager
 def one_kernel() -> Iterator[Callable[[Callable[..., Any], list[Any], int], list[Any]]]:
-    """Every item through Kernel.submit, at most ONE_KERNEL_WINDOW in flight (pipelined: its best case).
+    """Every item through Kernel.submit, all at once (pipelined: its best case).
 
-    Unbounded, thousands of concurrent calls on one kernel over the comm transport
-    lose replies (see the module docstring); 64 in flight already hides the round trip.
+    kernelproxy keeps at most 64 requests in the kernel (``_kernel.MAX_IN_FLIGHT``, which
+    already hides the round trip); the others wait on the host, and every one returns.
     """
 
     def run(fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
-        results: list[Any] = []
-        window: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
-        for item in items:
-            window.append(kernel.submit(fn, item))
-            if len(window) >= ONE_KERNEL_WINDOW:
-                results.append(window.popleft().result())
-        results.extend(future.result() for future in window)
-        return results
+        futures = [kernel.submit(fn, item) for item in items]
+        return [future.result() for future in futures]
 
     with kernelproxy.start() as kernel:
         kernel.call(trivial, 0)

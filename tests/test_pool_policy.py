@@ -47,13 +47,15 @@ def test_a_second_task_for_a_busy_kernel_is_never_one_with_a_timeout():
 def test_an_abandoned_task_that_had_started_fails_instead_of_running_again():
     queue = policy.TaskQueue()
     task = make_task(0)
+    future = task.sink.future
     queue.add([task])
     assert queue.pop(second=False) is task
     policy.abandon([task])
     queue.add([task], front=True)  # e.g. its kernel died and it went back to the queue
     assert queue.pop(second=False) is None
     with pytest.raises(CallInterrupted, match="abandoned"):
-        task.sink.future.result(0)
+        future.result(0)
+    assert task.sink.future is None  # a finished task lets go of its future and result (bpo-14406)
 
 
 def test_abandon_cancels_only_tasks_not_yet_started():

@@ -8,6 +8,7 @@
 from ._api import connect, connect_async, connect_server, connect_server_async, start, start_async
 from ._exceptions import (
     AuthenticationError,
+    BrokenKernelPool,
     CallInterrupted,
     CallTimeout,
     ConnectionFileError,
@@ -40,6 +41,7 @@ __all__ = [
     "AsyncKernelPool",
     "AsyncRemoteRef",
     "AuthenticationError",
+    "BrokenKernelPool",
     "CallInterrupted",
     "CallOptions",
     "CallTimeout",

@@ -18,7 +18,14 @@ from ._exceptions import ConnectionFileError, KernelDiedError, KernelStartError
 from ._kernel import AsyncKernel, _KernelState, check_transport_name
 from ._launch import DEFAULT_STARTUP_TIMEOUT, local_spec, start_local, zmq_context
 from ._portal import get_portal
-from ._server import DEFAULT_CONNECT_TIMEOUT, ServerAddress, ServerClient, ServerKernelControl, StartSpec
+from ._server import (
+    DEFAULT_CONNECT_TIMEOUT,
+    ServerAddress,
+    ServerClient,
+    ServerKernelControl,
+    StartSpec,
+    warn_if_cleartext,
+)
 from ._ssh import SshTunnel
 from ._sync import Kernel
 from ._types import CallOptions, OnTimeout, Output
@@ -124,6 +131,7 @@ async def connect_server_async(
     if token is None:
         token = os.environ.get("JUPYTER_TOKEN") or None
     address = ServerAddress.parse(url, token=token, verify=verify, connect_timeout=connect_timeout)
+    warn_if_cleartext(address)
     client = ServerClient(address)
     spec = StartSpec(kernel_name, dict(env) if env else None, cwd) if kernel_id is None else None
     try:

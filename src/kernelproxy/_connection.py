@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol, cast
@@ -131,6 +132,10 @@ class KernelConnection:
         self._interrupter = interrupter or self.interrupt_by_message
         self._pending: dict[str, _Pending] = {}
         self._running: dict[str | None, str | None] = {}  # per shell, msg_id the kernel is executing (IOPub status)
+        # Per shell, our latest answered request: the kernel may still be wrapping it up (flushing, then 'idle';
+        # its 'busy' may even come after a reply on shell) when the next one is abandoned; that one is not
+        # "queued behind other work" (replies come before 'idle').
+        self._last_answered: dict[str | None, str] = {}
         self._control_ids: dict[str, None] = {}  # our latest requests on control, oldest first
         self._monitor_task: asyncio.Task[None] | None = None
         self._sent = 0  # counts messages sent: orders requests against reconnect barriers and checks
@@ -153,7 +158,7 @@ class KernelConnection:
 
     async def open(self) -> None:
         self.dead = None
-        self._running = {}
+        self._running, self._last_answered = {}, {}
         await self.wire.start(self._on_message)
         self._monitor_task = asyncio.ensure_future(self._monitor())
 
@@ -195,7 +200,7 @@ class KernelConnection:
         running fail with ``error``: each shell runs requests in order, so by now
         the new process has finished every one sent to it before the check.
         """
-        self._running = {}
+        self._running, self._last_answered = {}, {}
         for pending in list(self._pending.values()):
             if 0 < pending.sent < before:
                 never_ran = pending.outcome.stage in (Stage.PREPARING, Stage.SENT, Stage.FINISHED)
@@ -390,7 +395,7 @@ class KernelConnection:
         running = self._running.get(pending.shell)
         if outcome.stage is Stage.RUNNING:
             await self._interrupt_and_wait(pending)
-        elif running is not None and running != pending.msg_id:
+        elif running is not None and running not in (pending.msg_id, self._last_answered.get(pending.shell)):
             outcome.queued_behind = running  # _route_iopub interrupts it when it starts
         # Otherwise the kernel has not said it started it: _route_iopub interrupts it when it does.
 
@@ -437,6 +442,7 @@ class KernelConnection:
             return False
         if match == "reply":
             pending.outcome.stage = Stage.ANSWERED
+            self._last_answered[pending.shell] = pending.msg_id
             if self._running.get(pending.shell) == pending.msg_id:
                 self._running[pending.shell] = None  # done, whenever its 'idle' arrives: later ones are not behind it
             if pending.outcome.abandoned:
@@ -490,7 +496,9 @@ class KernelConnection:
         if pending.listener is not None:
             try:
                 pending.listener(msg)
-            except Exception:
+            except BaseException as exc:  # e.g. SystemExit from a sys.stdout replaced by the host: not our loop's end
+                if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+                    raise  # a real Ctrl-C, in an AsyncKernel's loop on the main thread
                 log.exception("IOPub listener failed")
         if msg_type == "status" and msg["content"].get("execution_state") == "idle":
             pending.idle.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 import shutil
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Callable
@@ -75,9 +76,11 @@ class LocalControl(KernelControl):
     owned = True
     restartable = True
 
-    def __init__(self, manager: AsyncKernelManager, private_dir: str | None) -> None:
+    def __init__(self, manager: AsyncKernelManager, private_dir: str | None, lock: int | None = None) -> None:
         self.manager = manager
         self.private_dir = private_dir  # holds the kernel's IPC sockets and connection file; removed at the end
+        self.lock = lock  # descriptor of the directory's flock()ed host.lock: held while we live (see _launch)
+        self.pid = os.getpid()
 
     def process_check(self) -> ProcessCheck:
         manager = self.manager
@@ -101,6 +104,8 @@ class LocalControl(KernelControl):
         self._remove_private_dir()
 
     def kill_now(self) -> None:
+        if self.pid != os.getpid():
+            return  # a forked child exiting: the kernel is its parent's
         process = getattr(self.manager.provisioner, "process", None)
         if process is not None and process.poll() is None:
             process.kill()
@@ -109,8 +114,13 @@ class LocalControl(KernelControl):
         self._remove_private_dir()
 
     def _remove_private_dir(self) -> None:
+        if self.pid != os.getpid():
+            return  # a forked child: the directory is its parent's
         if self.private_dir is not None:
             shutil.rmtree(self.private_dir, ignore_errors=True)
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
 
 class ServerControl(KernelControl):

@@ -6,7 +6,8 @@ The tree::
     ├── RemoteError              code in the kernel raised, and its exception could not be re-raised here
     ├── CallTimeout              (also TimeoutError) a call outlived its timeout; the kernel was interrupted
     ├── CallInterrupted          the call was stopped by Kernel.interrupt() (or a signal sent to the kernel)
-    ├── SerializationError       a value could not be pickled or unpickled, on either side
+    ├── SerializationError       (also pickle.PicklingError and UnpicklingError) a value could not be pickled
+    │                            or unpickled, on either side
     ├── EnvironmentMismatchError the kernel's Python or cloudpickle cannot exchange pickles with ours
     ├── ConnectionFileError      a connection file is missing, unreadable or invalid, or nobody answers at it
     ├── ServerError              a Jupyter Server or gateway refused a request (HTTP status in .status)
@@ -14,6 +15,7 @@ The tree::
     │   └── ServerUnreachableError (also ConnectionError) nothing answers at the server's URL
     ├── KernelStartError         a kernel process could not be started or never became ready
     ├── KernelDiedError          the kernel died or stopped answering
+    │   └── BrokenKernelPool     (also concurrent.futures.process.BrokenProcessPool) a pool that cannot run tasks
     ├── KernelClosedError        (also RuntimeError) the Kernel was shut down and used again
     ├── StaleRefError            a RemoteRef was used after its kernel restarted (by anyone)
     ├── SubshellUnavailableError a call asked for a subshell and the kernel has none
@@ -29,10 +31,13 @@ as ``__cause__``; ``RemoteError`` is only the fallback.
 
 from __future__ import annotations
 
+import pickle
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 __all__ = [
     "AuthenticationError",
+    "BrokenKernelPool",
     "CallInterrupted",
     "CallTimeout",
     "ConnectionFileError",
@@ -90,11 +95,14 @@ class CallInterrupted(KernelProxyError):
     """Raised when a call's remote work was interrupted, e.g. by ``Kernel.interrupt()``."""
 
 
-class SerializationError(KernelProxyError):
+class SerializationError(KernelProxyError, pickle.PicklingError, pickle.UnpicklingError):
     """Raised when a value cannot be pickled or unpickled.
 
     The message says which value (its path in the arguments, such as
-    ``args[1]['key']``), on which side, and why.
+    ``args[1]['key']``), on which side, and why; ``__cause__`` is the original
+    error where there is one (a ``ModuleNotFoundError`` in the kernel...). It is
+    also a ``pickle.PicklingError`` and a ``pickle.UnpicklingError``, so code
+    written for ``ProcessPoolExecutor`` that catches those catches it.
     """
 
 
@@ -137,8 +145,17 @@ class KernelDiedError(KernelProxyError):
     """
 
 
+class BrokenKernelPool(KernelDiedError, BrokenProcessPool):
+    """Raised by a KernelPool that cannot run tasks: every kernel died and none could be replaced,
+    or the pool's ``initializer`` failed in a kernel it started.
+
+    Also a ``concurrent.futures.process.BrokenProcessPool``. A kernel that dies
+    and is replaced does not break the pool: its task raises ``KernelDiedError``.
+    """
+
+
 class KernelClosedError(KernelProxyError, RuntimeError):
-    """Raised when a Kernel is used after ``shutdown()`` or ``close()``."""
+    """Raised when a Kernel is used after ``shutdown()`` or ``close()``, or in a forked child (it is the parent's)."""
 
 
 class StaleRefError(KernelProxyError):

@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import functools
 import logging
+import os
 import uuid
 import warnings
 import weakref
@@ -36,6 +37,7 @@ from ._exceptions import (
     SubshellUnavailableError,
 )
 from ._output import Forwarder
+from ._portal import forked_message
 from ._refs import AsyncRemoteRef, Path, _Root, check_fresh, pickling_for
 from ._tracebacks import local_tracebacks, trim, trimming
 from ._transports.base import AgentMissingError, Message, SubshellMissingError, Transport
@@ -52,6 +54,13 @@ log = logging.getLogger("kernelproxy")
 RELEASE_TIMEOUT = 60.0  # seconds a batch of releases may wait behind other requests
 RESTART_ATTEMPTS = 2  # a kernel that dies while restarting gets one more restart
 REQUEST_ATTEMPTS = 5  # times a request is sent (again: its reply was lost, the kernel restarted) before it fails
+# Requests of this host in the kernel at once, per shell; more wait here. A shell runs one at a time anyway,
+# and 64 in flight hide the round trip. Unbounded, thousands of requests deadlock ipykernel 7: its
+# shell-channel thread blocks handing requests to the busy main thread (a zmq pipe of 1,000) while the main
+# thread blocks handing it replies. The bound also keeps the replies and IOPub messages our requests cause
+# far below any socket's high-water mark. Per shell: requests queued for the main shell never hold up a
+# subshell's, which runs beside it.
+MAX_IN_FLIGHT = 64
 SUBSHELL_FEATURE = "kernel subshells"  # in kernel_info_reply's supported_features (JEP 91; ipykernel >= 7)
 FOREIGN_RESTART = (
     "the kernel was restarted by someone else (another client, or whoever runs it) while this call was "
@@ -95,6 +104,7 @@ class _KernelState:
         self.state = State.READY
         self.restarted = asyncio.Event()
         self.loop = asyncio.get_running_loop()
+        self.pid = os.getpid()  # a forked child must not act on this kernel: it is its parent's
         self.generation = 0  # counts restarts (ours and others'): refs from an older generation are stale
         self.sent_code = serialization.CodeSet()  # functions whose source this kernel has (for its tracebacks)
         self._releases: collections.deque[tuple[int, int, str | None]] = collections.deque()
@@ -112,8 +122,22 @@ class _KernelState:
         self._subshell_lock = asyncio.Lock()
         self._subshell_requests: set[str] = set()  # ids of the requests sent to it, not answered yet
         self.submitted: weakref.WeakKeyDictionary[Any, Submitted] = weakref.WeakKeyDictionary()  # future -> call
+        self._in_flight: dict[str | None, asyncio.Semaphore] = {}  # per shell: MAX_IN_FLIGHT requests at once
+        self._dropped: weakref.finalize[Any, Any] | None = None
         if control.owned:
             _started_kernels.add(self)
+
+    def lease(self) -> _Lease:
+        """The token every user-facing handle of this kernel holds: when the last is gone, the kernel is closed.
+
+        The event loop holds this state (its connection's tasks and readers), so
+        the state itself never becomes garbage; the lease does, like an unclosed file.
+        """
+        lease = _Lease()
+        if self._dropped is None:
+            self._dropped = weakref.finalize(lease, _close_dropped, self)
+            self._dropped.atexit = False  # at exit, _kill_started_kernels stops what we started, silently
+        return lease
 
     @property
     def owned(self) -> bool:
@@ -253,10 +277,14 @@ class _KernelState:
                 await asyncio.shield(self._check)  # a restart is suspected: learn the answer before sending
             transport = await self.usable_transport(subshell)
             interrupter = functools.partial(self.cancel_on_subshell, rid) if subshell else None
+            slots = self._in_flight.get(transport.shell)
+            if slots is None:
+                slots = self._in_flight[transport.shell] = asyncio.Semaphore(MAX_IN_FLIGHT)
             try:
-                message = await transport.request(
-                    header, frames, listener=listener, outcome=outcome, rid=rid, interrupter=interrupter
-                )
+                async with slots:
+                    message = await transport.request(
+                        header, frames, listener=listener, outcome=outcome, rid=rid, interrupter=interrupter
+                    )
             except AgentMissingError as exc:  # the kernel was restarted behind our back: the request never ran
                 error = exc
                 await self.check_incarnation(transport.shell)  # on the request's own shell: main may be busy
@@ -452,8 +480,30 @@ class _KernelState:
         finally:
             self.restarted.set()
 
+    def foreign(self) -> bool:
+        """Whether the running event loop is not this kernel's; raise KernelClosedError in a forked child."""
+        if self.pid != os.getpid():
+            raise KernelClosedError(forked_message())
+        return asyncio.get_running_loop() is not self.loop
+
+    async def hop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on this kernel's event loop (it runs in another thread) and wait for it here.
+
+        Cancelling the wait cancels ``coro`` there, which interrupts its remote work.
+        """
+        loop = self.loop
+        if loop.is_closed() or not loop.is_running():
+            coro.close()
+            raise RuntimeError(
+                "this AsyncKernel belongs to an event loop that is no longer running (the one that was "
+                "running when it was started or connected): use it in that loop, or start a new one here"
+            )
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
     def release_later(self, object_id: int, generation: int, instance: str | None) -> None:
         """Queue a kept object's release (called by finalizers, from any thread: no I/O here)."""
+        if self.pid != os.getpid():
+            return  # a forked child's copy: the parent releases its own objects
         self._releases.append((object_id, generation, instance))
         try:
             self.loop.call_soon_threadsafe(self._schedule_release)
@@ -511,6 +561,8 @@ class _KernelState:
             return
         self.state = State.CLOSED
         _started_kernels.discard(self)
+        if self._dropped is not None:
+            self._dropped.detach()
         self.connection.fail_all(KernelClosedError("the kernel was shut down while this call was running"))
         try:
             if self.subshell is not None and not (self.owned or shutdown):
@@ -570,6 +622,44 @@ class Subshell:
     canceller: ExecuteTransport | None = None
 
 
+class _Lease:
+    """Held by every view of one kernel (AsyncKernel, Kernel, RemoteRef): see ``_KernelState.lease``."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _close_dropped(state: _KernelState) -> None:
+    """The last handle of a kernel that was never closed is gone: warn, as for an unclosed file, and close it.
+
+    Runs wherever garbage is collected (any thread), so it only schedules the close on the kernel's loop.
+    """
+    if state.state is State.CLOSED or state.pid != os.getpid():
+        return  # closed meanwhile, or a forked child's copy of its parent's kernel
+    what = "kernel kernelproxy started" if state.owned else "connection to a kernel"
+    action = "shut it down" if state.owned else "disconnected (the kernel keeps running)"
+    warnings.warn(
+        f"unclosed {what} (pid {state.info.pid if state.info else '?'}): kernelproxy {action}; "
+        "call close() or shutdown(), or use it in a `with` block",
+        ResourceWarning,
+        stacklevel=2,
+    )
+
+    def close() -> None:
+        task = asyncio.ensure_future(state.close(shutdown=False))
+        task.add_done_callback(_log_failure)
+
+    try:
+        state.loop.call_soon_threadsafe(close)
+    except RuntimeError:  # its event loop is closed: stop what we started without it
+        if state.owned:
+            state.kill_now()
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("closing a dropped kernel failed: %r", task.exception())
+
+
 _started_kernels: weakref.WeakSet[_KernelState] = weakref.WeakSet()
 
 
@@ -577,6 +667,8 @@ _started_kernels: weakref.WeakSet[_KernelState] = weakref.WeakSet()
 def _kill_started_kernels() -> None:
     """No kernel we started outlives this process, even if nobody called shutdown()."""
     for state in list(_started_kernels):
+        if state.pid != os.getpid():
+            continue  # a forked child exiting: these are its parent's kernels
         try:
             state.kill_now()
         except Exception:
@@ -591,9 +683,10 @@ class AsyncKernel:
     Every method is a coroutine except ``submit``, ``remote`` and ``options``.
     """
 
-    def __init__(self, state: _KernelState, options: CallOptions) -> None:
+    def __init__(self, state: _KernelState, options: CallOptions, lease: _Lease | None = None) -> None:
         self._state = state
         self._options = options
+        self._lease = state.lease() if lease is None else lease  # shared by views: the kernel closes when all go
 
     # ------------------------------------------------------------------ views and info
 
@@ -621,7 +714,7 @@ class AsyncKernel:
             options = dataclasses.replace(options, subshell=subshell)
             if subshell:
                 self._state.check_subshells()
-        return AsyncKernel(self._state, options)
+        return AsyncKernel(self._state, options, self._lease)
 
     @property
     def call_options(self) -> CallOptions:
@@ -862,9 +955,11 @@ class AsyncKernel:
         listener: Callable[[dict[str, Any]], None] | None | Unset = UNSET,
         outcome: protocol.Outcome | None = None,
     ) -> Message:
-        timeout = self._options.timeout if timeout is None else timeout
         if isinstance(listener, Unset):
             listener = Forwarder() if self._options.output == "forward" else None  # to where the caller's output goes
+        if self._state.foreign():  # awaited in another event loop: run it on the kernel's own
+            return await self._state.hop(self._request(header, frames, timeout, what, listener, outcome))
+        timeout = self._options.timeout if timeout is None else timeout
         outcome = outcome if outcome is not None else protocol.Outcome()
         outcome.subshell = self._options.subshell
         request = self._state.request(header, frames, listener, outcome, subshell=self._options.subshell)
@@ -913,7 +1008,9 @@ class AsyncKernel:
             call = self._state.submitted.get(future)
             if call is None:
                 raise ValueError("interrupt(future) takes a future that this kernel's submit() returned")
-            return await self._state.interrupt_submitted(call)
+            return await self._state.interrupt_submitted(call)  # on the loop that runs the task
+        if self._state.foreign():
+            return await self._state.hop(self.interrupt())
         if self._options.subshell:
             await self._state.interrupt_subshell()
         else:
@@ -922,18 +1019,31 @@ class AsyncKernel:
 
     async def restart(self, *, timeout: float = 60) -> None:
         """Restart the kernel (one kernelproxy started, or one on a server): its namespace is emptied."""
+        if self._state.foreign():
+            return await self._state.hop(self.restart(timeout=timeout))
         await self._state.restart(timeout)
 
     async def is_alive(self) -> bool:
         """Whether the kernel is running and answering."""
+        if self._state.foreign():
+            return await self._state.hop(self.is_alive())
         return await self._state.is_alive()
 
     async def shutdown(self) -> None:
         """Stop the kernel (also one connected to) and disconnect. Idempotent."""
+        if self._state.foreign():
+            return await self._state.hop(self.shutdown())
         await self._state.close(shutdown=True)
 
     async def close(self) -> None:
-        """Disconnect; a kernel kernelproxy started is shut down, a connected-to one is left running."""
+        """Disconnect; a kernel kernelproxy started is shut down, a connected-to one is left running.
+
+        In a forked child, closing an inherited AsyncKernel does nothing: the kernel is the parent's.
+        """
+        if self._state.pid != os.getpid():
+            return
+        if self._state.foreign():
+            return await self._state.hop(self.close())
         await self._state.close(shutdown=False)
 
     async def __aenter__(self) -> AsyncKernel:

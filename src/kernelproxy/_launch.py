@@ -4,13 +4,24 @@
 on both sides), ``python=`` another interpreter's; ipykernels listen on IPC
 sockets in a private directory. Other kernelspecs start as jupyter_client
 starts them.
+
+Nothing is left behind when the host dies without cleaning up (SIGKILL, the
+OOM killer, ``os._exit``): an ipykernel we start runs ``ORPHAN_WATCH`` first,
+which removes its private directory and ends the kernel as soon as its parent
+(this process) is gone; and while the host lives it holds a lock on
+``host.lock`` in each directory, so a later start sweeps directories whose
+host and kernel both died (``sweep_stale_dirs``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
+import glob
+import logging
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -27,15 +38,42 @@ from ._types import CallOptions
 from ._wires.zmq_wire import ZmqWire
 
 DEFAULT_STARTUP_TIMEOUT = 60.0  # seconds a new local kernel has to answer
+PRIVATE_PREFIX = "kernelproxy-"  # private directories in the temp directory
+HOST_LOCK = "host.lock"  # flock()ed by the host while it lives
+log = logging.getLogger("kernelproxy")
+
+# Run by an ipykernel we start, before ipykernel itself (stdlib only: it may be another Python).
+# ipykernel's own parent poller ends the kernel with os._exit() when the host dies, leaving the directory;
+# this watch takes its place (ipykernel starts no poller for parent 1, and prints no banner for a parent),
+# removes the directory, then ends the kernel.
+ORPHAN_WATCH = """\
+import os, runpy, shutil, sys, threading, time
+def _kernelproxy_orphan_watch(directory, parent):
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    shutil.rmtree(directory, ignore_errors=True)
+    os._exit(1)
+threading.Thread(
+    target=_kernelproxy_orphan_watch, args=(%r, os.getppid()), name="kernelproxy-orphan-watch", daemon=True
+).start()
+os.environ["JPY_PARENT_PID"] = "1"
+sys.path[0] = os.getcwd()
+del _kernelproxy_orphan_watch
+runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
+"""
 
 _context: zmq.asyncio.Context | None = None
+_context_pid = 0
+_inherited_contexts: list[zmq.asyncio.Context] = []  # a forked child never terminates its parent's context
 
 
 def zmq_context() -> zmq.asyncio.Context:
-    """One zmq context (one IO thread of zmq's) for every kernel of this process."""
-    global _context
-    if _context is None:
-        _context = zmq.asyncio.Context()
+    """One zmq context (one IO thread of zmq's) for every kernel of this process; a forked child gets its own."""
+    global _context, _context_pid
+    if _context is None or _context_pid != os.getpid():
+        if _context is not None:
+            _inherited_contexts.append(_context)
+        _context, _context_pid = zmq.asyncio.Context(), os.getpid()
     return _context
 
 
@@ -69,6 +107,13 @@ def local_spec(
     transport: str,
     manager_options: dict[str, Any],
 ) -> LocalSpec:
+    unknown = sorted(set(manager_options) - _manager_traits())
+    if unknown:  # traitlets would warn and ignore them
+        raise TypeError(
+            f"unexpected keyword argument{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+            "neither a kernelproxy option nor an option of jupyter_client's AsyncKernelManager, "
+            "which gets the other keywords"
+        )
     return LocalSpec(
         kernel_name=kernel_name,
         python=python,
@@ -80,6 +125,12 @@ def local_spec(
     )
 
 
+@functools.cache
+def _manager_traits() -> frozenset[str]:
+    traits = AsyncKernelManager.class_trait_names()
+    return frozenset(name for name in traits if not name.startswith("_")) | {"parent", "config"}
+
+
 class _ThisPythonFirst(KernelSpecManager):
     """Kernelspec lookup where "python3" means this interpreter's ipykernel.
 
@@ -88,16 +139,19 @@ class _ThisPythonFirst(KernelSpecManager):
     """
 
     python: Optional[str] = None
+    private_dir: Optional[str] = None
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         if self.python is not None or kernel_name == "python3":
-            return python_kernel_spec(self.python or sys.executable)
+            return python_kernel_spec(self.python or sys.executable, self.private_dir)
         return super().get_kernel_spec(kernel_name)
 
 
-def python_kernel_spec(python: str) -> KernelSpec:
+def python_kernel_spec(python: str, private_dir: str | None = None) -> KernelSpec:
+    """This interpreter's ipykernel; with ``private_dir``, one that removes it if orphaned (``ORPHAN_WATCH``)."""
+    start = ["-c", ORPHAN_WATCH % private_dir] if private_dir is not None else ["-m", "ipykernel_launcher"]
     return KernelSpec(
-        argv=[python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        argv=[python, *start, "-f", "{connection_file}"],
         display_name=f"Python ({python})",
         language="python",
         interrupt_mode="signal",
@@ -113,9 +167,10 @@ async def start_local(spec: LocalSpec, options: CallOptions, *, auto_restart: bo
     spec_manager = _ThisPythonFirst()
     spec_manager.python = spec.python
     manager_options = dict(spec.manager_options)
-    private_dir = _private_sockets(spec, manager_options)
+    private_dir, lock = _private_sockets(spec, manager_options)
+    spec_manager.private_dir = private_dir
     manager = AsyncKernelManager(kernel_name=spec.kernel_name, kernel_spec_manager=spec_manager, **manager_options)
-    control = LocalControl(manager, private_dir)
+    control = LocalControl(manager, private_dir, lock)
     try:
         await manager.start_kernel(cwd=spec.cwd, env={**os.environ, **spec.env})
     except BaseException as exc:
@@ -149,18 +204,49 @@ async def start_local(spec: LocalSpec, options: CallOptions, *, auto_restart: bo
     return AsyncKernel(state, options)
 
 
-def _private_sockets(spec: LocalSpec, manager_options: dict[str, Any]) -> str | None:
-    """Put an ipykernel's sockets in a fresh private directory (returned), unless the caller chose an ip.
+def _private_sockets(spec: LocalSpec, manager_options: dict[str, Any]) -> tuple[str | None, int | None]:
+    """Put an ipykernel's sockets in a fresh private directory, unless the caller chose an ip.
 
     IPC sockets in a directory only we can enter: no other user (or host) can
     reach the kernel. Adds the manager options for it to ``manager_options``.
+    Returns the directory and the descriptor of its host lock (None, None: no directory).
     """
     if os.name != "posix" or not spec.is_ipykernel or "ip" in manager_options:  # other kernels may lack IPC
-        return None
-    private_dir = tempfile.mkdtemp(prefix="kernelproxy-")
+        return None, None
+    sweep_stale_dirs()
+    private_dir = tempfile.mkdtemp(prefix=PRIVATE_PREFIX)
+    lock = os.open(os.path.join(private_dir, HOST_LOCK), os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by kernels
+    fcntl.flock(lock, fcntl.LOCK_EX)
     manager_options.update(transport="ipc", ip=os.path.join(private_dir, "kernel"))
     manager_options.setdefault("connection_file", os.path.join(private_dir, "kernel.json"))
-    return private_dir
+    return private_dir, lock
+
+
+def sweep_stale_dirs(root: str | None = None) -> list[str]:
+    """Remove the private directories whose host died with its kernel (nobody holds their lock); return them.
+
+    A directory whose kernel outlived its host is removed by the kernel itself
+    (``ORPHAN_WATCH``); this finds those whose kernel died too (killed together:
+    a process group, the OOM killer, a container). A directory without a lock is
+    left alone (an older kernelproxy's: its host may be alive).
+    """
+    removed = []
+    for lock_path in glob.glob(os.path.join(root or tempfile.gettempdir(), PRIVATE_PREFIX + "*", HOST_LOCK)):
+        try:
+            fd = os.open(lock_path, os.O_RDWR)
+        except OSError:
+            continue  # another user's, or just removed
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its host (or a forked child of it) is alive
+        finally:
+            os.close(fd)
+        directory = os.path.dirname(lock_path)
+        shutil.rmtree(directory, ignore_errors=True)
+        log.info("removed %s, left behind by a host that died with its kernel", directory)
+        removed.append(directory)
+    return removed
 
 
 def _start_error(exc: BaseException, kernel_name: str) -> KernelStartError | None:

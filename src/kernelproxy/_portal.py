@@ -5,18 +5,29 @@ in scripts, threads and notebooks (where a loop is always running).
 One thread serves every Kernel in the process. Each coroutine runs in its
 caller's context, taken on the calling thread (``_output.capture``), so the
 output of a call goes where the caller's own output goes (its notebook cell).
+
+The host process is not ours, so the thread must outlive anything: a
+``SystemExit`` or ``KeyboardInterrupt`` that escapes a callback (asyncio lets
+those two end ``run_forever``) is logged and the loop runs on. A forked child
+inherits the portal without its thread: there every use raises
+``KernelClosedError`` at once, and a new portal serves the child's own kernels.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from ._exceptions import KernelClosedError
 from ._output import capture
 from ._tracebacks import run_coroutine_threadsafe
+
+log = logging.getLogger("kernelproxy")
 
 T = TypeVar("T")
 
@@ -28,9 +39,19 @@ class Portal:
     """Runs coroutines on a daemon thread's event loop."""
 
     def __init__(self) -> None:
+        self.pid = os.getpid()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kernelproxy-io", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="kernelproxy-io", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        """Run the loop for ever: nothing that escapes a callback may end it (every kernel of the process needs it)."""
+        while True:
+            try:
+                self._loop.run_forever()
+                return  # stopped on purpose
+            except BaseException:  # SystemExit/KeyboardInterrupt from a callback: asyncio lets them end the loop
+                log.exception("kernelproxy's IO thread caught an exception that would have ended it; it goes on")
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -85,6 +106,9 @@ class Portal:
         return tasks[0].result()
 
     def _check_thread(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self.pid != os.getpid():
+            coro.close()
+            raise KernelClosedError(forked_message())
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError(
@@ -93,13 +117,33 @@ class Portal:
             )
 
 
+def forked_message() -> str:
+    return (
+        "this kernel belongs to the process that created it, not to this forked child "
+        f"(pid {os.getpid()}): its connection, IO thread and files are the parent's. "
+        "Start or connect to a kernel in the child (kernelproxy.start()/connect() work there)"
+    )
+
+
 _portal: Portal | None = None
 _portal_lock = threading.Lock()
+_inherited: list[Any] = []  # a forked child keeps what it inherited alive, never closing the parent's resources
 
 
 def get_portal() -> Portal:
     global _portal
     with _portal_lock:
-        if _portal is None:
+        if _portal is None or _portal.pid != os.getpid():
+            if _portal is not None:
+                _inherited.append(_portal)
             _portal = Portal()
         return _portal
+
+
+def _after_fork_in_child() -> None:
+    global _portal_lock
+    _portal_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

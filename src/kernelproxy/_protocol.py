@@ -257,9 +257,26 @@ def reply_error(reply: dict[str, Any], frames: list[Any], what: str, loads: Any)
         return StaleRefError(f"{evalue}. Make a new ref")
     if kind == "lost":
         return ProtocolError(f"{what}: {evalue}")
-    if kind == "deserialize":
-        advice = missing_module_advice(reply.get("missing"))
-        return SerializationError(f"the kernel could not unpickle the {what}: {evalue}. {advice}")
-    if kind == "serialize":
-        return SerializationError(f"{what}: {evalue}")
+    if kind in ("deserialize", "serialize"):
+        if kind == "deserialize":
+            advice = missing_module_advice(reply.get("missing"))
+            error = SerializationError(f"the kernel could not unpickle the {what}: {evalue}. {advice}")
+        else:
+            error = SerializationError(f"{what}: {evalue}")
+        error.__cause__ = _remote_cause(frames, tb, stack, loads)  # the kernel's own error (ModuleNotFoundError...)
+        return error
     return ProtocolError(f"{what} failed in kernelproxy's agent: {ename}: {evalue}")
+
+
+def _remote_cause(frames: list[Any], tb: str, stack: list[Any] | None, loads: Any) -> BaseException | None:
+    """The original error the kernel sent with a serialization failure, its traceback chained; or the traceback."""
+    cause: Any = None
+    if frames:
+        try:
+            cause = loads(frames, what="the kernel's error")
+        except SerializationError:
+            cause = None
+    if isinstance(cause, Exception):
+        cause.__cause__ = RemoteTraceback(tb, stack)
+        return cause
+    return RemoteTraceback(tb, stack) if tb else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import threading
 import types
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -55,10 +56,17 @@ def call_parts(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
 
 
 def loads(frames: list[Any], *, what: str = "the kernel's reply") -> Any:
-    """Unpickle frames produced by the agent's dumps()."""
+    """Unpickle frames produced by the agent's dumps().
+
+    Whatever unpickling raises becomes a SerializationError, ``SystemExit`` and
+    the like included (a reduce can call ``sys.exit``): this runs on the IO
+    thread, which must not end.
+    """
     try:
         return pickle.loads(frames[0], buffers=frames[1:])
-    except Exception as exc:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+            raise  # a real Ctrl-C: signals arrive on the main thread (unpickling runs on the IO thread otherwise)
         hint = ""
         if isinstance(exc, (ModuleNotFoundError, AttributeError)):
             missing = agent.missing_module(exc)  # type: ignore[no-untyped-call]
@@ -142,15 +150,29 @@ def _describe_pickling_failure(parts: Mapping[str, Any], exc: Exception) -> str:
     for name, part in parts.items():
         try:
             cloudpickle.dumps(part, protocol=5)
+        except RecursionError as part_exc:
+            return _too_deep(name, part_exc)
         except Exception as part_exc:
-            path, culprit, reason = _innermost_unpicklable(part, name, part_exc)
+            try:
+                path, culprit, reason = _innermost_unpicklable(part, name, part_exc)
+            except RecursionError as deep:
+                return _too_deep(name, deep)
             kind = f"{type(culprit).__module__}.{type(culprit).__qualname__}"
             return (
                 f"cannot send {path} to the kernel: a {kind} cannot be pickled "
                 f"({type(reason).__name__}: {reason}). Nothing was sent. "
                 "Create such objects inside the kernel instead (for instance in the function you call)."
             )
+    if isinstance(exc, RecursionError):
+        return _too_deep("the request", exc)
     return f"cannot pickle the request ({type(exc).__name__}: {exc}). Nothing was sent."
+
+
+def _too_deep(name: str, exc: RecursionError) -> str:
+    return (
+        f"cannot send {name} to the kernel: it is nested too deeply to pickle (RecursionError: {exc}). "
+        "Nothing was sent. Flatten it, or raise sys.setrecursionlimit() on both sides."
+    )
 
 
 def _function_children(fn: types.FunctionType, path: str) -> Iterator[tuple[str, Any]]:

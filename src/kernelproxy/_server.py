@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import getpass
 import html
+import ipaddress
 import json
 import logging
 import os
 import re
 import ssl
 import urllib.parse
+import warnings
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Callable, cast
@@ -70,6 +72,34 @@ class ServerAddress:
             context.verify_mode = ssl.CERT_NONE
             return {"ssl_options": context}
         return {"ssl_options": ssl.create_default_context(cafile=self.verify)}
+
+
+_warned_cleartext: set[str] = set()
+
+
+def warn_if_cleartext(address: ServerAddress) -> None:
+    """Warn, once per host, about plain http to another machine: token and pickles travel in clear."""
+    parts = urllib.parse.urlsplit(address.url)
+    host = parts.hostname or ""
+    if parts.scheme != "http" or _is_loopback(host) or host in _warned_cleartext:
+        return
+    _warned_cleartext.add(host)
+    warnings.warn(
+        f"{address.url} is plain http to another machine: the token and every pickle travel in clear, and "
+        "anyone on the network path can read them or inject a reply that this process unpickles (running "
+        "their code here). Use https:// (or an SSH tunnel to a loopback address).",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: not resolved here (it may not be loopback)
 
 
 class ServerClient:

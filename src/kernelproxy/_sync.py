@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, overload
 
@@ -259,7 +260,12 @@ class Kernel:
         self._portal.run(self._core.shutdown())
 
     def close(self) -> None:
-        """Disconnect; a kernel kernelproxy started is shut down, a connected-to one keeps running."""
+        """Disconnect; a kernel kernelproxy started is shut down, a connected-to one keeps running.
+
+        In a forked child, closing an inherited Kernel does nothing: the kernel is the parent's.
+        """
+        if self._portal.pid != os.getpid():
+            return
         self._portal.run(self._core.close())
 
     def __enter__(self) -> Kernel:

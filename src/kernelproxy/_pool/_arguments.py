@@ -8,8 +8,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Callable, TypeVar, Union
 
 from .. import _output
+from .. import _serialization as serialization
 from ._scheduler import Scheduler
-from ._tasks import Sink, Task, TaskOptions
+from ._supervisor import Initializer
+from ._tasks import Sink, Task, TaskOptions, function_name
 
 Progress = Union[bool, Mapping[str, Any]]
 F = TypeVar("F")
@@ -34,6 +36,62 @@ def split_sources(kernels: int | Iterable[Any] | None, kind: type, pool: str) ->
         if not isinstance(source, (kind, str, os.PathLike)):
             raise TypeError(f"{pool} takes {kind.__name__} objects or connection files, not {type(source).__name__}")
     return 0, sources
+
+
+def executor_options(
+    kernels: Any,
+    *,
+    max_workers: int | None,
+    mp_context: Any,
+    initializer: Callable[..., Any] | None,
+    initargs: Iterable[Any],
+    max_tasks_per_child: int | None,
+    pool: str,
+) -> tuple[Any, Initializer | None]:
+    """Check ProcessPoolExecutor's keywords: (the kernels argument, the pickled initializer).
+
+    Nothing is accepted that is then ignored: ``max_workers`` is the number of
+    kernels, ``initializer`` runs in every kernel, ``max_tasks_per_child`` is
+    kept by the scheduler; ``mp_context`` means nothing for kernels and is refused.
+    """
+    if mp_context is not None:
+        raise TypeError(
+            f"{pool} takes no mp_context: its workers are Jupyter kernels, not processes forked or spawned "
+            "from this one, so a multiprocessing context has no meaning (python=... picks the kernels' interpreter)"
+        )
+    if max_workers is not None:
+        if kernels is not None:
+            raise TypeError(f"{pool}: give the number of kernels once, as kernels or as max_workers")
+        kernels = max_workers
+    if max_tasks_per_child is not None:
+        if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
+            raise TypeError(f"max_tasks_per_child must be an int, not {type(max_tasks_per_child).__name__}")
+        if max_tasks_per_child < 1:
+            raise ValueError(f"max_tasks_per_child must be >= 1, not {max_tasks_per_child}")
+        if kernels is not None and not isinstance(kernels, int):
+            raise ValueError(
+                "max_tasks_per_child needs kernels the pool starts itself (a number of kernels, or from_server): "
+                "given kernels and connection files are not the pool's to replace"
+            )
+    if initializer is None:
+        return kernels, None
+    if not callable(initializer):
+        raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
+    args = tuple(initargs)
+    frames = serialization.dumps((initializer, args, {}), parts=serialization.call_parts(initializer, args, {}))
+    return kernels, Initializer(frames, function_name(initializer))
+
+
+# Executor keywords that mean nothing for kernels: refused, saying why, rather than passed on or ignored.
+MEANINGLESS = {
+    "thread_name_prefix": "its workers are kernels, not threads of this process",
+}
+
+
+def refuse_meaningless(options: Mapping[str, Any], pool: str) -> None:
+    for name, why in MEANINGLESS.items():
+        if name in options:
+            raise TypeError(f"{pool} takes no {name}: {why}")
 
 
 def check_count(n: int) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import warnings
+import weakref
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, overload
 
@@ -17,7 +19,7 @@ from .._types import UNSET, Output, Unset
 from . import _arguments as arguments
 from ._arguments import Progress, ProgressCounter
 from ._scheduler import Scheduler
-from ._supervisor import KernelSource
+from ._supervisor import Initializer, KernelSource
 from ._tasks import LoopSink, Task, TaskOptions, ThreadSink
 
 T = TypeVar("T")
@@ -50,13 +52,30 @@ class AsyncKernelPool:
         startup_timeout: float | None = None,
         transport: str = "auto",
         prefetch: bool = True,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        max_tasks_per_child: int | None = None,
+        max_workers: int | None = None,
+        mp_context: Any = None,
         **options: Any,
     ) -> None:
         self._options = TaskOptions(retries=retries, timeout=timeout, output=output)
+        kernels, initializing = arguments.executor_options(
+            kernels,
+            max_workers=max_workers,
+            mp_context=mp_context,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_child=max_tasks_per_child,
+            pool=self._name,
+        )
+        arguments.refuse_meaningless(options, self._name)
         count, sources = arguments.split_sources(kernels, AsyncKernel, "AsyncKernelPool")
         local = local_spec(kernel_name, python, cwd, dict(env or {}), startup_timeout, transport, options)
         connect_timeout = DEFAULT_ATTACH_TIMEOUT if startup_timeout is None else startup_timeout
         self._startup = _Startup(count, sources, local, None, connect_timeout, prefetch)
+        self._startup.initializer = initializing
+        self._startup.max_tasks_per_child = max_tasks_per_child
 
     @classmethod
     def from_server(
@@ -70,6 +89,9 @@ class AsyncKernelPool:
         timeout: float | None = None,
         output: Output = "forward",
         prefetch: bool = True,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        max_tasks_per_child: int | None = None,
         **server_options: Any,
     ) -> AsyncKernelPool:
         """A pool of ``n`` new kernels on a Jupyter Server or gateway; they start on ``async with``.
@@ -78,7 +100,16 @@ class AsyncKernelPool:
         that dies is replaced by a new one there. ``server_options`` go to
         ``connect_server`` (verify, env, transport, startup_timeout...).
         """
-        pool = cls(arguments.check_count(n), retries=retries, timeout=timeout, output=output, prefetch=prefetch)
+        pool = cls(
+            arguments.check_count(n),
+            retries=retries,
+            timeout=timeout,
+            output=output,
+            prefetch=prefetch,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_child=max_tasks_per_child,
+        )
         pool._startup.server = arguments.server_spec(url, token, kernel_name, server_options)
         return pool
 
@@ -92,9 +123,19 @@ class AsyncKernelPool:
                 startup.server,
                 startup.connect_timeout,
                 startup.prefetch,
+                startup.initializer,
+                startup.max_tasks_per_child,
             )
             startup.started = asyncio.ensure_future(startup.scheduler.start(startup.count, startup.sources))
-        await asyncio.shield(startup.started)
+            # The loop holds the scheduler, not this: when every view of the pool is gone, finish and close.
+            startup.dropped = weakref.finalize(startup, _close_dropped, startup.scheduler, self._name)
+            startup.dropped.atexit = False  # at exit: _shutdown_pools_at_exit
+        try:
+            await asyncio.shield(startup.started)
+        except BaseException:
+            if startup.started.done() and startup.dropped is not None:
+                startup.dropped.detach()  # it closed what it had started: nothing to warn about
+            raise
         return self
 
     def _scheduler(self) -> Scheduler:
@@ -249,6 +290,8 @@ class AsyncKernelPool:
             await asyncio.shield(startup.started)
         except Exception:
             return  # start() failed and cleaned up after itself
+        if startup.dropped is not None:
+            startup.dropped.detach()
         startup.scheduler.close_submissions()
         await startup.scheduler.shutdown(wait, cancel_futures)
 
@@ -329,6 +372,34 @@ class _Startup:
         self.prefetch = prefetch
         self.scheduler: Scheduler | None = None
         self.started: asyncio.Future[None] | None = None
+        self.dropped: weakref.finalize[Any, Any] | None = None
+        self.initializer: Initializer | None = None
+        self.max_tasks_per_child: int | None = None
+
+
+def _close_dropped(scheduler: Scheduler, name: str) -> None:
+    """The last view of a pool that was never shut down is gone: warn (as for an unclosed file) and shut it down.
+
+    As ProcessPoolExecutor does when it is collected, the tasks already submitted
+    still run; then the kernels are closed. Runs wherever garbage is collected.
+    """
+    if scheduler.closed or scheduler.pid != os.getpid():
+        return
+    warnings.warn(
+        f"unclosed {name} ({len(scheduler.slots)} kernels): kernelproxy shuts it down once its submitted tasks "
+        "are done; call shutdown(), or use it in a `with` block",
+        ResourceWarning,
+        stacklevel=2,
+    )
+    scheduler.close_submissions()
+
+    def shut_down() -> None:
+        asyncio.ensure_future(scheduler.shutdown(wait=False, cancel_futures=False))
+
+    try:
+        scheduler.loop.call_soon_threadsafe(shut_down)
+    except RuntimeError:  # its loop is closed; _kill_started_kernels stops the kernels at exit
+        pass
 
 
 def _counter(progress: Progress, items: list[list[tuple[Any, ...]]]) -> ProgressCounter | None:
@@ -374,20 +445,20 @@ class AsyncMapResult(Generic[T]):
         futures = self._futures[::-1]
         self._futures = []  # one iteration only
         try:
-            while futures:
-                future = futures[-1]
-                if self._end_time is not None and not future.done():
+            while futures:  # no local keeps a result alive while the caller works on it (bpo-14406)
+                if self._end_time is not None and not futures[-1].done():
                     remaining = self._end_time - self._scheduler.loop.time()
-                    await asyncio.wait({future}, timeout=max(remaining, 0))
-                    if not future.done():
+                    await asyncio.wait({futures[-1]}, timeout=max(remaining, 0))
+                    if not futures[-1].done():
                         raise asyncio.TimeoutError
-                value = await future
-                futures.pop()  # finished results are not kept alive
+                await asyncio.wait({futures[-1]})
                 if self._chunked:
-                    for item in value:
-                        yield item
+                    chunk = futures.pop().result()
+                    chunk.reverse()
+                    while chunk:
+                        yield chunk.pop()
                 else:
-                    yield value
+                    yield futures.pop().result()
         finally:
             if futures:
                 self._scheduler.abandon(self._tasks)

@@ -13,18 +13,21 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any, Callable
 
 from .. import _serialization as serialization
 from .._connection import INTERRUPT_GRACE
-from .._exceptions import CallInterrupted, KernelClosedError, KernelDiedError
+from .._exceptions import BrokenKernelPool, CallInterrupted, KernelClosedError, KernelDiedError
 from .._launch import LocalSpec
 from .._output import Forwarder
+from .._portal import forked_message
 from .._protocol import Outcome
 from . import _policy as policy
-from ._supervisor import KernelSource, Slot, Supervisor, died_of
+from ._supervisor import Initializer, KernelSource, Slot, Supervisor, died_of
 from ._tasks import RUN_CHUNK, LoopSink, Sink, Task, TaskOptions, function_name
 
 log = logging.getLogger("kernelproxy")
@@ -42,10 +45,14 @@ class Scheduler:
         server: dict[str, Any] | None,
         connect_timeout: float,
         prefetch: bool,
+        initializer: Initializer | None = None,
+        max_tasks_per_child: int | None = None,
     ) -> None:
         self.loop = loop
+        self.pid = os.getpid()
         self.prefetch = prefetch
-        self._kernel_plan = (local, server, connect_timeout)
+        self._kernel_plan = (local, server, connect_timeout, initializer)
+        self.max_tasks = max_tasks_per_child  # a fresh kernel in a slot after this many tasks
         self.supervisor: Supervisor | None = None  # made on the loop (Python 3.9 binds locks to a loop)
         self.queue = policy.TaskQueue()
         self.idle: collections.deque[asyncio.Future[None]] = collections.deque()  # workers of idle kernels
@@ -58,6 +65,7 @@ class Scheduler:
         self.submit_lock = threading.Lock()
         self.closing: asyncio.Future[None] | None = None  # shutting down the kernels once the tasks are done
         self.tasks: dict[int, Task] = {}  # id(future) -> its task, until the future is done: pool.interrupt()
+        _watch_at_exit(self)
 
     @property
     def slots(self) -> list[Slot]:
@@ -123,10 +131,14 @@ class Scheduler:
         return True
 
     def check_open(self) -> None:
+        if self.pid != os.getpid():
+            raise KernelClosedError(forked_message().replace("this kernel", "this pool", 1))
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self.closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self.broken is not None:
-            raise KernelDiedError(str(self.broken))
+            raise BrokenKernelPool(str(self.broken))
 
     def enqueue_threadsafe(self, tasks: list[Task]) -> None:
         with self.submit_lock:
@@ -143,7 +155,7 @@ class Scheduler:
         if self.broken is not None:
             for task in tasks:
                 if task.started or task.sink.claim():
-                    task.sink.fail(KernelDiedError(str(self.broken)))
+                    task.sink.fail(BrokenKernelPool(str(self.broken)))
             return
         self.queue.add(tasks, front=front)
         self.wake(len(tasks))
@@ -165,8 +177,8 @@ class Scheduler:
 
     async def start(self, count: int, sources: Sequence[KernelSource]) -> None:
         """Start ``count`` kernels and take the given ones; then start a worker per kernel."""
-        local, server, connect_timeout = self._kernel_plan
-        self.supervisor = Supervisor(local, server, connect_timeout)
+        local, server, connect_timeout, initializer = self._kernel_plan
+        self.supervisor = Supervisor(local, server, connect_timeout, initializer)
         self.supervisor.on_join = self._joined
         await self.supervisor.start(count, sources)
         for slot in self.supervisor.slots:
@@ -229,13 +241,22 @@ class Scheduler:
                         log.warning("pushing the pool's values to restarted kernel %d failed: %s", slot.index, exc)
                         await asyncio.sleep(IDLE_CHECK)
                         continue
+                if self.max_tasks is not None and slot.sent >= self.max_tasks and not inflight:
+                    await self.supervisor.replace(slot, retire=True)  # max_tasks_per_child: a fresh kernel
+                    if slot.retired:
+                        self._check_any_left()
+                        return
+                    continue
                 waiter: asyncio.Future[None] | None = None
                 limit = policy.capacity(
                     prefetch=self.prefetch, service=slot.service, default_timeout=slot.kernel.call_options.timeout
                 )
+                if self.max_tasks is not None:
+                    limit = min(limit, self.max_tasks - slot.sent)
                 if len(inflight) < limit:
                     task = self.queue.pop(second=bool(inflight))
                     if task is not None:
+                        slot.sent += 1
                         inflight.add(asyncio.ensure_future(self._run(slot, task)))
                         continue
                     if self._all_done():
@@ -275,7 +296,7 @@ class Scheduler:
             kernel._call_frames(task.frames, task.name, task.options.timeout, output, task.outcome)
         )
         task.request = request
-        if isinstance(task.sink, LoopSink):  # cancelling an asyncio future interrupts its remote work
+        if isinstance(task.sink, LoopSink) and task.sink.future is not None:  # cancelling it interrupts the work
             task.sink.future.add_done_callback(lambda future: request.cancel() if future.cancelled() else None)
         self.running += 1
         try:
@@ -303,10 +324,12 @@ class Scheduler:
             exc = request.exception()
             if exc is None:
                 task.sink.resolve(request.result())
+                task.frames, task.request = [], None  # done: nothing of it stays alive (map() holds its tasks)
             elif died:
                 self._lost(task, slot, exc)
             else:
                 task.sink.fail(exc)
+                task.frames, task.request = [], None
         finally:
             slot.holding.remove(task)
             self.running -= 1
@@ -337,8 +360,47 @@ class Scheduler:
     def _check_any_left(self) -> None:
         joining = self.supervisor is not None and self.supervisor.still_joining
         if all(slot.retired for slot in self.slots) and self.broken is None and not joining:
-            self.broken = KernelDiedError("every kernel of the pool died and none could be replaced")
+            self.broken = BrokenKernelPool("every kernel of the pool died and none could be replaced")
             for task in self.queue.take_all():
                 if task.started or task.sink.claim():
-                    task.sink.fail(KernelDiedError(str(self.broken)))
+                    task.sink.fail(BrokenKernelPool(str(self.broken)))
             self.wake()
+
+
+# ---------------------------------------------------------------------- interpreter exit
+
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+_exiting = False  # the interpreter is shutting down: no new tasks
+_hooked = False
+
+
+def _watch_at_exit(scheduler: Scheduler) -> None:
+    """At interpreter exit, finish the pools' submitted tasks, as ProcessPoolExecutor does."""
+    global _hooked
+    _live.add(scheduler)
+    if _hooked:
+        return
+    _hooked = True
+    try:  # runs before atexit hooks (and _kill_started_kernels), like concurrent.futures' own
+        threading._register_atexit(_finish_pools_at_exit)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # no such hook (not CPython), or already exiting
+        import atexit
+
+        atexit.register(_finish_pools_at_exit)
+
+
+def _finish_pools_at_exit() -> None:
+    """Refuse new tasks, then wait for every pool's submitted tasks and close its kernels."""
+    global _exiting
+    _exiting = True
+    for scheduler in list(_live):
+        if scheduler.pid != os.getpid() or scheduler.closing is not None and scheduler.closing.done():
+            continue
+        loop = scheduler.loop
+        if loop.is_closed() or not loop.is_running() or scheduler.supervisor is None:
+            continue  # an AsyncKernelPool whose loop has ended: nothing can run its tasks now
+        scheduler.close_submissions()
+        try:
+            asyncio.run_coroutine_threadsafe(scheduler.shutdown(wait=True, cancel_futures=False), loop).result()
+        except BaseException as exc:  # exiting anyway: the kernels are killed at atexit
+            log.warning("finishing a pool's tasks at exit failed: %r", exc)

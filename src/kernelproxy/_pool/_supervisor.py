@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, Union
 
 from .._api import connect_async, connect_server_async
-from .._exceptions import KernelClosedError, KernelDiedError, KernelProxyError
+from .._exceptions import BrokenKernelPool, KernelClosedError, KernelDiedError, KernelProxyError
 from .._kernel import AsyncKernel
 from .._launch import LocalSpec, start_local
 from .._types import CallOptions
@@ -64,6 +64,7 @@ class Slot:
     holding: list[Any] = dataclasses.field(default_factory=list)  # tasks sent to the kernel, in order
     retired: bool = False  # dead and not replaceable
     worker: asyncio.Future[None] | None = None
+    sent: int = 0  # tasks sent to its kernel (for max_tasks_per_child)
 
     @property
     def unusable(self) -> bool:
@@ -81,13 +82,28 @@ def died_of(exc: BaseException | None, kernel: AsyncKernel) -> bool:
     return isinstance(exc, (KernelDiedError, KernelClosedError)) and kernel.status.state in ("dead", "closed")
 
 
+@dataclasses.dataclass(frozen=True)
+class Initializer:
+    """The pool's ``initializer(*initargs)``, pickled once; run first in every kernel's fresh namespace."""
+
+    frames: list[memoryview]  # pickled (initializer, initargs, {})
+    name: str
+
+
 class Supervisor:
     """Starts, replaces and closes a pool's kernels, and keeps the pushes for replacements."""
 
-    def __init__(self, local: LocalSpec | None, server: dict[str, Any] | None, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        local: LocalSpec | None,
+        server: dict[str, Any] | None,
+        connect_timeout: float,
+        initializer: Initializer | None = None,
+    ) -> None:
         self.local = local  # how to start local kernels
         self.server = server  # connect_server_async() arguments, for a pool of server kernels
         self.connect_timeout = connect_timeout
+        self.initializer = initializer
         self.transport = local.transport if local else "auto"
         self.slots: list[Slot] = []
         self.pushed: list[tuple[list[str], list[memoryview]]] = []  # every push, in order, for replacements
@@ -120,6 +136,25 @@ class Supervisor:
         if errors:
             await self.close_kernels()
             raise errors[0]
+        await self._initialize_all()
+
+    async def _initialize_all(self) -> None:
+        """Run the initializer in every kernel there is; if it fails in one, close them all: BrokenKernelPool."""
+        if self.initializer is None:
+            return
+        ran = await asyncio.gather(*(self.initialize(slot.kernel) for slot in self.slots), return_exceptions=True)
+        failed = [outcome for outcome in ran if isinstance(outcome, BaseException)]
+        if failed:
+            await self.close_kernels()
+            raise BrokenKernelPool(
+                f"the pool's initializer {self.initializer.name} failed in a kernel: "
+                f"{type(failed[0]).__name__}: {failed[0]}"
+            ) from failed[0]
+
+    async def initialize(self, kernel: AsyncKernel) -> None:
+        """Run the pool's initializer in ``kernel`` (its own output goes where the pool's does)."""
+        if self.initializer is not None:
+            await kernel._call_frames(self.initializer.frames, self.initializer.name, None, None)
 
     async def _start_first(self, openers: Sequence[asyncio.Future[Slot]]) -> None:
         """Wait for the first server kernel that becomes ready; let the others join as they do."""
@@ -140,6 +175,14 @@ class Supervisor:
             raise errors[0]
         for error in errors:
             log.warning("a kernel of the pool could not be started: %s", error)
+        try:
+            await self._initialize_all()  # the late ones run it as they join (push_all)
+        except BaseException:
+            if pending:  # the others are not wanted now
+                for opener in pending:
+                    opener.cancel()
+                await asyncio.shield(self._discard(list(pending)))
+            raise
         if pending:
             self.joining = asyncio.ensure_future(self._join(pending))
 
@@ -226,6 +269,7 @@ class Supervisor:
     async def push_all(self, slot: Slot, kernel: AsyncKernel) -> None:
         """Give ``kernel`` every value pushed so far, then make it ``slot``'s working kernel."""
         async with self.push_lock:
+            await self.initialize(kernel)
             for names, frames in self.pushed:
                 await kernel._push_frames(frames, names)
             slot.kernel = kernel
@@ -234,10 +278,14 @@ class Supervisor:
 
     # ------------------------------------------------------------------ replacement
 
-    async def replace(self, slot: Slot) -> None:
-        """Put a working kernel, with every push, in the place of the dead one; retire the place if impossible."""
+    async def replace(self, slot: Slot, *, retire: bool = False) -> None:
+        """Put a working kernel, with every push, in the place of the dead one; retire the place if impossible.
+
+        ``retire``: the kernel is alive but has run its ``max_tasks_per_child``.
+        """
         slot.ready = False
-        reason = slot.kernel.status.death or "it was closed"
+        slot.sent = 0
+        reason = "it ran max_tasks_per_child tasks" if retire else slot.kernel.status.death or "it was closed"
         error: BaseException | None = None
         for attempt in range(REPLACE_ATTEMPTS[slot.origin]):
             if attempt:

@@ -47,6 +47,14 @@ class KernelPool(concurrent.futures.Executor):
             it finishes the current one, when no kernel is idle (hides the round
             trip; a task may then wait behind an unexpectedly long one). False:
             a task only ever goes to an idle kernel.
+        initializer: ``initializer(*initargs)`` runs first in every kernel,
+            also in each kernel that replaces another (as with
+            ``ProcessPoolExecutor``); if it fails, the pool raises BrokenKernelPool.
+        initargs: the arguments of ``initializer``.
+        max_tasks_per_child: a kernel the pool started is replaced by a fresh one
+            after this many tasks (None: never).
+        max_workers: ``ProcessPoolExecutor``'s name for the number of kernels.
+        mp_context: refused with a TypeError: kernels are not forked or spawned.
 
     ``kernel_name``, ``python``, ``cwd``, ``env``, ``startup_timeout``, ``transport`` and other keywords
     say how local kernels start, as in ``kernelproxy.start()``.
@@ -69,12 +77,30 @@ class KernelPool(concurrent.futures.Executor):
         startup_timeout: float | None = None,
         transport: str = "auto",
         prefetch: bool = True,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        max_tasks_per_child: int | None = None,
+        max_workers: int | None = None,
+        mp_context: Any = None,
         **options: Any,
     ) -> None:
+        kernels, _ = arguments.executor_options(
+            kernels,
+            max_workers=max_workers,
+            mp_context=mp_context,
+            initializer=None,
+            initargs=(),
+            max_tasks_per_child=max_tasks_per_child,
+            pool="KernelPool",
+        )
+        arguments.refuse_meaningless(options, "KernelPool")
         count, sources = arguments.split_sources(kernels, Kernel, "KernelPool")
         given = [source.aio if isinstance(source, Kernel) else source for source in sources]
         pool = AsyncKernelPool(
             given or count,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_child=max_tasks_per_child,
             retries=retries,
             timeout=timeout,
             output=output,
@@ -101,6 +127,9 @@ class KernelPool(concurrent.futures.Executor):
         timeout: float | None = None,
         output: Output = "forward",
         prefetch: bool = True,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        max_tasks_per_child: int | None = None,
         **server_options: Any,
     ) -> KernelPool:
         """A pool of ``n`` new kernels on a Jupyter Server or gateway (see ``kernelproxy.connect_server``).
@@ -120,12 +149,16 @@ class KernelPool(concurrent.futures.Executor):
                 timeout=timeout,
                 output=output,
                 prefetch=prefetch,
+                initializer=initializer,
+                initargs=initargs,
+                max_tasks_per_child=max_tasks_per_child,
                 **server_options,
             )
         )
         return pool
 
     def _start(self, pool: AsyncKernelPool) -> None:
+        pool._name = "KernelPool"
         self._portal = get_portal()
         self._portal.run(pool.start())
         self._pool = pool
@@ -244,19 +277,23 @@ class KernelPool(concurrent.futures.Executor):
         end_time: float | None,
         counter: ProgressCounter | None,
     ) -> Generator[Any, None, None]:
-        futures.reverse()  # pop from the end: finished results are not kept alive
+        futures.reverse()  # pop from the end
         try:
+            # No local holds a result while the caller works on it, nor after (bpo-14406): with big
+            # results, peak memory would double. A chunk's items are popped as they are yielded.
             while futures:
-                future = futures.pop()
                 try:
-                    value = future.result() if end_time is None else future.result(end_time - time.monotonic())
+                    box = [_result(futures.pop(), end_time)]  # emptied before the yield: no local keeps it
                 except Exception as exc:
                     trim(exc)  # the caller's line, then the remote frames
                     raise
                 if chunked:
-                    yield from value
+                    chunk = box.pop()
+                    chunk.reverse()
+                    while chunk:
+                        yield chunk.pop()
                 else:
-                    yield value
+                    yield box.pop()
         finally:
             if futures:  # closed early, timed out or failed: stop what nobody will read
                 self._pool._abandon_threadsafe(tasks)
@@ -295,6 +332,8 @@ class KernelPool(concurrent.futures.Executor):
             wait: block until then (else it happens in the background).
             cancel_futures: cancel the tasks that have not started.
         """
+        if self._pool._scheduler().pid != os.getpid():
+            return  # a forked child: the pool is its parent's to shut down
         self._pool._scheduler().close_submissions()
         future = self._portal.submit(self._pool.shutdown(wait, cancel_futures=cancel_futures))
         if wait:
@@ -311,3 +350,8 @@ class KernelPool(concurrent.futures.Executor):
 
     def _repr_html_(self) -> str:  # notebooks
         return _display.pool_html(repr(self), self._pool._startup.scheduler)
+
+
+def _result(future: concurrent.futures.Future[Any], end_time: float | None) -> Any:
+    """The future's result; the future itself is then referenced by no one (bpo-14406)."""
+    return future.result() if end_time is None else future.result(end_time - time.monotonic())

@@ -7,6 +7,7 @@ import builtins
 import concurrent.futures
 import contextvars
 import dataclasses
+import logging
 import types
 from collections.abc import Sequence
 from typing import Any, Callable, Protocol
@@ -14,6 +15,8 @@ from typing import Any, Callable, Protocol
 from .._output import capture
 from .._protocol import Outcome
 from .._types import CallOptions, Output, Unset
+
+log = logging.getLogger("kernelproxy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,49 +62,68 @@ class Sink(Protocol):
 
 
 class ThreadSink:
-    """KernelPool's futures: concurrent.futures semantics (a running future cannot be cancelled)."""
+    """KernelPool's futures: concurrent.futures semantics (a running future cannot be cancelled).
+
+    Setting a concurrent.futures.Future runs its done-callbacks here, on the IO
+    thread; concurrent.futures catches their Exceptions, not SystemExit: caught here.
+    Once set, the sink lets go of the future (and its result): a map() keeps its
+    tasks until it ends, not their results (bpo-14406).
+    """
 
     __slots__ = ("future",)
 
     def __init__(self, future: concurrent.futures.Future[Any]) -> None:
-        self.future = future
+        self.future: concurrent.futures.Future[Any] | None = future
 
     def claim(self) -> bool:
-        return self.future.set_running_or_notify_cancel()
+        return self.future is not None and self.future.set_running_or_notify_cancel()
 
     def resolve(self, value: Any) -> None:
-        if not self.future.done():  # only the loop's thread sets it; a running future cannot be cancelled
-            self.future.set_result(value)
+        future, self.future = self.future, None
+        if future is not None and not future.done():  # only the loop's thread sets it; running: not cancellable
+            try:
+                future.set_result(value)
+            except BaseException:
+                log.exception("a done-callback of a KernelPool future raised")
 
     def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
+        future, self.future = self.future, None
+        if future is not None and not future.done():
+            try:
+                future.set_exception(exc)
+            except BaseException:
+                log.exception("a done-callback of a KernelPool future raised")
 
     def cancel(self) -> bool:
-        return self.future.cancel()
+        return self.future is not None and self.future.cancel()
 
 
 class LoopSink:
-    """AsyncKernelPool's futures: cancelling one interrupts its remote work, also while it runs."""
+    """AsyncKernelPool's futures: cancelling one interrupts its remote work, also while it runs.
+
+    Once set, the sink lets go of the future, as ThreadSink does.
+    """
 
     __slots__ = ("future",)
 
     def __init__(self, future: asyncio.Future[Any]) -> None:
-        self.future = future
+        self.future: asyncio.Future[Any] | None = future
 
     def claim(self) -> bool:
-        return not self.future.done()
+        return self.future is not None and not self.future.done()
 
     def resolve(self, value: Any) -> None:
-        if not self.future.done():
-            self.future.set_result(value)
+        future, self.future = self.future, None
+        if future is not None and not future.done():
+            future.set_result(value)
 
     def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
+        future, self.future = self.future, None
+        if future is not None and not future.done():
+            future.set_exception(exc)
 
     def cancel(self) -> bool:
-        return self.future.cancel()
+        return self.future is not None and self.future.cancel()
 
 
 @dataclasses.dataclass(eq=False)

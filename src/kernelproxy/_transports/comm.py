@@ -41,9 +41,6 @@ from .base import Interrupter, IopubListener, Message, Outcome, Transport, kerne
 
 DIGESTS = ("blake3", "sha256")  # offered to the agent, best first
 PROBE_SIZE = 256 * 1024  # bytes echoed at negotiation: proves binary buffers survive the path
-# Requests queued in the kernel at once. It runs one at a time anyway; a bound keeps bursts of IOPub
-# traffic (3 messages a request) far below the kernel's PUB high-water mark (1,000), past which it drops.
-MAX_IN_FLIGHT = 64
 PART_OVERHEAD = 64 * 1024  # room left in a wire message for the JSON around a part's bytes
 # Seconds after the kernel's 'idle' for a request with no reply before it counts as unanswered: replies on
 # IOPub come before 'idle' (same socket); replies on shell travel beside it and may come a little later.
@@ -53,7 +50,31 @@ OPEN_ATTEMPTS = 3
 
 def digest_frames(algorithm: str, frames: list[Any]) -> str:
     """Hash all frames, in order, as the agent does."""
+    if algorithm == "blake3" and _forked:
+        return _blake3_one_thread(frames)
     return str(agent.DIGESTS[algorithm](frames))  # type: ignore[no-untyped-call]
+
+
+def _blake3_one_thread(frames: list[Any]) -> str:
+    """blake3 without its thread pool, which a forked child inherits without its threads (it would hang)."""
+    import blake3  # type: ignore[import-not-found, unused-ignore]
+
+    hasher = blake3.blake3(max_threads=1)
+    for frame in frames:
+        hasher.update(frame)
+    return str(hasher.hexdigest())
+
+
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class CommTransport(Transport):
@@ -77,7 +98,6 @@ class CommTransport(Transport):
         self.shell = shell  # the subshell it runs requests on (None: the main shell)
         self._keep_replies = connection.wire.may_lose_replies  # the agent keeps replies until acknowledged
         self._acks: list[str] = []  # request ids whose replies arrived, acknowledged with the next request
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     @property
     def description(self) -> str:
@@ -153,25 +173,24 @@ class CommTransport(Transport):
         if self._keep_replies:
             data["keep_reply"] = True
         matcher = self.reply_matcher()
-        async with self._slots:
-            if self._acks:
-                data["ack"], self._acks = self._acks, []
-            if self._part_size is not None and sum(memoryview(f).nbytes for f in frames) > self._part_size:
-                data["upload"] = uuid.uuid4().hex
-                await self._send_parts(data["upload"], frames)
-                frames = []
-            content = {"comm_id": self._comm_id, "data": data}
-            reply = await self._conn.request(
-                "shell",
-                "comm_msg",
-                content,
-                buffers=frames,
-                listener=listener,
-                matcher=matcher,
-                outcome=outcome,
-                shell=self.shell,
-                interrupter=interrupter,
-            )
+        if self._acks:
+            data["ack"], self._acks = self._acks, []
+        if self._part_size is not None and sum(memoryview(f).nbytes for f in frames) > self._part_size:
+            data["upload"] = uuid.uuid4().hex
+            await self._send_parts(data["upload"], frames)
+            frames = []
+        content = {"comm_id": self._comm_id, "data": data}
+        reply = await self._conn.request(
+            "shell",
+            "comm_msg",
+            content,
+            buffers=frames,
+            listener=listener,
+            matcher=matcher,
+            outcome=outcome,
+            shell=self.shell,
+            interrupter=interrupter,
+        )
         if rid is not None and self._keep_replies:
             self._acks.append(rid)
         if reply["msg_type"] == "comm_close":

@@ -69,16 +69,19 @@ Reply headers:
   eval), or no frames (push, exec, delete), or ``"result": bool`` (contains).
 * ``{"status": "error", "kind": K, "ename", "evalue", "traceback"}`` where K is
   ``exception`` (user code raised; frame 0, if present, is the pickled
-  exception), ``interrupted`` (KeyboardInterrupt), ``deserialize`` (the
-  request could not be unpickled here), ``serialize`` (the result could not be
-  pickled here), ``stale`` (a ref of another agent instance), ``lost`` (a
-  request sent again whose reply is no longer kept) or ``protocol`` (malformed
-  request: corruption or a version mismatch). An ``exception`` reply also has
-  ``stack``: the traceback as data (see ``_stack``), for hosts that render it
-  themselves. A ``deserialize`` reply whose pickle named a module it could not
-  find has ``missing``: ``{"module", "package", "version"}``, the package's
-  version here (None: not importable), so the host can tell a missing package
-  from a version difference.
+  exception; a KeyboardInterrupt the code raised itself is one too),
+  ``interrupted`` (a SIGINT, or a subshell's ``cancel``, interrupted the
+  request), ``deserialize`` (the request could not be unpickled here),
+  ``serialize`` (the result could not be pickled here), ``stale`` (a ref of
+  another agent instance), ``lost`` (a request sent again whose reply is no
+  longer kept) or ``protocol`` (malformed request: corruption or a version
+  mismatch). An ``exception`` reply also has ``stack``: the traceback as data
+  (see ``_stack``), for hosts that render it themselves. A ``deserialize``
+  reply whose pickle named a module it could not find has ``missing``:
+  ``{"module", "package", "version"}``, the package's version here (None: not
+  importable), so the host can tell a missing package from a version
+  difference. For ``deserialize`` and ``serialize``, frames, if present, are
+  the pickled original error (a ``ModuleNotFoundError``...).
 
 The execute transport's replies (``ex``) also carry ``agent``, the instance id.
 
@@ -90,7 +93,8 @@ The comm transport opens a comm on target ``COMM_TARGET`` (registered by
 ``listen()``). The agent answers the comm_open with ``{"opened": ALGORITHM}``,
 the buffer-digest algorithm it picked from the host's offer. Each request is
 a comm_msg with data ``{"header": ..., "digest": ...}`` and the frames as
-binary buffers, zero-copy; the reply comes back the same way on IOPub.
+binary buffers, zero-copy; the reply comes back the same way on IOPub, or
+on shell (see ``reply_on``).
 Jupyter's HMAC signature covers the data, not the buffers, so ``digest``
 (the hash of all buffers, in order) is what makes buffers tamper-evident: a
 request whose buffers do not match is refused, never unpickled.
@@ -121,7 +125,7 @@ from types import CodeType
 PROTOCOL = 1
 # Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
 # an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
-REVISION = 5
+REVISION = 6
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -560,9 +564,55 @@ def _value_reply(value, op="call"):
             "%s (a %s) could not be pickled in the kernel: %s; %s"
             % (what, _type_name(value), exc, KEEP_ADVICE.get(op, KEEP_ADVICE["call"])),
             _user_traceback(exc),
+            _pickled_error(exc),
         )
     header, _ = _ok()
     return header, frames
+
+
+def _pickled_error(exc):
+    """``exc`` pickled, for the host to chain as a cause; [] if it cannot travel."""
+    try:
+        return dumps(exc)
+    except BaseException:
+        return []
+
+
+# --------------------------------------------------------------------- interrupts
+
+_sigints = [0]  # SIGINTs received while a request ran (by _on_sigint)
+
+
+def _on_sigint(signum, frame):
+    """Python's default SIGINT handler, counting: an interrupt tells itself from ``raise KeyboardInterrupt``."""
+    _sigints[0] += 1
+    raise KeyboardInterrupt
+
+
+def _watch_sigint():
+    """Count SIGINTs during a request; return the handler to put back, or None where we cannot (not the main
+    thread, or the kernel has its own handler): then every KeyboardInterrupt counts as an interrupt."""
+    try:
+        import signal
+
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler:  # ipykernel installs it while it handles a request
+            return None
+        signal.signal(signal.SIGINT, _on_sigint)
+        return previous
+    except Exception:
+        return None
+
+
+def _unwatch_sigint(previous):
+    if previous is not None:
+        try:
+            import signal
+
+            if signal.getsignal(signal.SIGINT) is _on_sigint:
+                signal.signal(signal.SIGINT, previous)
+        except Exception:
+            pass
 
 
 def _type_name(value):
@@ -842,6 +892,8 @@ def dispatch(header, frames, ns, rid=None):
 
     With a request id ``rid``, ``cancel(rid)`` from another thread can stop it (see ``cancel``).
     """
+    watched = _watch_sigint()
+    sigints = _sigints[0]
     try:
         problem = _malformed(header)
         if problem is not None:
@@ -852,14 +904,20 @@ def dispatch(header, frames, ns, rid=None):
     except _StaleRef as exc:
         return _error("stale", "StaleRefError", str(exc))
     except _RequestUnpicklingError as exc:
-        reply, out = _error("deserialize", "SerializationError", str(exc), _user_traceback(exc))
+        reply, out = _error(
+            "deserialize", "SerializationError", str(exc), _user_traceback(exc), _pickled_error(exc.__cause__)
+        )
         if exc.missing is not None:
             reply["missing"] = exc.missing
         return reply, out
     except KeyboardInterrupt as exc:
+        if watched is not None and _sigints[0] == sigints:  # no SIGINT came: the code raised it itself
+            return _exception_reply(exc)
         return _exception_reply(exc, kind="interrupted")
     except BaseException as exc:  # SystemExit too: user code must not end the kernel through us
         return _exception_reply(exc)
+    finally:
+        _unwatch_sigint(watched)
 
 
 # --------------------------------------------------------------------- request ids: resends, kept replies, cancel
