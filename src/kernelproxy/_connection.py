@@ -136,6 +136,7 @@ class KernelConnection:
         # its 'busy' may even come after a reply on shell) when the next one is abandoned; that one is not
         # "queued behind other work" (replies come before 'idle').
         self._last_answered: dict[str | None, str] = {}
+        self._signals_on_the_way: set[asyncio.Future[Any]] = set()  # SIGINTs for abandoned requests, not yet sent
         self._control_ids: dict[str, None] = {}  # our latest requests on control, oldest first
         self._monitor_task: asyncio.Task[None] | None = None
         self._sent = 0  # counts messages sent: orders requests against reconnect barriers and checks
@@ -275,6 +276,10 @@ class KernelConnection:
         outcome.msg_id = msg_id
         outcome.stage = Stage.SENT  # from here on it may have reached the kernel
         try:
+            if channel == "shell" and self._signals_on_the_way:
+                # A SIGINT meant for an abandoned request must not land in this one (a slow REST interrupt
+                # did): it goes first; between requests ipykernel ignores SIGINT.
+                await asyncio.wait(set(self._signals_on_the_way))
             await self.wire.send(channel, encoded, buffers)
             self._sent += 1
             pending.sent = self._sent
@@ -404,8 +409,13 @@ class KernelConnection:
         # Once only: a second SIGINT could land after the reply, in an idle kernel.
         outcome.interrupt = Interrupt.ANSWERED
         try:
+            sending = asyncio.ensure_future((pending.interrupter or self._interrupter)())
+            sending.add_done_callback(_consume_outcome)
+            if pending.interrupter is None:  # a kernel-wide SIGINT (a subshell's own interrupter aims at its work)
+                self._signals_on_the_way.add(sending)
+                sending.add_done_callback(self._signals_on_the_way.discard)
             try:
-                await (pending.interrupter or self._interrupter)()
+                await asyncio.shield(sending)
             except KernelDiedError:
                 return  # recorded in the outcome by fail_all()
             except Exception as exc:  # an unanswered interrupt_request, a server that refused it...
