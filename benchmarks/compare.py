@@ -74,7 +74,7 @@ import kernelproxy
 from kernelproxy import _serialization as kp_serialization  # what push() does to a value, for the layout table
 
 SECTIONS = ("latency", "arrays", "small", "dataframe", "drift")
-BACKENDS = ("comm", "execute", "raw", "ipyparallel", "loky", "ppe", "rpyc", "zmq")
+BACKENDS = ("lane", "comm", "execute", "raw", "ipyparallel", "loky", "ppe", "rpyc", "zmq")
 STRING_VARIANTS = ("arrow", "python", "object")
 GB = 1024 * MB
 ECHO_TARGET = "kpbench.echo"
@@ -1098,7 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A forking ProcessPoolExecutor first, while this process has no threads and holds no big arrays.
         run.start("ppe", start_ppe)
         run.start("loky", start_loky)
-        for transport in ("comm", "execute"):
+        for transport in ("lane", "comm", "execute"):
             run.start(transport, lambda t=transport: KernelproxyBackend(t, os.path.join(scratch, f"ipython-{t}")))
         kp_sockets = next(
             (zmq_transport_of(b.k) for b in run.backends.values() if isinstance(b, KernelproxyBackend)), "tcp"
