@@ -125,6 +125,7 @@ class _Pending:
     # The lane: tells the kernel to skip the request if it has not started it; returns whether it runs now.
     cancel: Callable[[], Awaitable[bool]] | None = None
     aim: Callable[[], None] | None = None  # the lane: aims the next interrupt at this request
+    started: Callable[[], bool] | None = None  # the lane: whether the kernel runs it now (no 'busy' tells)
 
 
 class KernelConnection:
@@ -184,7 +185,13 @@ class KernelConnection:
             self._fail(pending, error)
         self._pending.clear()
 
+    def _observe(self, pending: _Pending) -> None:
+        """Bring a lane request's stage up to date (the kernel says nothing when it starts one)."""
+        if pending.started is not None and pending.outcome.stage is Stage.SENT and pending.started():
+            pending.outcome.stage = Stage.RUNNING
+
     def _fail(self, pending: _Pending, error: BaseException) -> None:
+        self._observe(pending)
         if isinstance(error, KernelDiedError):
             pending.outcome.died = error
         if not pending.reply.done():
@@ -208,6 +215,7 @@ class KernelConnection:
         """
         self._running = {}
         for pending in list(self._pending.values()):
+            self._observe(pending)
             if 0 < pending.sent < before:
                 never_ran = pending.outcome.stage in (Stage.PREPARING, Stage.SENT, Stage.FINISHED)
                 if never_ran and not pending.outcome.abandoned:
@@ -309,6 +317,7 @@ class KernelConnection:
         outcome: Outcome | None = None,
         cancel: Callable[[], Awaitable[bool]] | None = None,
         aim: Callable[[], None] | None = None,
+        started: Callable[[], bool] | None = None,
     ) -> Any:
         """A request that travels outside the Jupyter channels (the lane): ``send()`` it, return its reply.
 
@@ -316,7 +325,8 @@ class KernelConnection:
         lane's reader routes its output and reply here (``route_output``,
         ``route_reply``). ``cancel`` tells the kernel to skip it if its caller
         abandons it before it started, and says whether it runs already (then
-        it is interrupted, ``aim`` first making the interrupt hit it only).
+        it is interrupted, ``aim`` first making the interrupt hit it only);
+        ``started`` says whether the kernel runs it now (for its Outcome).
         """
         if self.dead is not None:
             raise self.dead
@@ -324,6 +334,7 @@ class KernelConnection:
         pending = _Pending(msg_id, asyncio.get_running_loop().create_future(), outcome, LANE_REPLY, listener=listener)
         pending.cancel = cancel
         pending.aim = aim
+        pending.started = started
         pending.reply.add_done_callback(_consume_outcome)  # an abandoned request's failure is nobody's error
         self._pending[msg_id] = pending
         outcome.msg_id = msg_id

@@ -72,12 +72,14 @@ class LaneTransport(Transport):
         self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
         self._status = mmap.mmap(-1, agent.LANE_STATUS_SIZE)  # replaced by the shared page at open
+        self._last_running = 0  # what the status page said when the lane closed
         self._maps: Any = agent.LaneMaps()  # type: ignore[no-untyped-call]
         self._arena: Any = agent.LaneArena() if agent.LaneArena.supported() else None  # type: ignore[no-untyped-call]
         self._reader: Any = agent.LaneReader(self._on_message, self._maps)  # type: ignore[no-untyped-call]
         self._backlog: collections.deque[tuple[list[memoryview], list[int]]] = collections.deque()  # not sent yet
         self._drained: asyncio.Future[None] | None = None
         self._flush_scheduled = False  # a _flush() is due in this loop iteration
+        self._trim_handle: asyncio.TimerHandle | None = None  # drops long-free arena segments
         self._writing = False  # waiting for the socket to take more (add_writer)
         self._inflight: set[str] = set()
         self._ready: asyncio.Future[dict[str, Any]] = self._loop.create_future()
@@ -194,7 +196,15 @@ class LaneTransport(Transport):
             self._set_status(8, number)
 
         try:
-            reply = await self._conn.exchange(msg_id, send, listener=listener, outcome=outcome, cancel=cancel, aim=aim)
+            reply = await self._conn.exchange(
+                msg_id,
+                send,
+                listener=listener,
+                outcome=outcome,
+                cancel=cancel,
+                aim=aim,
+                started=lambda: self._running() == number,  # the status page outlives the kernel: read after death
+            )
         finally:
             self._inflight.discard(msg_id)
         reply_header, reply_frames = reply
@@ -205,8 +215,10 @@ class LaneTransport(Transport):
     # ------------------------------------------------------------------ the status page
 
     def _running(self) -> int:
-        """The number of the lane request the kernel runs now (0: none)."""
-        return 0 if self._status.closed else int(struct.unpack_from("<Q", self._status, 0)[0])
+        """The number of the lane request the kernel runs now (0: none); once closed, what it ran last."""
+        if self._status.closed:
+            return self._last_running
+        return int(struct.unpack_from("<Q", self._status, 0)[0])
 
     def _set_status(self, offset: int, value: int) -> None:
         if not self._status.closed:
@@ -243,9 +255,10 @@ class LaneTransport(Transport):
                 return
 
     def _on_message(self, message: dict[str, Any], frames: list[Any]) -> None:
-        if self._arena is not None:
-            for segment, offset in message.get("fr") or ():
+        if self._arena is not None and message.get("fr"):
+            for segment, offset in message["fr"]:
                 self._arena.release(segment, offset)
+            self._schedule_trim()
         kind = message.get("k")
         msg_id = f"lane-{message.get('i')}"
         if kind == "rep":
@@ -289,6 +302,20 @@ class LaneTransport(Transport):
         if not self._ready.done():
             self._ready.set_exception(error)
             self._ready.exception()
+
+    def _schedule_trim(self) -> None:
+        due = self._arena.trim_due() if self._arena is not None else None
+        if due is not None and self._trim_handle is None:
+            self._trim_handle = self._loop.call_later(due + 0.05, self._trim)
+
+    def _trim(self) -> None:
+        """Drop arena segments long free; tell the kernel at once (its descriptor keeps the memory otherwise)."""
+        self._trim_handle = None
+        if self._closed or self._arena is None:
+            return
+        if self._arena.trim():
+            self._send({"k": "trim"})
+        self._schedule_trim()
 
     # ------------------------------------------------------------------ writing (on the loop)
 
@@ -367,6 +394,8 @@ class LaneTransport(Transport):
         self._closed = True
         if self.broken is None:
             self.broken = ProtocolError("the lane is closed")
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
         try:
             self._loop.remove_reader(self._sock.fileno())
             self._loop.remove_writer(self._sock.fileno())
@@ -383,6 +412,7 @@ class LaneTransport(Transport):
                 pass
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
+        self._last_running = self._running()  # a request the kernel died running: it started (see _observe)
         self._status.close()
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)

@@ -1512,7 +1512,8 @@ def _shell_sender(comm):
 
 LANE_INLINE_MAX = 1 << 20  # frames bigger than this travel through the arena
 LANE_SEGMENT_MIN = 64 << 20  # the smallest arena segment
-LANE_RETAIN = 256 << 20  # free arena memory kept for later transfers; beyond it, free segments are dropped
+LANE_RETAIN = 256 << 20  # free arena memory kept for later transfers; beyond it, free segments are dropped...
+LANE_RETAIN_SECONDS = 10.0  # ...once they have been free this long (a loop of big transfers reuses them)
 LANE_WINDOW = 64 << 20  # a writer maps (and populates) at most this much of a segment at once
 _LANE_PREFIX_SIZE = 12
 _LANE_SCRATCH = 256 * 1024
@@ -1661,7 +1662,9 @@ class LaneArena(object):
     A frame takes a region of a segment until the peer says (``fr``) that the
     value built on it is gone. Segments are created zero-filled in one go
     (``posix_fallocate``, much cheaper than faulting pages in one by one) and
-    kept for later transfers while the free memory stays under LANE_RETAIN.
+    kept for later transfers: up to LANE_RETAIN of free memory for good, more
+    for LANE_RETAIN_SECONDS (``trim()``, which its owner calls when
+    ``trim_due()`` says so, drops the rest and announces it with ``x``).
     """
 
     def __init__(self):
@@ -1670,6 +1673,7 @@ class LaneArena(object):
         self._next = 0
         self._new = []  # (segment, size, fd) not yet announced to the peer
         self._dropped = []  # segments to announce as dropped
+        self._free_since = {}  # segment -> time.monotonic() since when it is entirely free
         self.closed = False
 
     @staticmethod
@@ -1704,6 +1708,7 @@ class LaneArena(object):
                     else:
                         free[index] = [offset + size, length - size]
                     self._used[(segment, offset)] = size
+                    self._free_since.pop(segment, None)
                     return segment, offset
         total = max(size, LANE_SEGMENT_MIN)
         fd = os.memfd_create("kernelproxy-lane", getattr(os, "MFD_CLOEXEC", 1))
@@ -1735,19 +1740,40 @@ class LaneArena(object):
             else:
                 merged.append([start, length])
         free[:] = merged
-        self._trim()
+        if free == [[0, self._segments[segment][1]]]:
+            import time
 
-    def _trim(self):
-        spare = sum(length for _, _, free in self._segments.values() for _, length in free)
-        for segment in sorted(self._segments, key=lambda s: self._segments[s][1]):
+            self._free_since[segment] = time.monotonic()
+
+    def _spare(self):
+        return sum(length for _, _, free in self._segments.values() for _, length in free)
+
+    def trim_due(self):
+        """Seconds until ``trim()`` may drop a segment (free memory beyond LANE_RETAIN), or None."""
+        if not self._free_since or self._spare() <= LANE_RETAIN:
+            return None
+        import time
+
+        oldest = min(self._free_since.values())
+        return max(0.0, oldest + LANE_RETAIN_SECONDS - time.monotonic())
+
+    def trim(self):
+        """Drop segments free for LANE_RETAIN_SECONDS while the free memory exceeds LANE_RETAIN, biggest first."""
+        import time
+
+        spare = self._spare()
+        now = time.monotonic()
+        for segment in sorted(self._free_since, key=lambda s: -self._segments[s][1]):
             if spare <= LANE_RETAIN:
                 break
-            fd, total, free = self._segments[segment]
-            if free == [[0, total]]:
-                del self._segments[segment]
-                os.close(fd)
-                self._dropped.append(segment)
-                spare -= total
+            if now - self._free_since[segment] < LANE_RETAIN_SECONDS:
+                continue
+            fd, total, _ = self._segments.pop(segment)
+            del self._free_since[segment]
+            os.close(fd)
+            self._dropped.append(segment)
+            spare -= total
+        return bool(self._dropped)
 
     def take_news(self):
         """Segments created and dropped since the last call (announced with the next message)."""
@@ -1963,6 +1989,7 @@ class _KernelLane(object):
         self._send_lock = threading.Lock()  # output may come from other threads (ipykernel's IOPub thread)
         self._closed = False
         self._status = None  # the status page, shared with the host (see the lane's format above)
+        self._trim_scheduled = False
         loop.add_reader(connection.fileno(), self._on_readable)
         lanes.append(self)
 
@@ -2007,6 +2034,7 @@ class _KernelLane(object):
             with self._send_lock:  # the arena is also written from ipykernel's IOPub thread (output)
                 for segment, offset in message["fr"]:
                     self._arena.release(segment, offset)
+            self._schedule_trim()
         kind = message.get("k")
         if not self._authenticated:
             if kind == "hello" and message.get("t") == self._token and self._reader.fds:
@@ -2144,6 +2172,26 @@ class _KernelLane(object):
                     else:
                         pending[0] = pending[0][sent:]
                         sent = 0
+
+    def _schedule_trim(self):
+        due = self._arena.trim_due() if self._arena is not None else None
+        if due is not None and not self._trim_scheduled:
+            self._trim_scheduled = True
+            self._loop.call_later(due + 0.05, self._trim)
+
+    def _trim(self):
+        """Drop arena segments long free; tell the host at once (its descriptor keeps the memory otherwise)."""
+        self._trim_scheduled = False
+        if self._closed or self._arena is None:
+            return
+        with self._send_lock:
+            dropped = self._arena.trim()
+        if dropped:
+            try:
+                self._send({"k": "trim"})
+            except OSError:
+                return
+        self._schedule_trim()
 
     def arena_state(self):
         """(bytes of this side's arena, regions in use; regions of the host's arena mapped here): for tests."""
