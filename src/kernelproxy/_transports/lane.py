@@ -334,8 +334,11 @@ class LaneTransport(Transport):
             self._backlog[-1][0].extend(views)  # one sendmsg for the messages of one loop iteration
         else:
             self._backlog.append((views, fds))
-        if fds:
-            self._flush()  # now: the descriptors may be closed once this returns
+        if fds or (len(self._backlog) == 1 and not self._flush_scheduled and not self._writing):
+            # Now: descriptors may be closed once this returns; a lone message goes without a loop iteration's wait.
+            self._flush()
+            self._flush_scheduled = True  # later messages of this iteration go together, at its end
+            self._loop.call_soon(self._flush)
         elif not self._flush_scheduled and not self._writing:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

@@ -1997,7 +1997,7 @@ class _KernelLane(object):
 
     def _on_readable(self):
         if self._read():
-            self._run_next()
+            self._run_next(fresh=True)
 
     def _read(self):
         """Read what is there; return False once the lane is closed."""
@@ -2058,12 +2058,16 @@ class _KernelLane(object):
 
     # ---------------------------------------------------------------- running requests
 
-    def _run_next(self):
-        """Run the next queued request; leave the rest for later loop iterations (other handlers get their turn)."""
+    def _run_next(self, fresh=False):
+        """Run the next queued request; leave the rest for later loop iterations (other handlers get their turn).
+
+        ``fresh``: the socket was just read (from the reader callback).
+        """
         self._scheduled = False
         if self._closed or not self._queue:
             return
-        self._read()  # cancels that came meanwhile
+        if not fresh:
+            self._read()  # cancels that came meanwhile
         while self._queue and not self._closed:
             request, header, frames, rid = self._queue.popleft()
             if request not in self._cancelled:
@@ -2086,13 +2090,14 @@ class _KernelLane(object):
         if self._status is not None and not self._status.closed:
             struct.pack_into("<Q", self._status, offset, value)
 
-    def _interrupted(self, signum, frame):
-        """SIGINT while a lane request runs: a KeyboardInterrupt if the interrupt is meant for it."""
+    def aimed_at_running(self):
+        """Whether a request runs here and an interrupt is aimed at it (see the status page)."""
         import struct
 
+        if self._status is None or self._status.closed:
+            return False
         running, target = struct.unpack_from("<QQ", self._status, 0)
-        if target == LANE_ANY or target == running:
-            raise KeyboardInterrupt
+        return running != 0 and (target == LANE_ANY or target == running)
 
     def _run(self, request, header, frames, rid):
         import _signal
@@ -2113,13 +2118,11 @@ class _KernelLane(object):
             pass
         try:
             try:
-                previous = _signal.signal(_signal.SIGINT, self._interrupted)
-                try:
-                    reply, out = dispatch(header, frames, sys.modules["IPython"].get_ipython().user_ns, rid)
-                finally:
-                    _signal.signal(_signal.SIGINT, previous)
+                if _signal.getsignal(_signal.SIGINT) is not _lane_sigint:  # no system call when it is there already
+                    _previous_sigint[:] = [_signal.signal(_signal.SIGINT, _lane_sigint)]
+                reply, out = dispatch(header, frames, sys.modules["IPython"].get_ipython().user_ns, rid)
                 _flush_output()  # output reaches the lane before the reply
-            except KeyboardInterrupt as exc:  # landed outside the user's code, before the handler was restored
+            except KeyboardInterrupt as exc:  # landed outside the user's code
                 reply, out = _exception_reply(exc, kind="interrupted")
         finally:
             _lanes_by_parent.pop(parent_id, None)
@@ -2226,6 +2229,24 @@ def _fd_bytes(fds):
     import array
 
     return array.array("i", fds).tobytes()
+
+
+_previous_sigint = []  # the SIGINT handler _lane_sigint took over (ipykernel's SIG_IGN between requests)
+
+
+def _lane_sigint(signum, frame):
+    """SIGINT once a lane has run a request: KeyboardInterrupt in the lane request it is aimed at.
+
+    It stays installed (installing it per request costs two system calls);
+    ipykernel puts its own in place while its handlers run, and back after.
+    With no lane request running, the handler it replaced decides.
+    """
+    for lane in lanes:
+        if lane.aimed_at_running():
+            raise KeyboardInterrupt
+    previous = _previous_sigint[0] if _previous_sigint else None
+    if callable(previous):
+        previous(signum, frame)
 
 
 def _lane_parent(kernel, msg_id):
