@@ -231,7 +231,7 @@ class FunctionRef:
 
     ``payload`` is that pickle (with the source lines of its code), sent once
     per kernel in the request's ``define`` field; afterwards the digest alone
-    travels. A kernel that lost it (restarted, evicted) answers ``missing`` and
+    travels. A kernel that lost it (restarted, evicted) answers ``undefined`` and
     the host sends it again.
     """
 

@@ -108,9 +108,7 @@ class LaneTransport(Transport):
         token = secrets.token_hex(16)
         sock = None
         try:
-            expression = (
-                f"__import__('sys').modules[{agent.MODULE_NAME!r}]._lane_expression({path!r}, {token!r})"
-            )
+            expression = f"__import__('sys').modules[{agent.MODULE_NAME!r}]._lane_expression({path!r}, {token!r})"
             content = await asyncio.wait_for(connection.execute({EXPRESSION_KEY: expression}), timeout)
             answer = read_expression_result(content)
             if not isinstance(answer, dict) or answer.get("status") != "ok":
