@@ -11,7 +11,7 @@ Workloads, each run as ``map`` over 2 workers in the same process and run:
 The lone kernel keeps at most 64 calls in flight: with thousands of concurrent
 ``Kernel.submit`` calls on one kernel, the comm transport loses replies and the
 calls never finish (a kernelproxy bug outside the pool, which holds at most two
-tasks per kernel).
+tasks per kernel, or 16 tiny ones over the lane).
 
 Contestants: ``kernelproxy.KernelPool(2)`` (chunksize 1, and a chunked row),
 one kernel alone (``Kernel.submit`` for every item, 64 in flight: its best case),
