@@ -74,7 +74,7 @@ import kernelproxy
 from kernelproxy import _serialization as kp_serialization  # what push() does to a value, for the layout table
 
 SECTIONS = ("latency", "arrays", "small", "dataframe", "drift")
-BACKENDS = ("comm", "execute", "raw", "ipyparallel", "loky", "ppe", "rpyc", "zmq")
+BACKENDS = ("lane", "comm", "execute", "raw", "ipyparallel", "loky", "ppe", "rpyc", "zmq")
 STRING_VARIANTS = ("arrow", "python", "object")
 GB = 1024 * MB
 ECHO_TARGET = "kpbench.echo"
@@ -989,7 +989,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--cycles", type=int, help="push/pull/delete cycles for the drift test (default 1000)")
     parser.add_argument(
-        "--drift-transports", default="comm", help="kernelproxy transports for the drift test (default comm)"
+        "--drift-transports",
+        default="lane,comm",
+        help="kernelproxy transports for the drift test (default lane,comm)",
     )
     parser.add_argument("--zmq-sockets", choices=["ipc", "tcp"], default="ipc", help="raw pyzmq transport (ipc)")
     args = parser.parse_args(argv)
@@ -1098,7 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A forking ProcessPoolExecutor first, while this process has no threads and holds no big arrays.
         run.start("ppe", start_ppe)
         run.start("loky", start_loky)
-        for transport in ("comm", "execute"):
+        for transport in ("lane", "comm", "execute"):
             run.start(transport, lambda t=transport: KernelproxyBackend(t, os.path.join(scratch, f"ipython-{t}")))
         kp_sockets = next(
             (zmq_transport_of(b.k) for b in run.backends.values() if isinstance(b, KernelproxyBackend)), "tcp"
@@ -1166,6 +1168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             times = bench_latency(variants, args.calls, drain)
             measurements["latency"] = times
             refs = ["raw comm: comm_msg -> echo comm_msg", "kernelproxy[comm]: k.call(add, 1, 2)"]
+            refs += ["loky: submit(add, 1, 2).result()"]
             refs += ["ipyparallel: rc[:].apply_sync(add, 1, 2)"]
             print_latency(times, refs)
             print(
@@ -1286,8 +1289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 payload = int(df.memory_usage(deep=True).sum())
                 workload = f"{strings} strings"
                 layouts.append((workload, frame_layout(df)))
+                lane = run.backends.get("lane")
+                contestants = ([lane] if lane is not None else []) + [comm, plain]
                 for index in range(args.df_repeat):
-                    for b in [comm, plain] if index % 2 == 0 else [plain, comm]:
+                    shift = index % len(contestants)
+                    for b in contestants[shift:] + contestants[:shift]:
                         log(f"DataFrame, {workload}, repeat {index + 1}/{args.df_repeat}: {b.label}")
                         guarded(
                             b,
@@ -1367,6 +1373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
         section("6. Targets")
+        print_lane_targets(measurements, run)
         print_targets(measurements, run)
 
         section("Correctness and conditions")
@@ -1394,6 +1401,74 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def print_lane_targets(m: dict[str, Any], run: Run) -> None:
+    """The targets of the direct lane (issue 14), each a ratio to an alternative measured in this run."""
+    rows: list[list[str]] = []
+
+    def add_row(target: str, measured: str | None, met: bool | None, note: str = "") -> None:
+        verdict = "not measured" if met is None else ("met" if met else "MISSED")
+        rows.append([target, measured if measured is not None else "-", verdict, note])
+
+    times = m.get("latency", {})
+    lane = times.get("kernelproxy[lane]: k.call(add, 1, 2)")
+    loky = times.get("loky: submit(add, 1, 2).result()")
+    comm = times.get("kernelproxy[comm]: k.call(add, 1, 2)")
+    raw_comm = times.get("raw comm: comm_msg -> echo comm_msg")
+    target = "trivial call, lane <= loky's median"
+    if lane and loky:
+        ratio = median(lane) / median(loky)
+        add_row(target, f"{ratio:.2f}x", ratio <= 1.0, f"{median(ms(lane)):.3f} vs {median(ms(loky)):.3f} ms")
+    else:
+        add_row(target, None, None)
+    target = "trivial call, comm <= 1.0x raw comm round trip"
+    if comm and raw_comm:
+        ratio = median(comm) / median(raw_comm)
+        add_row(target, f"{ratio:.2f}x", ratio <= 1.0, f"{median(ms(comm)):.2f} vs {median(ms(raw_comm)):.2f} ms")
+    else:
+        add_row(target, None, None)
+
+    transfers = m.get("arrays", {})
+    sizes = sorted({r.payload for r in transfers.values()})
+    big = GB if GB in sizes else (sizes[-1] if sizes else None)
+    big_name = fmt_size(big / MB) if big else "1 GB"
+    suffix = "" if big == GB else f" (measured at {big_name}, 1 GB not run)"
+    lane_rt = round_trip_times(transfers, big_name, "kernelproxy[lane]") if big else []
+    zmq_rt = round_trip_times(transfers, big_name, "raw pyzmq (1 frame)") if big else []
+    target = "1 GB push+pull, lane >= 1.5x raw pyzmq one-frame throughput"
+    if lane_rt and zmq_rt:
+        ratio = median(zmq_rt) / median(lane_rt)
+        note = f"{median(lane_rt):.2f} s vs {median(zmq_rt):.2f} s{suffix}"
+        add_row(target, f"{ratio:.2f}x", ratio >= 1.5, note)
+    else:
+        add_row(target, None, None)
+    for role, where in (("host", "host"), ("worker", "kernel")):
+        values = [
+            (op, median_peak_x(transfers.get((big_name, op, "kernelproxy[lane]")), role)) for op in ("push", "pull")
+        ]
+        known = [(op, v) for op, v in values if v is not None]
+        target = f"peak memory moving 1 GB over the lane <= 1.1x payload, {where}"
+        if known:
+            worst_op, worst = max(known, key=lambda item: item[1])
+            note = ", ".join(f"{op} {v:.2f}x" for op, v in known) + f" (median dpeak/payload){suffix}"
+            add_row(target, f"{worst:.2f}x ({worst_op})", worst <= 1.1, note)
+        else:
+            add_row(target, None, None)
+    frames = m.get("dataframe", {})
+    rows_label = "1e7" if run.args.rows == 10_000_000 else f"{run.args.rows:,}"
+    for workload in list(dict.fromkeys(key[0] for key in frames)) or ["(not run)"]:
+        lane_t = round_trip_times(frames, workload, "kernelproxy[lane]")
+        plain_t = round_trip_times(frames, workload, "comm + plain cloudpickle")
+        target = f"{rows_label}-row DataFrame push+pull, lane <= 0.35x comm + plain cloudpickle, {workload}"
+        if lane_t and plain_t:
+            ratio = median(lane_t) / median(plain_t)
+            add_row(target, f"{ratio:.2f}x", ratio <= 0.35, f"{median(lane_t):.2f} s vs {median(plain_t):.2f} s")
+        else:
+            add_row(target, None, None)
+    print(table(["target (the lane, issue 14)", "measured", "verdict", "detail"], rows, right=[False] * 4))
+    print("  Pool targets (throughput against loky): benchmarks/pool.py.")
+    print()
 
 
 def print_targets(m: dict[str, Any], run: Run) -> None:

@@ -37,6 +37,7 @@ pytest_plugins = ["servers.fixtures"]
 # Every kernel fixture runs once per path listed here: a transport over a wire. "server" is a kernel of a
 # real `jupyter server`, reached over its REST + websocket API (comm transport, frames in parts).
 KERNEL_PATHS = [
+    pytest.param(("lane", "zmq"), id="lane"),
     pytest.param(("comm", "zmq"), id="comm"),
     pytest.param(("execute", "zmq"), id="execute"),
     pytest.param(("comm", "websocket"), id="server"),

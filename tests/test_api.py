@@ -562,7 +562,7 @@ def test_info_fields(kernel, wire):
     assert info.executable == kernel.call(lambda: sys.executable)
     assert os.path.samefile(info.executable, sys.executable)
     assert info.hostname == platform.node()
-    assert info.transport.split()[0] in ("execute", "comm")
+    assert info.transport.split()[0] in ("execute", "comm", "lane")
     if wire == "websocket":  # reached through a server: no connection file here, the server's URL instead
         assert info.connection_file is None
         assert info.server and info.kernel_id and "websocket" in info.transport

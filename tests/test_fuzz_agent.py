@@ -740,6 +740,8 @@ def test_real_kernel_fuzz(kernel, transport):
     """~100 malformed requests per transport through a real kernel; each gets an error reply, the kernel lives."""
     if transport == "comm":  # server kernels use the comm transport too, over the websocket
         fuzz_comm_transport(kernel)
+    elif transport == "lane":
+        fuzz_lane_transport(kernel)
     else:
         fuzz_execute_transport(kernel)
     assert kernel.is_alive()
@@ -773,6 +775,22 @@ def fuzz_comm_transport(kernel: kernelproxy.Kernel) -> None:
 
     case()
     print(f"\nFUZZ-CASES real kernel, comm transport: {CASES['real-comm']} malformed comm_msg requests")
+
+
+def fuzz_lane_transport(kernel: kernelproxy.Kernel) -> None:
+    """Malformed headers and frames over the lane (its envelope is the lane's own: only this user can write it)."""
+    transport = kernel.aio._state.transport
+
+    @REAL_KERNEL
+    @given(header=real_headers(), frames=real_frames)
+    def case(header, frames):
+        CASES["real-lane"] += 1
+        reply_header, _ = run(kernel, transport.request(header, frames))
+        check_reply_header(reply_header)
+        still_usable(kernel, CASES["real-lane"])
+
+    case()
+    print(f"\nFUZZ-CASES real kernel, lane: {CASES['real-lane']} malformed requests")
 
 
 def fuzz_execute_transport(kernel: kernelproxy.Kernel) -> None:

@@ -224,7 +224,8 @@ def start(
         cwd: the kernel's working directory.
         env: variables added to this process's environment for the kernel.
         startup_timeout: seconds to wait for the kernel to answer.
-        transport: "auto" (comm where the kernel supports it, else execute), "comm" or "execute".
+        transport: "auto" (the lane: a Unix socket and shared memory, for an ipykernel started here;
+            else comm where the kernel supports it, else execute), "lane", "comm" or "execute".
         timeout: default call option (see ``CallOptions``): seconds a call may take.
         output: default call option (see ``CallOptions``): "forward" or "discard".
         on_timeout: default call option (see ``CallOptions``): "interrupt" or "restart".

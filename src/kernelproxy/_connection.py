@@ -98,6 +98,19 @@ class ShellReply:
 SHELL_REPLY = ShellReply()
 
 
+class LaneReply:
+    """Replies that come on the lane (``route_reply``) are replies; output there arrives before them."""
+
+    wait_idle = False
+    reply_grace: float | None = None
+
+    def __call__(self, channel: str, msg: dict[str, Any]) -> Match:
+        return "reply" if channel == "lane" else "other"
+
+
+LANE_REPLY = LaneReply()
+
+
 @dataclass(eq=False)
 class _Pending:
     """One request waiting for its reply (and, with a listener, its IOPub 'idle')."""
@@ -114,6 +127,10 @@ class _Pending:
     sent_at: float = 0.0  # the loop's time when it left
     interrupter: Callable[[], Awaitable[None]] | None = None  # stops its remote work; None: interrupt the kernel
     interruptible: bool = True  # False: an abandoned request is left to finish (a handshake)
+    # The lane: tells the kernel to skip the request if it has not started it; returns whether it runs now.
+    cancel: Callable[[], Awaitable[bool]] | None = None
+    aim: Callable[[], None] | None = None  # the lane: aims the next interrupt at this request
+    started: Callable[[], bool] | None = None  # the lane: whether the kernel runs it now (no 'busy' tells)
 
 
 class KernelConnection:
@@ -179,7 +196,13 @@ class KernelConnection:
             self._fail(pending, error)
         self._pending.clear()
 
+    def _observe(self, pending: _Pending) -> None:
+        """Bring a lane request's stage up to date (the kernel says nothing when it starts one)."""
+        if pending.started is not None and pending.outcome.stage is Stage.SENT and pending.started():
+            pending.outcome.stage = Stage.RUNNING
+
     def _fail(self, pending: _Pending, error: BaseException) -> None:
+        self._observe(pending)
         if isinstance(error, KernelDiedError):
             pending.outcome.died = error
         if not pending.reply.done():
@@ -203,6 +226,7 @@ class KernelConnection:
         """
         self._running, self._last_answered = {}, {}
         for pending in list(self._pending.values()):
+            self._observe(pending)
             if 0 < pending.sent < before:
                 never_ran = pending.outcome.stage in (Stage.PREPARING, Stage.SENT, Stage.FINISHED)
                 if never_ran and not pending.outcome.abandoned:
@@ -292,6 +316,51 @@ class KernelConnection:
                 except asyncio.TimeoutError:
                     log.warning("no 'idle' status from the kernel for %s; some output may be missing", msg_type)
             return cast(dict[str, Any], reply)
+        except asyncio.CancelledError:
+            if not pending.reply.done():
+                await asyncio.shield(self._abandon(pending))
+            raise
+        finally:
+            if not outcome.abandoned:
+                self._pending.pop(msg_id, None)
+
+    async def exchange(
+        self,
+        msg_id: str,
+        send: Callable[[], Awaitable[None]],
+        *,
+        listener: IopubListener | None = None,
+        outcome: Outcome | None = None,
+        cancel: Callable[[], Awaitable[bool]] | None = None,
+        aim: Callable[[], None] | None = None,
+        started: Callable[[], bool] | None = None,
+    ) -> Any:
+        """A request that travels outside the Jupyter channels (the lane): ``send()`` it, return its reply.
+
+        Registered and failed like the others (death, restarts, closing); the
+        lane's reader routes its output and reply here (``route_output``,
+        ``route_reply``). ``cancel`` tells the kernel to skip it if its caller
+        abandons it before it started, and says whether it runs already (then
+        it is interrupted, ``aim`` first making the interrupt hit it only);
+        ``started`` says whether the kernel runs it now (for its Outcome).
+        """
+        if self.dead is not None:
+            raise self.dead
+        outcome = outcome if outcome is not None else Outcome()
+        pending = _Pending(msg_id, asyncio.get_running_loop().create_future(), outcome, LANE_REPLY, listener=listener)
+        pending.cancel = cancel
+        pending.aim = aim
+        pending.started = started
+        pending.reply.add_done_callback(_consume_outcome)  # an abandoned request's failure is nobody's error
+        self._pending[msg_id] = pending
+        outcome.msg_id = msg_id
+        outcome.stage = Stage.SENT  # from here on it may have reached the kernel
+        try:
+            await send()
+            self._sent += 1
+            pending.sent = self._sent
+            # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits
+            return await asyncio.shield(pending.reply)
         except asyncio.CancelledError:
             if not pending.reply.done():
                 await asyncio.shield(self._abandon(pending))
@@ -403,12 +472,23 @@ class KernelConnection:
         elif running is not None and running not in (pending.msg_id, self._last_answered.get(pending.shell)):
             outcome.queued_behind = running  # _route_iopub interrupts it when it starts
         # Otherwise the kernel has not said it started it: _route_iopub interrupts it when it does.
+        if pending.cancel is not None and outcome.stage is Stage.SENT:
+            try:
+                runs = await pending.cancel()  # the lane: the kernel skips it, unless it runs it already
+            except Exception as exc:
+                log.debug("cancelling an abandoned request: %r", exc)
+                runs = False
+            if runs and not pending.reply.done():
+                outcome.stage = Stage.RUNNING
+                await self._interrupt_and_wait(pending)
 
     async def _interrupt_and_wait(self, pending: _Pending) -> None:
         outcome = pending.outcome
         # Once only: a second SIGINT could land after the reply, in an idle kernel.
         outcome.interrupt = Interrupt.ANSWERED
         try:
+            if pending.aim is not None:
+                pending.aim()
             sending = asyncio.ensure_future((pending.interrupter or self._interrupter)())
             sending.add_done_callback(_consume_outcome)
             if pending.interrupter is None:  # a kernel-wide SIGINT (a subshell's own interrupter aims at its work)
@@ -588,6 +668,30 @@ class KernelConnection:
         for waiting in list(self._pending.values()):
             if waiting.shell == shell and 0 < waiting.sent < before and not waiting.reply.done():
                 self._fail(waiting, RequestLost(lost, check=check))
+
+    # ------------------------------------------------------------------ the lane's messages
+
+    def route_output(self, msg_id: str, msg: dict[str, Any]) -> None:
+        """Output (an IOPub-shaped message) of the lane request ``msg_id``."""
+        pending = self._pending.get(msg_id)
+        if pending is not None and pending.listener is not None:
+            try:
+                pending.listener(msg)
+            except Exception:
+                log.exception("IOPub listener failed")
+
+    def route_reply(self, msg_id: str, reply: Any) -> None:
+        """The reply to the lane request ``msg_id``."""
+        pending = self._pending.get(msg_id)
+        if pending is not None:
+            self._offer(pending, "lane", reply)
+
+    def fail(self, msg_ids: list[str], error: BaseException) -> None:
+        """Fail the given requests (the lane they travel on broke)."""
+        for msg_id in msg_ids:
+            pending = self._pending.get(msg_id)
+            if pending is not None:
+                self._fail(pending, error)
 
     # ------------------------------------------------------------------ liveness
 

@@ -40,6 +40,11 @@ class KernelControl(abc.ABC):
         """The kernel's id on its server, for kernels reached through one."""
         return None
 
+    @property
+    def lane_directory(self) -> str | None:
+        """A private directory on this machine for the lane's socket, where transport="auto" may use a lane."""
+        return None
+
     def process_check(self) -> ProcessCheck | None:
         """A way to ask whether the kernel's process exited (local kernels only)."""
         return None
@@ -81,6 +86,10 @@ class LocalControl(KernelControl):
         self.private_dir = private_dir  # holds the kernel's IPC sockets and connection file; removed at the end
         self.lock = lock  # descriptor of the directory's flock()ed host.lock: held while we live (see _launch)
         self.pid = os.getpid()
+
+    @property
+    def lane_directory(self) -> str | None:
+        return self.private_dir  # an ipykernel we started here, with its sockets in this private directory
 
     def process_check(self) -> ProcessCheck:
         manager = self.manager

@@ -15,6 +15,7 @@ import enum
 import functools
 import logging
 import os
+import platform
 import uuid
 import warnings
 import weakref
@@ -43,13 +44,14 @@ from ._tracebacks import local_tracebacks, trim, trimming
 from ._transports.base import AgentMissingError, Message, SubshellMissingError, Transport
 from ._transports.comm import CommTransport
 from ._transports.execute import AGENT, ExecuteTransport
+from ._transports.lane import LaneTransport
 from ._types import UNSET, CallOptions, KernelInfo, KernelStatus, OnTimeout, Output, Unset
 from ._wires.base import Wire
 
 T = TypeVar("T")
 if TYPE_CHECKING:
     from ._types import P
-TRANSPORTS = ("auto", "comm", "execute")
+TRANSPORTS = ("auto", "lane", "comm", "execute")
 log = logging.getLogger("kernelproxy")
 RELEASE_TIMEOUT = 60.0  # seconds a batch of releases may wait behind other requests
 RESTART_ATTEMPTS = 2  # a kernel that dies while restarting gets one more restart
@@ -107,10 +109,12 @@ class _KernelState:
         self.pid = os.getpid()  # a forked child must not act on this kernel: it is its parent's
         self.generation = 0  # counts restarts (ours and others'): refs from an older generation are stale
         self.sent_code = serialization.CodeSet()  # functions whose source this kernel has (for its tracebacks)
+        self.sent_functions: set[str] = set()  # digests of the functions this kernel keeps (as far as we know)
         self._releases: collections.deque[tuple[int, int, str | None]] = collections.deque()
         self._release_task: asyncio.Future[Any] | None = None
         self.connection: KernelConnection = self._new_connection()
         self.transport: Transport | None = None
+        self.transport_note = ""  # why transport="auto" did not get a lane, for info.transport
         self.info: KernelInfo | None = None
         self.agent_instance: str | None = None  # the agent's instance id: a new one means a new kernel process
         self.features: list[str] = []  # kernel_info_reply's supported_features
@@ -173,6 +177,7 @@ class _KernelState:
             self.opening = False
 
     async def _open(self, ready_timeout: float) -> None:
+        self._drop_transport()  # reopening after a restart: the old transport's kernel is gone
         await self.connection.open()
         kernel_info = await self.connection.wait_ready(ready_timeout)
         hello = await install_agent(self.connection)
@@ -190,7 +195,7 @@ class _KernelState:
             pid=hello["pid"],
             executable=hello["executable"],
             hostname=hello["hostname"],
-            transport=transport.description + self.connection.wire.description,
+            transport=transport.description + self.connection.wire.description + self.transport_note,
             connection_file=self.connection_file,
             agent_protocol=hello["protocol"],
             server=self.control.server,
@@ -198,15 +203,36 @@ class _KernelState:
             agent_revision=hello.get("revision", 0),
         )
 
+    def _drop_transport(self) -> None:
+        """Forget the transport to a kernel process that is gone (what it holds here is released)."""
+        if self.transport is not None:
+            self.transport.discard()
+            self.transport = None
+
     async def _negotiate_transport(self, hello: dict[str, Any]) -> Transport:
-        """The comm transport where the kernel supports it (unless execute was asked for), else execute."""
-        if self.requested_transport in ("auto", "comm"):
+        """The lane for local ipykernels we started (or when asked), else comm where possible, else execute."""
+        requested = self.requested_transport
+        self.transport_note = ""
+        directory = self.control.lane_directory
+        if requested == "lane" or (requested == "auto" and directory is not None):
+            try:
+                if not hello.get("comms"):
+                    raise ProtocolError("the kernel is not an ipykernel")
+                if hello.get("hostname") != platform.node():
+                    raise ProtocolError(f"the kernel runs on another machine ({hello.get('hostname')})")
+                return await LaneTransport.open(self.connection, directory)
+            except ProtocolError as exc:
+                if requested == "lane":
+                    raise ProtocolError(f"transport='lane' is not possible with this kernel: {exc}") from exc
+                log.info("lane unavailable (%s); using the Jupyter channels", exc)
+                self.transport_note = f"; no lane: {exc}"
+        if requested in ("auto", "comm"):
             try:
                 if not hello.get("comms"):
                     raise ProtocolError("the kernel has no comm manager (not an ipykernel?)")
                 return await CommTransport.open(self.connection)
             except ProtocolError as exc:
-                if self.requested_transport == "comm":
+                if requested == "comm":
                     raise ProtocolError(f"transport='comm' is not possible with this kernel: {exc}") from exc
                 log.info("comm transport unavailable (%s); using the execute transport", exc)
         return ExecuteTransport(self.connection, content_frames=bool(hello.get("parent_access")))
@@ -244,8 +270,12 @@ class _KernelState:
         outcome: protocol.Outcome | None = None,
         *,
         subshell: bool = False,
+        functions: list[serialization.FunctionRef] | tuple[()] = (),
     ) -> Message:
         """Send one request to the agent (on kernelproxy's subshell with ``subshell``); return its reply.
+
+        ``functions``: the FunctionRefs its frames name; those the kernel may not
+        have yet travel with it (``define``), and again if it says it lacks one.
 
         The request has an id: when its reply is lost (a server connection that
         dropped) or the kernel dropped it (someone restarted the kernel: our comm
@@ -257,9 +287,9 @@ class _KernelState:
         if subshell:
             self._subshell_requests.add(rid)
         try:
-            return await self._send(rid, header, frames, listener, outcome, subshell)
+            return await self._send(rid, header, frames, listener, outcome, subshell, functions)
         finally:
-            self._subshell_requests.discard(rid)
+            self._subshell_requests.discard(rid)  # (a resend under a new id discards its own)
 
     async def _send(
         self,
@@ -269,6 +299,7 @@ class _KernelState:
         listener: Callable[[dict[str, Any]], None] | None,
         outcome: protocol.Outcome | None,
         subshell: bool,
+        functions: list[serialization.FunctionRef] | tuple[()] = (),
     ) -> Message:
         same_instance_losses = 0
         error: BaseException | None = None
@@ -282,8 +313,12 @@ class _KernelState:
                 slots = self._in_flight[transport.shell] = asyncio.Semaphore(MAX_IN_FLIGHT)
             try:
                 async with slots:
+                    # Decided once a slot is ours: a function defined by a request ahead is not sent again.
+                    defines = [ref for ref in functions if ref.digest not in self.sent_functions]
+                    sent_header: Any = {**header, "define": [ref.digest for ref in defines]} if defines else header
+                    sent_frames = [ref.payload for ref in defines] + frames if defines else frames
                     message = await transport.request(
-                        header, frames, listener=listener, outcome=outcome, rid=rid, interrupter=interrupter
+                        sent_header, sent_frames, listener=listener, outcome=outcome, rid=rid, interrupter=interrupter
                     )
             except AgentMissingError as exc:  # the kernel was restarted behind our back: the request never ran
                 error = exc
@@ -304,6 +339,18 @@ class _KernelState:
             instance = reply.get("agent")
             if instance is not None and instance != self.agent_instance:  # it ran in a new kernel process
                 await self.check_incarnation(transport.shell)
+            kind = reply.get("kind")
+            if kind == "undefined":  # evicted, or lost in a restart: nothing ran; send it again, defined
+                self.sent_functions.difference_update(reply.get("undefined") or ())
+                error = ProtocolError(f"the kernel lacks functions {reply.get('undefined')}")
+                if subshell:
+                    self._subshell_requests.discard(rid)
+                rid = uuid.uuid4().hex  # a new request: the agent remembers that it answered this id
+                if subshell:
+                    self._subshell_requests.add(rid)
+                continue
+            if kind not in ("protocol", "deserialize", "lost"):  # else the definitions may not have run
+                self.sent_functions.update(ref.digest for ref in defines)
             return message
         raise ProtocolError(f"kernelproxy's request got no answer after {REQUEST_ATTEMPTS} attempts: {error}")
 
@@ -353,10 +400,12 @@ class _KernelState:
         self.agent_instance = hello.get("instance")
         self.generation += 1
         self.sent_code.clear()
+        self.sent_functions.clear()
         self._hello = hello
         self.subshell = None
         self.connection.restarted(before, KernelDiedError(FOREIGN_RESTART))
         check_environment(hello)
+        self._drop_transport()
         self.transport = await self._negotiate_transport(hello)
         if self.info is not None:
             self.info = dataclasses.replace(
@@ -366,7 +415,7 @@ class _KernelState:
                 pid=hello["pid"],
                 executable=hello["executable"],
                 hostname=hello["hostname"],
-                transport=self.transport.description + self.connection.wire.description,
+                transport=self.transport.description + self.connection.wire.description + self.transport_note,
                 agent_revision=hello.get("revision", 0),
             )
 
@@ -375,6 +424,7 @@ class _KernelState:
         if transport.shell is not None:
             self.subshell = None
         elif transport is self.transport:
+            self._drop_transport()
             self.transport = await self._negotiate_transport(self._hello)
 
     # ------------------------------------------------------------------ subshells
@@ -465,6 +515,7 @@ class _KernelState:
                     raise KernelStartError(f"could not restart the kernel: {exc}") from exc
                 self.generation += 1
                 self.sent_code.clear()
+                self.sent_functions.clear()
                 self.connection = self._new_connection()
                 try:
                     await self.open(ready_timeout)
@@ -534,7 +585,9 @@ class _KernelState:
                     log.debug("releasing kept objects failed: %r", exc)
 
     async def interrupt(self) -> None:
-        await self.usable_transport()
+        transport = await self.usable_transport()
+        if isinstance(transport, LaneTransport):
+            transport.aim_interrupt_at_any()
         await self.control.interrupt(self.connection)
 
     async def interrupt_submitted(self, call: Submitted) -> bool:
@@ -782,12 +835,15 @@ class AsyncKernel:
         return _Root(self._state, reply["ref"])
 
     async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], keep: bool) -> Message:
+        sent_fn, functions = serialization.function_refs(fn)  # a function by value: its pickle once per kernel
         with pickling_for(self._state):
             frames = serialization.dumps(
-                (fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs), sent_code=self._state.sent_code
+                (sent_fn, args, kwargs),
+                parts=serialization.call_parts(fn, args, kwargs),
+                sent_code=self._state.sent_code,
             )
         header = protocol.call(keep=keep)
-        return await self._request(header, frames, self._options.timeout, f"call of {_name(fn)}")
+        return await self._request(header, frames, self._options.timeout, f"call of {_name(fn)}", functions=functions)
 
     async def ref(self, name: str, *, timeout: float | None = None) -> AsyncRemoteRef:
         """A ref to the object a kernel variable names now (KeyError if there is none)."""
@@ -933,13 +989,17 @@ class AsyncKernel:
         timeout: float | None,
         listener: Callable[[dict[str, Any]], None] | None,
         outcome: protocol.Outcome | None = None,
+        functions: list[serialization.FunctionRef] | tuple[()] = (),
     ) -> Any:
         """Run a call pickled beforehand (frames of ``(fn, args, kwargs)``); IOPub output goes to ``listener``.
 
         For KernelPool, which pickles on the caller's thread and labels each task's output; ``outcome``
-        tells it whether the call started before its kernel died.
+        tells it whether the call started before its kernel died; ``functions`` are the FunctionRefs
+        the frames name.
         """
-        _, out = await self._request(protocol.call(), frames, timeout, f"call of {what}", listener, outcome)
+        _, out = await self._request(
+            protocol.call(), frames, timeout, f"call of {what}", listener, outcome, functions=functions
+        )
         return serialization.loads(out, what=f"the result of {what}")
 
     async def _push_frames(self, frames: list[Any], names: list[str]) -> None:
@@ -954,6 +1014,8 @@ class AsyncKernel:
         what: str,
         listener: Callable[[dict[str, Any]], None] | None | Unset = UNSET,
         outcome: protocol.Outcome | None = None,
+        *,
+        functions: list[serialization.FunctionRef] | tuple[()] = (),
     ) -> Message:
         if isinstance(listener, Unset):
             listener = Forwarder() if self._options.output == "forward" else None  # to where the caller's output goes
@@ -962,7 +1024,9 @@ class AsyncKernel:
         timeout = self._options.timeout if timeout is None else timeout
         outcome = outcome if outcome is not None else protocol.Outcome()
         outcome.subshell = self._options.subshell
-        request = self._state.request(header, frames, listener, outcome, subshell=self._options.subshell)
+        request = self._state.request(
+            header, frames, listener, outcome, subshell=self._options.subshell, functions=functions
+        )
         try:
             reply, out = await (asyncio.wait_for(request, timeout) if timeout is not None else request)
         except asyncio.TimeoutError as exc:

@@ -13,11 +13,14 @@ does not pickle, so the error can say ``args[1]['conn']: cannot pickle
 from __future__ import annotations
 
 import functools
+import hashlib
+import operator
 import pickle
 import threading
 import types
+import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle  # type: ignore[import-untyped]
 
@@ -236,3 +239,175 @@ def _children(value: Any, path: str) -> Iterator[tuple[str, Any]]:
         if isinstance(state, dict):
             for key, item in state.items():
                 yield f"{path}.{key}", item
+
+
+# ---------------------------------------------------------------------- functions sent once per kernel
+
+FUNCTION_PAYLOAD_MAX = 1 << 20  # bigger function pickles (a closure over a large array) travel with each call
+_FINGERPRINT_DEPTH = 4  # helper functions followed this deep; deeper ones count as unstable
+
+
+class FunctionRef:
+    """Stands for a function pickled by value, in a request: the kernel looks it up by the digest of its pickle.
+
+    ``payload`` is that pickle (with the source lines of its code), sent once
+    per kernel in the request's ``define`` field; afterwards the digest alone
+    travels. A kernel that lost it (restarted, evicted) answers ``undefined`` and
+    the host sends it again.
+    """
+
+    __slots__ = ("digest", "payload")
+
+    def __init__(self, digest: str, payload: memoryview) -> None:
+        self.digest = digest
+        self.payload = payload
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        kernel_agent = agent._ModuleNamed(agent.MODULE_NAME)  # type: ignore[no-untyped-call]
+        return (operator.methodcaller("_cached_function", self.digest), (kernel_agent,))
+
+
+agent.PLAIN_TYPES.add(FunctionRef)  # its reduction needs no cloudpickle: small requests take the plain pickler
+
+
+class _Entry:
+    __slots__ = ("fingerprint", "ref", "function")
+
+    def __init__(self, function: weakref.ref[Any], fingerprint: list[Any] | None, ref: FunctionRef | None) -> None:
+        self.function = function
+        self.fingerprint = fingerprint
+        self.ref = ref
+
+
+class FunctionCache:
+    """The pickles of functions sent by value, each made once while the function stays the same.
+
+    Process-wide (a pool's kernels share them). A function's pickle by value
+    depends on its code, defaults, closure values, attributes and the globals
+    its code names; ``_fingerprint`` collects those objects. When all of them
+    are immutable (numbers, strings, tuples of them, code, modules and
+    functions pickled by reference, helper functions with such fingerprints),
+    the same objects mean the same pickle, and an identity check replaces the
+    pickling. Otherwise (a global list or dict, a class defined in
+    ``__main__``: they can change in place) the function is pickled for every
+    request as before, and only the digest saves sending it again.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def reference(self, function: Any) -> FunctionRef | None:
+        """A FunctionRef for ``fn`` if it is a function cloudpickle sends by value (and not too big), else None."""
+        if type(function) is not types.FunctionType or _by_reference(function):
+            return None
+        fn: types.FunctionType = function
+        key = id(fn)
+        entry = self._entries.get(key)
+        if entry is not None and entry.function() is fn and entry.fingerprint is not None:
+            fingerprint = _fingerprint(fn)
+            if fingerprint is not None and _same(fingerprint, entry.fingerprint):
+                return entry.ref
+        else:
+            fingerprint = _fingerprint(fn)
+        frames = dumps(fn, parts={"the function": fn})
+        if len(frames) > 1 or frames[0].nbytes > FUNCTION_PAYLOAD_MAX:
+            ref = None  # out-of-band buffers or a big closure: not worth keeping in the kernel
+        else:
+            ref = FunctionRef(hashlib.blake2b(frames[0], digest_size=16).hexdigest(), frames[0])
+        with self._lock:
+            self._entries[key] = _Entry(weakref.ref(fn, self._forgetter(key)), fingerprint, ref)
+        return ref
+
+    def _forgetter(self, key: int) -> Callable[[Any], None]:
+        return lambda _: self._forget(key)
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.function() is None:
+                del self._entries[key]
+
+
+FUNCTIONS = FunctionCache()
+
+
+def _by_reference(obj: Any) -> bool:
+    try:
+        return bool(cloudpickle.cloudpickle._should_pickle_by_reference(obj))
+    except Exception:
+        return False
+
+
+_MISSING = object()
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), type(Ellipsis), range, types.CodeType)
+
+
+def _fingerprint(fn: types.FunctionType) -> list[Any] | None:
+    """The objects ``fn``'s pickle by value is made of, if they are all immutable; else None."""
+    parts: list[Any] = []
+    return parts if _collect(fn, parts, {id(fn)}, 0) else None
+
+
+def _collect(fn: types.FunctionType, parts: list[Any], seen: set[int], depth: int) -> bool:
+    """Append what ``fn``'s pickle depends on to ``parts``; False if some of it may change in place."""
+    try:
+        names = cloudpickle.cloudpickle._extract_code_globals(fn.__code__)
+    except Exception:
+        return False
+    own: list[Any] = [fn.__code__, fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__, fn.__defaults__]
+    own.append(tuple(sorted(fn.__kwdefaults__.items())) if fn.__kwdefaults__ else None)
+    own.extend(_flatten(getattr(fn, "__annotations__", None)))
+    own.extend(_flatten(fn.__dict__))
+    if fn.__closure__:
+        for cell in fn.__closure__:
+            try:
+                own.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                own.append(_MISSING)
+    globals_ = fn.__globals__
+    for name in sorted(names):
+        own.append(name)
+        own.append(globals_.get(name, _MISSING))
+    parts.extend(own)
+    return all(_stable(part, parts, seen, depth) for part in own)
+
+
+def _flatten(mapping: dict[str, Any] | None) -> list[Any]:
+    if not mapping:
+        return [None]
+    flat: list[Any] = [len(mapping)]
+    for key, value in mapping.items():
+        flat.extend((key, value))
+    return flat
+
+
+def _stable(value: Any, parts: list[Any], seen: set[int], depth: int) -> bool:
+    """Whether ``value`` pickles the same as long as it is the same object (helper functions: see their parts)."""
+    if value is _MISSING or isinstance(value, _IMMUTABLE):
+        return True
+    kind = type(value)
+    if kind is tuple or kind is frozenset:
+        return len(value) <= 64 and all(_stable(item, parts, seen, depth) for item in value)
+    if kind is types.ModuleType or isinstance(value, type):
+        return _by_reference(value)
+    if kind in (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType):
+        return True
+    if kind is types.FunctionType:
+        if id(value) in seen or _by_reference(value):  # recursion, or a function pickled by name
+            return True
+        if depth >= _FINGERPRINT_DEPTH:
+            return False
+        seen.add(id(value))
+        return _collect(value, parts, seen, depth + 1)
+    return False
+
+
+def _same(first: list[Any], second: list[Any]) -> bool:
+    return len(first) == len(second) and all(a is b for a, b in zip(first, second))
+
+
+def function_refs(fn: Callable[..., Any]) -> tuple[Any, list[FunctionRef]]:
+    """What to pickle in place of ``fn``, and the functions that request needs defined."""
+    ref = FUNCTIONS.reference(fn)
+    return (fn, []) if ref is None else (ref, [ref])

@@ -82,7 +82,7 @@ class KernelInfo:
         pid: the kernel's process id (on its own machine).
         executable: the path of the kernel's Python interpreter.
         hostname: the machine the kernel runs on.
-        transport: "execute" (and its mode) or "comm", and the wire when not direct zmq.
+        transport: "lane", "comm" or "execute" (and its mode), the wire when not direct zmq, and why "auto" got no lane.
         connection_file: the kernel's connection file (None for kernels on a server).
         agent_protocol: the version of the wire format spoken with kernelproxy's agent in the kernel.
         server: the Jupyter Server or gateway's URL, for kernels reached through one.
@@ -96,7 +96,7 @@ class KernelInfo:
     pid: int
     executable: str
     hostname: str
-    transport: str  # "execute" (and its mode) or "comm", and the wire when not direct zmq
+    transport: str  # "lane", "comm" or "execute" (and its mode); the wire; why no lane
     connection_file: Optional[str]
     agent_protocol: int
     server: Optional[str] = None  # the Jupyter Server or gateway's URL, for kernels reached through one

@@ -134,15 +134,19 @@ def map_tasks(
     futures: list[F] = []
     tasks: list[Task] = []
     first = 0
+    try:
+        refs = serialization.function_refs(fn)  # once for all the tasks
+    except Exception:
+        refs = None  # each task reports the pickling error itself
     for chunk in items:
         future = new_future()
         if counter is not None:
             counter.track(future, len(chunk))
         sink = sink_of(future)
         if chunked:
-            task = scheduler.make_chunk_task(fn, chunk, first, options, sink)
+            task = scheduler.make_chunk_task(fn, chunk, first, options, sink, refs)
         else:
-            task = scheduler.make_task(fn, chunk[0], {}, options, sink)
+            task = scheduler.make_task(fn, chunk[0], {}, options, sink, refs)
         first += len(chunk)
         futures.append(future)
         if task is not None:

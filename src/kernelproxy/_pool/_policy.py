@@ -3,7 +3,8 @@
 * One FIFO queue; retried tasks and tasks that never ran go to its front.
 * A kernel holds one task, or two when its recent tasks were short
   (``PREFETCH_UNDER``): the second, sent while the first runs, hides the round
-  trip. Never a task with a timeout as the second one (its clock would start
+  trip. Over the lane, a kernel whose tasks are tiny (``DEEP_UNDER``) holds up
+  to ``DEEP_MAX``, a few milliseconds of work. Never a task with a timeout as the second one (its clock would start
   early), and never two on a kernel whose calls have a default timeout.
 * A task sent to a kernel that died: if the kernel was busy with the task
   ahead of it, it never started and goes back to the front without using a
@@ -27,6 +28,11 @@ from .._protocol import Stage
 from ._tasks import Task
 
 PREFETCH_UNDER = 0.1  # seconds: a kernel whose tasks take less gets its next task before the current one ends
+# Over the lane, a kernel whose tasks are tiny holds enough of them for this long (up to DEEP_MAX): it goes
+# from one to the next without waiting for the host, and neither side sleeps (and is woken) between tasks.
+DEEP_UNDER = 0.002
+DEEP_WORK = 0.004
+DEEP_MAX = 16
 SERVICE_WEIGHT = 0.3  # weight of the newest task in a kernel's moving average of task durations
 
 
@@ -84,10 +90,12 @@ class TaskQueue:
         return tasks
 
 
-def capacity(*, prefetch: bool, service: float | None, default_timeout: float | None) -> int:
-    """How many tasks a kernel may hold: two only while its tasks are short (see the module docstring)."""
+def capacity(*, prefetch: bool, service: float | None, default_timeout: float | None, deep: bool = False) -> int:
+    """How many tasks a kernel may hold: two only while its tasks are short, more over the lane when tiny."""
     if not prefetch or service is None or service >= PREFETCH_UNDER or default_timeout is not None:
         return 1
+    if deep and service < DEEP_UNDER:
+        return max(2, min(DEEP_MAX, int(DEEP_WORK / max(service, 1e-6))))
     return 2
 
 

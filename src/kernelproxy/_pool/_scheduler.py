@@ -74,31 +74,52 @@ class Scheduler:
     # ------------------------------------------------------------------ tasks (any thread)
 
     def make_task(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], options: TaskOptions, sink: Sink
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: TaskOptions,
+        sink: Sink,
+        refs: tuple[Any, list[Any]] | None = None,
     ) -> Task | None:
-        """Pickle a call into a task; on a pickling error fail ``sink`` and return None."""
+        """Pickle a call into a task; on a pickling error fail ``sink`` and return None.
+
+        ``refs``: ``serialization.function_refs(fn)``, when the caller made it once for many tasks (map()).
+        """
         task_id = next(self.task_ids)
         try:
-            frames = serialization.dumps((fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs))
+            sent_fn, functions = refs or serialization.function_refs(fn)  # pickled once, sent once per kernel
+            frames = serialization.dumps((sent_fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs))
         except Exception as exc:
             sink.fail(exc)
             return None
         task = Task(task_id, frames, function_name(fn), 1, options, sink, options.retries)
+        task.functions = functions
         self.track(sink.future, task)
         return task
 
     def make_chunk_task(
-        self, fn: Callable[..., Any], chunk: list[tuple[Any, ...]], first: int, options: TaskOptions, sink: Sink
+        self,
+        fn: Callable[..., Any],
+        chunk: list[tuple[Any, ...]],
+        first: int,
+        options: TaskOptions,
+        sink: Sink,
+        refs: tuple[Any, list[Any]] | None = None,
     ) -> Task | None:
         """Pickle one map() chunk (items ``first``...) into a task that runs them in one call."""
         task_id = next(self.task_ids)
         parts = {"the function": fn, **{f"item {first + i}": args for i, args in enumerate(chunk)}}
         try:
-            frames = serialization.dumps((RUN_CHUNK, (fn, chunk), {}), parts=parts)
+            run_chunk, functions = serialization.function_refs(RUN_CHUNK)
+            sent_fn, more = refs or serialization.function_refs(fn)
+            frames = serialization.dumps((run_chunk, (sent_fn, chunk), {}), parts=parts)
         except Exception as exc:
             sink.fail(exc)
             return None
-        return Task(task_id, frames, function_name(fn), len(chunk), options, sink, options.retries)
+        task = Task(task_id, frames, function_name(fn), len(chunk), options, sink, options.retries)
+        task.functions = functions + more
+        return task
 
     def track(self, future: Any, task: Task | None) -> None:
         """Remember which task a future stands for, until it is done (for ``interrupt``)."""
@@ -249,15 +270,20 @@ class Scheduler:
                     continue
                 waiter: asyncio.Future[None] | None = None
                 limit = policy.capacity(
-                    prefetch=self.prefetch, service=slot.service, default_timeout=slot.kernel.call_options.timeout
+                    prefetch=self.prefetch,
+                    service=slot.service,
+                    default_timeout=slot.kernel.call_options.timeout,
+                    deep=slot.kernel.info.transport.startswith("lane"),
                 )
                 if self.max_tasks is not None:
                     limit = min(limit, self.max_tasks - slot.sent)
-                if len(inflight) < limit:
+                slot.inflight = len(inflight)
+                if len(inflight) < limit and (not inflight or len(self.queue) > self._idle_kernels()):
                     task = self.queue.pop(second=bool(inflight))
                     if task is not None:
                         slot.sent += 1
                         inflight.add(asyncio.ensure_future(self._run(slot, task)))
+                        slot.inflight = len(inflight)
                         continue
                     if self._all_done():
                         self.wake()  # let the other workers see it too
@@ -282,6 +308,10 @@ class Scheduler:
             slot.retired = True
             self._check_any_left()
 
+    def _idle_kernels(self) -> int:
+        """Kernels whose workers hold no task: a task goes to one of them before a busy kernel takes another."""
+        return sum(1 for slot in self.slots if not slot.inflight and not slot.retired and slot.ready)
+
     def _all_done(self) -> bool:
         return self.draining and not self.queue and self.running == 0
 
@@ -293,7 +323,7 @@ class Scheduler:
         output = Forwarder(task.output_to, f"[task {task.id}] ") if task.options.output == "forward" else None
         task.outcome = Outcome()
         request = asyncio.ensure_future(
-            kernel._call_frames(task.frames, task.name, task.options.timeout, output, task.outcome)
+            kernel._call_frames(task.frames, task.name, task.options.timeout, output, task.outcome, task.functions)
         )
         task.request = request
         if isinstance(task.sink, LoopSink) and task.sink.future is not None:  # cancelling it interrupts the work

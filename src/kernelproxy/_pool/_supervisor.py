@@ -62,6 +62,7 @@ class Slot:
     service: float | None = None  # moving average of its tasks' durations (s)
     last_done: float = 0.0  # loop time its last task finished
     holding: list[Any] = dataclasses.field(default_factory=list)  # tasks sent to the kernel, in order
+    inflight: int = 0  # tasks its worker has started and not seen end (set by the worker itself)
     retired: bool = False  # dead and not replaceable
     worker: asyncio.Future[None] | None = None
     sent: int = 0  # tasks sent to its kernel (for max_tasks_per_child)

@@ -145,6 +145,7 @@ class Task:
     requeued_unseen: bool = False  # sent again once already because its dead kernel never said it started it
     # Where its output goes: taken where the task is made, on the submitting thread (or in its asyncio task).
     output_to: contextvars.Context = dataclasses.field(default_factory=capture)
+    functions: list[Any] = dataclasses.field(default_factory=list)  # FunctionRefs its frames name
 
 
 def _run_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:

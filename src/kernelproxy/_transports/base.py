@@ -68,3 +68,6 @@ class Transport(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - a transport may hold nothing
         """Release what the transport holds in the kernel and on the host."""
+
+    def discard(self) -> None:  # noqa: B027 - a transport may hold nothing here
+        """Release what the transport holds on the host, sending nothing (the kernel is gone or restarting)."""

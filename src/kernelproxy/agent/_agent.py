@@ -35,6 +35,15 @@ release    ids: [int]                  (none)
 cell       code: str                   (none)
 =========  ==========================  ======================================
 
+Any request may carry ``define: [digest, ...]``: its first frames (one per
+digest, before the frames above) are pickles of functions the host sends by
+value, kept here by digest in a bounded cache (``FUNCTION_CACHE_ENTRIES``,
+``FUNCTION_CACHE_BYTES``, least recently used out first). A pickle names such
+a function as ``_cached_function(digest)``; if the kernel does not have it
+(restarted, evicted) the reply is an error of kind ``undefined`` with
+``undefined: [digest]`` and nothing ran: the host sends the request again with
+the definition.
+
 ``call`` with ``keep: true`` keeps the result here instead of returning it.
 ``cell`` runs ``code`` through IPython's cell machinery (``%%remote``).
 Kept objects live in ``_objects`` under an id, until the host releases them;
@@ -74,14 +83,15 @@ Reply headers:
   request), ``deserialize`` (the request could not be unpickled here),
   ``serialize`` (the result could not be pickled here), ``stale`` (a ref of
   another agent instance), ``lost`` (a request sent again whose reply is no
-  longer kept) or ``protocol`` (malformed request: corruption or a version
-  mismatch). An ``exception`` reply also has ``stack``: the traceback as data
-  (see ``_stack``), for hosts that render it themselves. A ``deserialize``
-  reply whose pickle named a module it could not find has ``missing``:
-  ``{"module", "package", "version"}``, the package's version here (None: not
-  importable), so the host can tell a missing package from a version
-  difference. For ``deserialize`` and ``serialize``, frames, if present, are
-  the pickled original error (a ``ModuleNotFoundError``...).
+  longer kept), ``undefined`` (see ``define``), ``cancelled`` (the lane: the
+  host gave the request up before it started) or ``protocol`` (malformed
+  request: corruption or a version mismatch). An ``exception`` reply also has
+  ``stack``: the traceback as data (see ``_stack``), for hosts that render it
+  themselves. A ``deserialize`` reply whose pickle named a module it could not
+  find has ``missing``: ``{"module", "package", "version"}``, the package's
+  version here (None: not importable), so the host can tell a missing package
+  from a version difference. For ``deserialize`` and ``serialize``, frames, if
+  present, are the pickled original error (a ``ModuleNotFoundError``...).
 
 The execute transport's replies (``ex``) also carry ``agent``, the instance id.
 
@@ -110,6 +120,16 @@ one); the agent sends ``{"part": {"index", "offset", "sizes"}}`` messages
 ahead of a big reply, whose data then says ``parts: N``. Parts get no answer.
 With subshells (ipykernel >= 7) a comm opened on a subshell answers on that
 subshell's socket; a request's ``header.subshell_id`` picks the thread it runs on.
+
+The lane (kernels on the host's machine): ``lane_listen(path, token)``, run
+from the kernel's main thread through an execute request, listens on a Unix
+socket at ``path`` (mode 0600, in the host's private directory) and serves it
+from the main thread's event loop, between ipykernel's own handlers; one
+connection, from the same user, that says ``token`` first. Requests and
+replies are the header and frames above in the lane's own framing (see the
+lane section below), big frames in shared memory; output a request causes
+(whatever ipykernel would publish on IOPub with it as parent) goes over the
+lane to its caller, before its reply.
 """
 
 import binascii
@@ -125,7 +145,7 @@ from types import CodeType
 PROTOCOL = 1
 # Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
 # an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
-REVISION = 6
+REVISION = 7
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -172,7 +192,13 @@ def dumps(value, sent_code=None):
 
     The codec of both sides: the host pickles with it too. ``sent_code`` (a
     ``CodeSet``) names the code objects whose source the receiver has already.
+    Small values of plain types take the standard pickler (a tenth of the cost:
+    no cloudpickle Pickler to set up); they pickle the same way there.
     """
+    if _plain(value, 2):
+        import pickle
+
+        return [memoryview(pickle.dumps(value, protocol=5))]
     buffers = []
 
     def keep_large_out_of_band(buf):
@@ -190,6 +216,26 @@ def dumps(value, sent_code=None):
         pickler.dump(value)
         main = file.getvalue()
     return [memoryview(main)] + buffers
+
+
+# Types the standard pickler handles as cloudpickle would (no functions or classes by value, no big buffers).
+PLAIN_TYPES = {int, float, complex, bool, type(None), type(Ellipsis)}
+_PLAIN_SIZED = (str, bytes)
+_PLAIN_CONTAINERS = (tuple, list, dict)
+
+
+def _plain(value, depth):
+    """Whether ``value`` is small and made of plain types only (containers up to ``depth`` levels, 32 items)."""
+    kind = type(value)
+    if kind in PLAIN_TYPES:
+        return True
+    if kind in _PLAIN_SIZED:
+        return len(value) < 4096
+    if depth and kind in _PLAIN_CONTAINERS and len(value) <= 32:
+        if kind is dict:
+            return all(_plain(key, 0) and _plain(item, depth - 1) for key, item in value.items())
+        return all(_plain(item, depth - 1) for item in value)
+    return False
 
 
 _pickler = []  # the cloudpickle.Pickler subclass, made on first use (cloudpickle is imported lazily)
@@ -630,7 +676,7 @@ class _RequestUnpicklingError(Exception):
 def _load_request(frames):
     try:
         return loads(frames)
-    except _StaleRef:
+    except (_StaleRef, _FunctionMissing):
         raise
     except BaseException as exc:
         error = _RequestUnpicklingError("%s: %s" % (type(exc).__name__, exc))
@@ -686,6 +732,47 @@ def _compile(source, mode):
     stale = "<kernelproxy-%s-%d>" % (mode, _exec_counter[0] - 100)
     linecache.cache.pop(stale, None)  # keep a bounded history of sources
     return compile(source, filename, mode)
+
+
+# --------------------------------------------------------------------- functions sent once
+
+FUNCTION_CACHE_ENTRIES = 1024  # functions kept by content hash; the least recently used go first
+FUNCTION_CACHE_BYTES = 64 << 20  # and at most this many bytes of their pickles
+_functions = {}  # digest -> (function, pickle size), in order of use (dicts keep insertion order)
+_function_bytes = [0]
+
+
+class _FunctionMissing(Exception):
+    """A request names a function by digest that this kernel does not have (restarted, or evicted)."""
+
+    def __init__(self, digest):
+        Exception.__init__(self, digest)
+        self.digest = digest
+
+
+def _cached_function(digest):
+    """A function the host sent earlier (``define``), named by the digest of its pickle."""
+    try:
+        entry = _functions.pop(digest)
+    except KeyError:
+        raise _FunctionMissing(digest) from None
+    _functions[digest] = entry  # most recently used last
+    return entry[0]
+
+
+def _define(digests, frames):
+    """Unpickle and keep the functions a request defines (its first frames, one each, in order)."""
+    for digest in digests:
+        payload = frames.pop(0)
+        if digest in _functions:
+            continue
+        fn = _load_request([payload])
+        size = memoryview(payload).nbytes
+        _functions[digest] = (fn, size)
+        _function_bytes[0] += size
+        while len(_functions) > FUNCTION_CACHE_ENTRIES or _function_bytes[0] > FUNCTION_CACHE_BYTES:
+            oldest = next(iter(_functions))
+            _function_bytes[0] -= _functions.pop(oldest)[1]
 
 
 def _op_call(header, frames, ns):
@@ -881,6 +968,8 @@ def _malformed(header):
     if not isinstance(header, dict) or not isinstance(header.get("op"), str) or header["op"] not in HANDLERS:
         op = header.get("op") if isinstance(header, dict) else header
         return "unknown request %r (protocol corruption or version mismatch? agent protocol %d)" % (op, PROTOCOL)
+    if "define" in header and not _conforms(header["define"], (list, str)):
+        return "request %r has no valid field 'define'" % header["op"]
     for field, spec in _FIELDS.get(header["op"], {}).items():
         if not _conforms(header.get(field), spec):
             return "request %r has no valid field %r" % (header["op"], field)
@@ -898,11 +987,18 @@ def dispatch(header, frames, ns, rid=None):
         problem = _malformed(header)
         if problem is not None:
             return _error("protocol", "ProtocolError", problem)
+        if header.get("define"):
+            frames = list(frames)
+            _define(header["define"], frames)
         if rid is None:
             return HANDLERS[header["op"]](header, frames, ns)
         return _cancellable(rid, HANDLERS[header["op"]], header, frames, ns)
     except _StaleRef as exc:
         return _error("stale", "StaleRefError", str(exc))
+    except _FunctionMissing as exc:
+        reply, out = _error("undefined", "FunctionMissing", "the kernel does not have function %s" % exc.digest)
+        reply["undefined"] = [exc.digest]
+        return reply, out
     except _RequestUnpicklingError as exc:
         reply, out = _error(
             "deserialize", "SerializationError", str(exc), _user_traceback(exc), _pickled_error(exc.__cause__)
@@ -1069,6 +1165,8 @@ _SHARED_STATE = (
     "_kept",
     "_kept_bytes",
     "_store_lock",
+    "_functions",
+    "_function_bytes",
 )
 
 
@@ -1446,3 +1544,781 @@ def _shell_sender(comm):
         kernel.session.send(socket, "comm_msg", content, parent=parent, ident=ident, buffers=buffers)
 
     return send
+
+
+# --------------------------------------------------------------------- lane: a Unix socket on the same machine
+#
+# Message format, both directions: a prefix (struct "<IQ": envelope length, inline bytes that follow), the
+# envelope (a dict in ``marshal`` format: both sides run the same Python), then its inline frames back to
+# back. ``f`` lists the message's frames: an int is an inline frame of that many bytes, [segment, offset,
+# size] one in the sender's shared-memory arena. A message may carry file
+# descriptors (SCM_RIGHTS): ``s`` lists [segment, size] of new arena segments, one descriptor each, in order.
+# ``x`` lists segments the sender dropped; ``fr`` lists [segment, offset] regions of the *receiver's* arena
+# that the sender no longer uses (their values were garbage-collected).
+#
+# host -> kernel: hello {t: token} (with the status page's descriptor), req {i, h: header}, cancel {i};
+#                 any message may carry s, x, fr
+# kernel -> host: ready {pid}, out {i, t: msg_type} (frame 0: the IOPub content as JSON), rep {i, h: reply header}
+#
+# The status page (8 bytes at 0: the request number running now, 0 when none; 8 bytes at 8: the request an
+# interrupt is meant for, or LANE_ANY) is shared memory the host made: no message says a request started.
+# Before it runs request i the kernel drains the socket for cancels, writes i at 0 and looks for a cancel once
+# more; the host, abandoning i, sends ``cancel`` and then reads 0. One of them sees the other (the socket
+# calls order their memory accesses): a request is either skipped or seen running, and interrupted then.
+# While a lane request runs, SIGINT raises KeyboardInterrupt only if 8 holds its number or LANE_ANY.
+
+LANE_INLINE_MAX = 1 << 20  # frames bigger than this travel through the arena
+LANE_SEGMENT_MIN = 64 << 20  # the smallest arena segment
+LANE_RETAIN = 256 << 20  # free arena memory kept for later transfers; beyond it, free segments are dropped...
+LANE_RETAIN_SECONDS = 10.0  # ...once they have been free this long (a loop of big transfers reuses them)
+LANE_WINDOW = 64 << 20  # a writer maps (and populates) at most this much of a segment at once
+_LANE_PREFIX_SIZE = 12
+_LANE_SCRATCH = 256 * 1024
+_LANE_PARENT = "kernelproxy-lane:"  # msg_id prefix of the parent header set while a lane request runs
+LANE_ANY = (1 << 64) - 1  # interrupt whatever lane request runs (Kernel.interrupt())
+LANE_STATUS_SIZE = 4096
+
+
+def _lane_pack(message, frames, arena=None, frees=None):
+    """The buffers (for one sendmsg) and file descriptors of ``message`` with ``frames``."""
+    import struct
+
+    descriptors = []
+    inline = []
+    for frame in frames:
+        view = memoryview(frame)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        if arena is not None and view.nbytes > LANE_INLINE_MAX:
+            descriptors.append(arena.put(view))
+        else:
+            descriptors.append(view.nbytes)
+            inline.append(view)
+    if descriptors:
+        message["f"] = descriptors
+    fds = []
+    if arena is not None:
+        new, dropped = arena.take_news()
+        if new:
+            message["s"] = [[segment, size] for segment, size, _ in new]
+            fds = [fd for _, _, fd in new]
+        if dropped:
+            message["x"] = dropped
+    if frees:
+        message["fr"] = frees
+    import marshal
+
+    body = marshal.dumps(message)
+    total = sum(view.nbytes for view in inline)
+    return [struct.pack("<IQ", len(body), total) + body] + inline, fds
+
+
+def _fresh_buffer(size):
+    """Writable memory for a received frame: an untouched anonymous mapping for big ones (no zero-fill pass)."""
+    if size <= LANE_INLINE_MAX:
+        return bytearray(size)
+    import mmap
+
+    return mmap.mmap(-1, size)
+
+
+class LaneReader(object):
+    """Parses lane messages from a byte stream (either side).
+
+    Feed it with ``view, direct = reader.buffer()``, a ``recv_into`` of that
+    view, then ``reader.received(n, direct)``: big inline frames are read
+    straight into their own buffers; the rest goes through a scratch buffer.
+    ``on_message(message, frames)`` gets each complete message.
+    """
+
+    def __init__(self, on_message, maps):
+        self._scratch = bytearray(_LANE_SCRATCH)
+        self._on_message = on_message
+        self.maps = maps  # the peer's arena segments, as this side maps them
+        self.fds = []  # descriptors received, not yet claimed by a message
+        self._target = bytearray(_LANE_PREFIX_SIZE)
+        self._view = memoryview(self._target)
+        self._filled = 0
+        self._phase = 0  # 0: prefix, 1: JSON, 2: inline frames
+        self._message = None
+        self._frames = []
+        self._inline = []  # indexes (into _frames) of inline frames still to fill
+
+    def buffer(self):
+        if self._phase == 2 and len(self._view) - self._filled >= _LANE_SCRATCH:
+            return self._view[self._filled :], True
+        return memoryview(self._scratch), False
+
+    def received(self, count, direct):
+        if direct:
+            self._filled += count
+            if self._filled == len(self._view):
+                self._advance()
+            return
+        view = memoryview(self._scratch)[:count]
+        while view:
+            take = min(len(view), len(self._view) - self._filled)
+            self._view[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == len(self._view):
+                self._advance()
+
+    def _expect(self, target):
+        self._target = target
+        self._view = memoryview(target).cast("B") if len(target) else memoryview(b"")
+        self._filled = 0
+
+    def _advance(self):
+        while True:
+            if self._phase == 0:
+                import struct
+
+                length, _ = struct.unpack("<IQ", self._target)
+                self._phase = 1
+                self._expect(bytearray(length))
+                if length:
+                    return
+            elif self._phase == 1:
+                import marshal
+
+                message = marshal.loads(self._target)
+                if not isinstance(message, dict):
+                    raise ValueError("a lane message is not a dict")
+                self._message = message
+                segments = message.get("s")
+                if segments:
+                    for (segment, size) in segments:
+                        self.maps.add(segment, size, self.fds.pop(0))
+                for segment in message.get("x") or ():
+                    self.maps.drop(segment)
+                self._frames = []
+                self._inline = []
+                for descriptor in message.get("f") or ():
+                    if isinstance(descriptor, int):
+                        self._inline.append(len(self._frames))
+                        self._frames.append(_fresh_buffer(descriptor))
+                    else:
+                        self._frames.append(self.maps.view(*descriptor))
+                self._phase = 2
+            elif self._inline:
+                self._expect(self._frames[self._inline.pop(0)])
+                if len(self._view):
+                    return
+            else:
+                message, frames = self._message, self._frames
+                self._message, self._frames, self._phase = None, [], 0
+                self._expect(bytearray(_LANE_PREFIX_SIZE))
+                self._on_message(message, frames)
+                return
+
+
+class LaneArena(object):
+    """The shared memory one side writes its big frames into: memfd segments, handed to the peer once each.
+
+    A frame takes a region of a segment until the peer says (``fr``) that the
+    value built on it is gone. Segments are created zero-filled in one go
+    (``posix_fallocate``, much cheaper than faulting pages in one by one) and
+    kept for later transfers: up to LANE_RETAIN of free memory for good, more
+    for LANE_RETAIN_SECONDS (``trim()``, which its owner calls when
+    ``trim_due()`` says so, drops the rest and announces it with ``x``).
+    """
+
+    def __init__(self):
+        self._segments = {}  # id -> [fd, size, free regions as [offset, size] sorted by offset]
+        self._used = {}  # (segment, offset) -> size
+        self._next = 0
+        self._new = []  # (segment, size, fd) not yet announced to the peer
+        self._dropped = []  # segments to announce as dropped
+        self._free_since = {}  # segment -> time.monotonic() since when it is entirely free
+        self.closed = False
+
+    @staticmethod
+    def supported():
+        return hasattr(os, "memfd_create") and hasattr(os, "posix_fallocate")
+
+    def put(self, view):
+        """Copy ``view`` into a free region; return its descriptor [segment, offset, size]."""
+        import mmap
+
+        size = view.nbytes
+        rounded = -(-size // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
+        segment, offset = self._allocate(rounded)
+        fd = self._segments[segment][0]
+        populate = getattr(mmap, "MAP_POPULATE", 0)
+        for start in range(0, size, LANE_WINDOW):
+            length = min(LANE_WINDOW, rounded - start)
+            window = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | populate, offset=offset + start)
+            try:
+                end = min(start + LANE_WINDOW, size)
+                window[: end - start] = view[start:end]
+            finally:
+                window.close()
+        return [segment, offset, size]
+
+    def _allocate(self, size):
+        for segment, (_, _, free) in self._segments.items():
+            for index, (offset, length) in enumerate(free):
+                if length >= size:
+                    if length == size:
+                        del free[index]
+                    else:
+                        free[index] = [offset + size, length - size]
+                    self._used[(segment, offset)] = size
+                    self._free_since.pop(segment, None)
+                    return segment, offset
+        total = max(size, LANE_SEGMENT_MIN)
+        fd = os.memfd_create("kernelproxy-lane", getattr(os, "MFD_CLOEXEC", 1))
+        try:
+            os.ftruncate(fd, total)
+            os.posix_fallocate(fd, 0, total)  # the pages, zeroed in one go (and ENOSPC now, not SIGBUS later)
+        except BaseException:
+            os.close(fd)
+            raise
+        segment = self._next
+        self._next += 1
+        self._segments[segment] = [fd, total, [[size, total - size]] if total > size else []]
+        self._new.append((segment, total, fd))
+        self._used[(segment, 0)] = size
+        return segment, 0
+
+    def release(self, segment, offset):
+        """The peer is done with a region: free it; drop whole free segments beyond LANE_RETAIN."""
+        size = self._used.pop((segment, offset), None)
+        if size is None:
+            return
+        free = self._segments[segment][2]
+        free.append([offset, size])
+        free.sort()
+        merged = [free[0]]
+        for start, length in free[1:]:
+            if merged[-1][0] + merged[-1][1] == start:
+                merged[-1][1] += length
+            else:
+                merged.append([start, length])
+        free[:] = merged
+        if free == [[0, self._segments[segment][1]]]:
+            import time
+
+            self._free_since[segment] = time.monotonic()
+
+    def _spare(self):
+        return sum(length for _, _, free in self._segments.values() for _, length in free)
+
+    def trim_due(self):
+        """Seconds until ``trim()`` may drop a segment (free memory beyond LANE_RETAIN), or None."""
+        if not self._free_since or self._spare() <= LANE_RETAIN:
+            return None
+        import time
+
+        oldest = min(self._free_since.values())
+        return max(0.0, oldest + LANE_RETAIN_SECONDS - time.monotonic())
+
+    def trim(self):
+        """Drop segments free for LANE_RETAIN_SECONDS while the free memory exceeds LANE_RETAIN, biggest first."""
+        import time
+
+        spare = self._spare()
+        now = time.monotonic()
+        for segment in sorted(self._free_since, key=lambda s: -self._segments[s][1]):
+            if spare <= LANE_RETAIN:
+                break
+            if now - self._free_since[segment] < LANE_RETAIN_SECONDS:
+                continue
+            fd, total, _ = self._segments.pop(segment)
+            del self._free_since[segment]
+            os.close(fd)
+            self._dropped.append(segment)
+            spare -= total
+        return bool(self._dropped)
+
+    def take_news(self):
+        """Segments created and dropped since the last call (announced with the next message)."""
+        new, dropped = self._new, self._dropped
+        self._new, self._dropped = [], []
+        return new, dropped
+
+    @property
+    def size(self):
+        return sum(total for _, total, _ in self._segments.values())
+
+    def close(self):
+        self.closed = True
+        for fd, _, _ in self._segments.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._segments.clear()
+        for _, _, fd in self._new:  # created but never sent
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._new = []
+
+
+class LaneMaps(object):
+    """The peer's arena, as the receiving side sees it: a frame in it becomes a mapping of its own.
+
+    The value built on a frame keeps that mapping alive; when the value is
+    garbage-collected the mapping goes, and the region is queued in ``frees``
+    to be handed back to the peer with the next message.
+    """
+
+    def __init__(self):
+        import collections
+
+        self._fds = {}
+        self.frees = collections.deque()  # (segment, offset), appended from any thread (finalizers)
+
+    def add(self, segment, size, fd):
+        self._fds[segment] = fd
+
+    def drop(self, segment):
+        fd = self._fds.pop(segment, None)
+        if fd is not None:
+            os.close(fd)
+
+    def view(self, segment, offset, size):
+        import mmap
+        import weakref
+
+        rounded = -(-size // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
+        if not size:
+            self.frees.append((segment, offset))
+            return bytearray()
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapping = mmap.mmap(self._fds[segment], rounded, flags=flags, offset=offset)
+        weakref.finalize(mapping, self.frees.append, (segment, offset))
+        return memoryview(mapping)[:size] if size != rounded else mapping
+
+    def take_frees(self):
+        frees = []
+        while True:
+            try:
+                segment, offset = self.frees.popleft()
+            except IndexError:
+                return frees
+            frees.append([segment, offset])
+
+    def close(self):
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+
+def lane_listen(path, token):
+    """Serve a lane on a Unix socket at ``path`` from this thread's event loop (call it from the main thread).
+
+    Returns a description, or raises why this kernel cannot have a lane. The
+    socket accepts one connection, from this user, that knows ``token``; the
+    path is removed once it is connected.
+    """
+    import asyncio
+    import socket
+
+    if not hasattr(socket, "AF_UNIX"):
+        raise RuntimeError("no Unix sockets here")
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("the lane must be served from the kernel's main thread")
+    loop = asyncio.get_running_loop()
+    kernel = sys.modules["IPython"].get_ipython().kernel
+    _hook_output(kernel)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # No umask change around bind (it is process-wide: another thread's files would get it): the socket's
+    # directory is the owner's only (0700), so nobody else reaches the socket before the chmod.
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(1)
+    listener.setblocking(False)
+
+    def accept():
+        try:
+            connection, _ = listener.accept()
+        except BlockingIOError:
+            return
+        loop.remove_reader(listener.fileno())
+        listener.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        if not _same_user(connection):
+            connection.close()
+            return
+        _KernelLane(connection, loop, kernel, token)
+
+    loop.add_reader(listener.fileno(), accept)
+    return {"arena": LaneArena.supported()}
+
+
+def _lane_expression(path, token):
+    """lane_listen() for the host's execute request: its answer, or why not, as a Bundle."""
+    try:
+        answer = lane_listen(path, token)
+        answer["status"] = "ok"
+    except BaseException as exc:
+        answer = {"status": "error", "ename": type(exc).__name__, "evalue": str(exc)}
+    return Bundle(answer)
+
+
+def _same_user(connection):
+    import socket
+    import struct
+
+    try:
+        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", credentials)
+        return uid == os.getuid()
+    except (AttributeError, OSError):
+        return True  # no SO_PEERCRED here: the socket's 0600 mode and its 0700 directory keep others out
+
+
+_lanes_by_parent = {}  # parent msg_id -> (lane, request id): where output of a running lane request goes
+lanes = []  # the lanes open in this kernel
+
+
+def _hook_output(kernel):
+    """Route IOPub output whose parent is a lane request to that lane instead of IOPub (idempotent)."""
+    sessions = []
+    for owner in (kernel, sys.stdout, sys.stderr, getattr(kernel.shell, "display_pub", None)):
+        session = getattr(owner, "session", None)
+        if session is not None and all(session is not seen for seen in sessions):
+            sessions.append(session)
+    for session in sessions:
+        if getattr(session.send, "_kernelproxy_lane", False):
+            continue
+        session.send = _lane_aware_send(session.send)
+
+
+_OUTPUT_TYPES = frozenset(("stream", "display_data", "update_display_data", "clear_output", "execute_result", "error"))
+
+
+def _lane_aware_send(send):
+    def lane_aware_send(stream, msg_or_type, content=None, parent=None, *args, **kwargs):
+        if _lanes_by_parent:
+            if isinstance(msg_or_type, dict):
+                msg_type, content, parent = msg_or_type.get("msg_type"), msg_or_type.get("content"), msg_or_type.get(
+                    "parent_header"
+                )
+            else:
+                msg_type = msg_or_type
+            if isinstance(parent, dict) and msg_type in _OUTPUT_TYPES:
+                msg_id = parent.get("msg_id") or (parent.get("header") or {}).get("msg_id")
+                target = _lanes_by_parent.get(msg_id)
+                if target is not None:
+                    lane, request = target
+                    lane.send_output(request, msg_type, content)
+                    return None
+        return send(stream, msg_or_type, content, parent, *args, **kwargs)
+
+    lane_aware_send._kernelproxy_lane = True
+    return lane_aware_send
+
+
+class _KernelLane(object):
+    """The kernel's end of one lane: requests run one at a time on the main thread, between the loop's other work."""
+
+    def __init__(self, connection, loop, kernel, token):
+        import collections
+        import threading
+
+        connection.setblocking(False)
+        self._sock = connection
+        self._loop = loop
+        self._kernel = kernel
+        self._token = token
+        self._authenticated = False
+        self._maps = LaneMaps()
+        self._arena = LaneArena() if LaneArena.supported() else None
+        self._reader = LaneReader(self._on_message, self._maps)
+        self._queue = collections.deque()
+        self._cancelled = set()
+        self._scheduled = False
+        self._send_lock = threading.Lock()  # output may come from other threads (ipykernel's IOPub thread)
+        self._closed = False
+        self._status = None  # the status page, shared with the host (see the lane's format above)
+        self._trim_scheduled = False
+        loop.add_reader(connection.fileno(), self._on_readable)
+        lanes.append(self)
+
+    # ---------------------------------------------------------------- reading
+
+    def _on_readable(self):
+        if self._read():
+            self._run_next(fresh=True)
+
+    def _read(self):
+        """Read what is there; return False once the lane is closed."""
+        import socket
+
+        while not self._closed:
+            view, direct = self._reader.buffer()
+            try:
+                count, ancillary, _, _ = self._sock.recvmsg_into([view], socket.CMSG_SPACE(64 * 4))
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                self.close()
+                return False
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    import array
+
+                    fds = array.array("i")
+                    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+                    self._reader.fds.extend(fds)
+            if count == 0:
+                self.close()
+                return False
+            try:
+                self._reader.received(count, direct)
+            except Exception:  # a malformed stream: nothing more can be read from it
+                self.close()
+                return False
+        return False
+
+    def _on_message(self, message, frames):
+        if self._arena is not None and message.get("fr"):
+            with self._send_lock:  # the arena is also written from ipykernel's IOPub thread (output)
+                for segment, offset in message["fr"]:
+                    self._arena.release(segment, offset)
+            self._schedule_trim()
+        kind = message.get("k")
+        if not self._authenticated:
+            if kind == "hello" and message.get("t") == self._token and self._reader.fds:
+                import mmap
+
+                fd = self._reader.fds.pop(0)
+                try:
+                    self._status = mmap.mmap(fd, LANE_STATUS_SIZE, flags=mmap.MAP_SHARED)
+                finally:
+                    os.close(fd)
+                self._authenticated = True
+                self._send({"k": "ready", "pid": os.getpid()})
+            else:
+                self.close()
+            return
+        if kind == "req":
+            rid = message.get("r")
+            self._queue.append((message.get("i"), message.get("h"), frames, rid if isinstance(rid, str) else None))
+        elif kind == "cancel":
+            self._cancelled.add(message.get("i"))
+
+    # ---------------------------------------------------------------- running requests
+
+    def _run_next(self, fresh=False):
+        """Run the next queued request; leave the rest for later loop iterations (other handlers get their turn).
+
+        ``fresh``: the socket was just read (from the reader callback).
+        """
+        self._scheduled = False
+        if self._closed or not self._queue:
+            return
+        if not fresh:
+            self._read()  # cancels that came meanwhile
+        while self._queue and not self._closed:
+            request, header, frames, rid = self._queue.popleft()
+            if request not in self._cancelled:
+                self._set_status(0, request)
+                self._read()  # a cancel sent before the host could see the status
+            if request in self._cancelled:
+                self._set_status(0, 0)
+                self._cancelled.discard(request)
+                self._reply(request, _error("cancelled", "Cancelled", "cancelled before it started")[0], [])
+                continue
+            self._run(request, header, frames, rid)
+            break
+        if self._queue and not self._scheduled and not self._closed:
+            self._scheduled = True
+            self._loop.call_soon(self._run_next)
+
+    def _set_status(self, offset, value):
+        import struct
+
+        if self._status is not None and not self._status.closed:
+            struct.pack_into("<Q", self._status, offset, value)
+
+    def aimed_at_running(self):
+        """Whether a request runs here and an interrupt is aimed at it (see the status page)."""
+        import struct
+
+        if self._status is None or self._status.closed:
+            return False
+        running, target = struct.unpack_from("<QQ", self._status, 0)
+        return running != 0 and (target == LANE_ANY or target == running)
+
+    def _run(self, request, header, frames, rid):
+        import _signal
+
+        if rid is not None:
+            seen, kept = _recall(rid)
+            if seen:  # sent again (after a lost reply): answer again, never run it twice
+                self._set_status(0, 0)
+                reply, out = kept if kept is not None else _lost_reply()
+                self._reply(request, reply, out)
+                return
+
+        parent_id = _LANE_PARENT + str(request)
+        _lanes_by_parent[parent_id] = (self, request)
+        try:
+            self._kernel.set_parent([], _lane_parent(self._kernel, parent_id), "shell")
+        except Exception:
+            pass
+        try:
+            try:
+                if _signal.getsignal(_signal.SIGINT) is not _lane_sigint:  # no system call when it is there already
+                    _previous_sigint[:] = [_signal.signal(_signal.SIGINT, _lane_sigint)]
+                reply, out = dispatch(header, frames, sys.modules["IPython"].get_ipython().user_ns, rid)
+                _flush_output()  # output reaches the lane before the reply
+            except KeyboardInterrupt as exc:  # landed outside the user's code
+                reply, out = _exception_reply(exc, kind="interrupted")
+        finally:
+            _lanes_by_parent.pop(parent_id, None)
+            self._set_status(8, 0)  # an interrupt meant for this request, arriving late, hits nothing else
+            self._set_status(0, 0)
+        if rid is not None:
+            _remember(rid, (reply, out), 0, False)
+        self._reply(request, reply, out)
+
+    def _reply(self, request, reply, out):
+        try:
+            self._send({"k": "rep", "i": request, "h": reply}, out)
+        except (TypeError, ValueError) as exc:  # a reply header JSON cannot carry
+            self._send({"k": "rep", "i": request, "h": _error("protocol", type(exc).__name__, str(exc))[0]})
+
+    def send_output(self, request, msg_type, content):
+        """Send one IOPub message of a running request over the lane (from any thread)."""
+        try:
+            data = self._kernel.session.pack(content)
+        except Exception:
+            data = json.dumps(content, default=repr).encode("utf-8")
+        try:
+            self._send({"k": "out", "i": request, "t": msg_type}, [data])
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------- writing
+
+    def _send(self, message, frames=()):
+        import select
+        import socket
+
+        with self._send_lock:
+            if self._closed:
+                raise OSError("the lane is closed")
+            buffers, fds = _lane_pack(message, frames, self._arena if frames else None, self._maps.take_frees())
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_bytes(fds))] if fds else []
+            pending = [view for view in (memoryview(buffer).cast("B") for buffer in buffers) if view.nbytes]
+            while pending:
+                try:
+                    sent = self._sock.sendmsg(pending, ancillary)
+                except (BlockingIOError, InterruptedError):
+                    select.select([], [self._sock], [], 1.0)
+                    continue
+                ancillary = []
+                while sent and pending:
+                    if sent >= len(pending[0]):
+                        sent -= len(pending[0])
+                        pending.pop(0)
+                    else:
+                        pending[0] = pending[0][sent:]
+                        sent = 0
+
+    def _schedule_trim(self):
+        due = self._arena.trim_due() if self._arena is not None else None
+        if due is not None and not self._trim_scheduled:
+            self._trim_scheduled = True
+            self._loop.call_later(due + 0.05, self._trim)
+
+    def _trim(self):
+        """Drop arena segments long free; tell the host at once (its descriptor keeps the memory otherwise)."""
+        self._trim_scheduled = False
+        if self._closed or self._arena is None:
+            return
+        with self._send_lock:
+            dropped = self._arena.trim()
+        if dropped:
+            try:
+                self._send({"k": "trim"})
+            except OSError:
+                return
+        self._schedule_trim()
+
+    def arena_state(self):
+        """(bytes of this side's arena, regions in use; regions of the host's arena mapped here): for tests."""
+        arena = self._arena
+        return {
+            "arena_bytes": arena.size if arena is not None else 0,
+            "arena_regions": len(arena._used) if arena is not None else 0,
+            "peer_segments": len(self._maps._fds),
+        }
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.remove_reader(self._sock.fileno())
+        except Exception:
+            pass
+        self._sock.close()
+        self._maps.close()
+        if self._arena is not None:
+            self._arena.close()
+        if self._status is not None:
+            self._status.close()
+        if self in lanes:
+            lanes.remove(self)
+        for key in [key for key, (lane, _) in _lanes_by_parent.items() if lane is self]:
+            _lanes_by_parent.pop(key, None)
+
+
+def _fd_bytes(fds):
+    import array
+
+    return array.array("i", fds).tobytes()
+
+
+_previous_sigint = []  # the SIGINT handler _lane_sigint took over (ipykernel's SIG_IGN between requests)
+
+
+def _lane_sigint(signum, frame):
+    """SIGINT once a lane has run a request: KeyboardInterrupt in the lane request it is aimed at.
+
+    It stays installed (installing it per request costs two system calls);
+    ipykernel puts its own in place while its handlers run, and back after.
+    With no lane request running, the handler it replaced decides.
+    """
+    for lane in lanes:
+        if lane.aimed_at_running():
+            raise KeyboardInterrupt
+    previous = _previous_sigint[0] if _previous_sigint else None
+    if callable(previous):
+        previous(signum, frame)
+
+
+def _lane_parent(kernel, msg_id):
+    """A message for ipykernel's set_parent(): output produced meanwhile carries msg_id as its parent's."""
+    header = {
+        "msg_id": msg_id,
+        "msg_type": "kernelproxy_lane_request",
+        "session": getattr(kernel.session, "session", ""),
+        "username": getattr(kernel.session, "username", ""),
+        "date": "",
+        "version": "5.3",
+    }
+    return {
+        "header": header,
+        "msg_id": msg_id,
+        "msg_type": header["msg_type"],
+        "parent_header": {},
+        "metadata": {},
+        "content": {},
+    }
