@@ -16,8 +16,9 @@ def comm_kernel():
     kernel.shutdown()
 
 
-def test_auto_picks_comm_on_ipykernel_and_execute_can_be_forced():
-    with kernelproxy.start() as auto, kernelproxy.start(transport="execute") as forced:
+def test_auto_picks_comm_on_a_connected_ipykernel_and_execute_can_be_forced(external_kernel):
+    """A kernel kernelproxy did not start gets no lane unless asked (tests/test_lane.py): comm is the default."""
+    with kernelproxy.connect(external_kernel.connection_file) as auto, kernelproxy.start(transport="execute") as forced:
         assert auto.info.transport.startswith("comm (binary buffers")
         assert forced.info.transport.startswith("execute")
 

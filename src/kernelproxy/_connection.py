@@ -177,6 +177,7 @@ class KernelConnection:
     async def open(self) -> None:
         self.dead = None
         self._running, self._last_answered = {}, {}
+        self._signals_on_the_way = set()
         await self.wire.start(self._on_message)
         self._monitor_task = asyncio.ensure_future(self._monitor())
 
@@ -303,7 +304,8 @@ class KernelConnection:
             if channel == "shell" and self._signals_on_the_way:
                 # A SIGINT meant for an abandoned request must not land in this one (a slow REST interrupt
                 # did): it goes first; between requests ipykernel ignores SIGINT.
-                await asyncio.wait(set(self._signals_on_the_way))
+                # Bounded: an interrupt the kernel never answers (it died of it) must not hold up what follows.
+                await asyncio.wait(set(self._signals_on_the_way), timeout=INTERRUPT_GRACE)
             await self.wire.send(channel, encoded, buffers)
             self._sent += 1
             pending.sent = self._sent

@@ -642,6 +642,8 @@ def _watch_sigint():
         import signal
 
         previous = signal.getsignal(signal.SIGINT)
+        if previous is _lane_sigint:  # a lane request: that handler counts the SIGINTs it turns into interrupts
+            return previous
         if previous is not signal.default_int_handler:  # ipykernel installs it while it handles a request
             return None
         signal.signal(signal.SIGINT, _on_sigint)
@@ -2298,6 +2300,7 @@ def _lane_sigint(signum, frame):
     """
     for lane in lanes:
         if lane.aimed_at_running():
+            _sigints[0] += 1  # an interrupt, told from the user's own raise KeyboardInterrupt (see dispatch)
             raise KeyboardInterrupt
     previous = _previous_sigint[0] if _previous_sigint else None
     if callable(previous):
