@@ -21,7 +21,7 @@ from typing import Any
 from . import _protocol as protocol
 from ._exceptions import KernelDiedError, RemoteTraceback
 from ._kernel import AsyncKernel
-from ._output import Forwarder, capture
+from ._output import Forwarder, capture, ipython_shell
 from ._pool import KernelPool
 from ._portal import Portal
 from ._sync import Kernel
@@ -42,10 +42,9 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 def _remote_magic(line: str, cell: str) -> None:
-    from IPython import get_ipython
     from IPython.core.error import UsageError
 
-    shell = get_ipython()
+    shell = ipython_shell()
     name = line.strip()
     if not name:
         raise UsageError(USAGE)
@@ -132,9 +131,7 @@ def _as_cell_error(exc: Exception, errors: list[tuple[int | None, BaseException]
         return exc
 
     def render_traceback() -> list[str]:
-        from IPython import get_ipython
-
-        shell = get_ipython()
+        shell = ipython_shell()
         lines: list[str] = []
         for index, error in errors:
             remote = error.__cause__

@@ -69,7 +69,7 @@ def capture() -> contextvars.Context:
     context = contextvars.copy_context()
     if "ipykernel" not in sys.modules:  # no parent headers to pin (the common case in scripts: keep it cheap)
         return context
-    shell = _ipython_shell()
+    shell = ipython_shell()
     header = _parent_header(shell)
     if header is not None:
         context.run(_pin, shell, header)
@@ -121,7 +121,7 @@ class Forwarder:
         if not isinstance(data, dict):
             return
         self._flush_partial()  # a task's unfinished line goes before its display
-        shell = _ipython_shell()
+        shell = ipython_shell()
         if shell is not None:
             metadata = content.get("metadata")
             transient = content.get("transient")
@@ -141,7 +141,7 @@ class Forwarder:
         self._display(content, update=True)
 
     def _clear_output(self, content: dict[str, Any]) -> None:
-        shell = _ipython_shell()
+        shell = ipython_shell()
         if shell is not None:  # a plain terminal has no cell to clear
             shell.display_pub.clear_output(wait=bool(content.get("wait", False)))
 
@@ -178,7 +178,7 @@ def _notice_rich_output(data: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- the IPython host
 
 
-def _ipython_shell() -> Any:
+def ipython_shell() -> Any:
     """The running IPython shell (terminal or kernel), or None; never imports IPython."""
     ipython = sys.modules.get("IPython")
     get_ipython = getattr(ipython, "get_ipython", None)

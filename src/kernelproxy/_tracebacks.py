@@ -59,6 +59,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any, Callable, TypeVar
 
 from ._exceptions import KernelProxyError, ProtocolError, RemoteTraceback
+from ._output import ipython_shell
 
 T = TypeVar("T")
 C = TypeVar("C", bound=type)
@@ -192,13 +193,6 @@ def run_coroutine_threadsafe(coro: Coroutine[Any, Any, T], loop: asyncio.Abstrac
 # ---------------------------------------------------------------------- rendering remote errors in IPython
 
 
-def _shell() -> Any:
-    import sys
-
-    ipython = sys.modules.get("IPython")
-    get_ipython = getattr(ipython, "get_ipython", None)
-    return get_ipython() if get_ipython is not None else None
-
 
 class _IPythonTraceback:
     """An exception's ``_render_traceback_``: IPython calls it to render the exception (see the module docstring)."""
@@ -207,7 +201,7 @@ class _IPythonTraceback:
         self.exc = exc
 
     def __call__(self) -> list[str]:
-        shell = _shell()
+        shell = ipython_shell()
         exc = self.exc
         try:
             return render(shell, exc)
@@ -219,7 +213,7 @@ class _IPythonTraceback:
 def attach_ipython_rendering(exc: BaseException) -> None:
     """In an IPython host, have IPython render ``exc`` (re-raised from the kernel) with its remote frames."""
     cause = exc.__cause__
-    if isinstance(cause, RemoteTraceback) and cause.stack and _shell() is not None:
+    if isinstance(cause, RemoteTraceback) and cause.stack and ipython_shell() is not None:
         try:
             exc._render_traceback_ = _IPythonTraceback(exc)  # type: ignore[attr-defined]
         except AttributeError:  # an exception class with __slots__ and no __dict__

@@ -176,7 +176,7 @@ def _tqdm_class() -> Any:
     """
     import importlib.util
 
-    shell = _output._ipython_shell()
+    shell = _output.ipython_shell()
     notebook = shell is not None and type(shell).__name__ == "ZMQInteractiveShell"  # ipykernel's shell
     if notebook and importlib.util.find_spec("ipywidgets") is not None:
         from tqdm.notebook import tqdm as notebook_tqdm  # type: ignore[import-untyped]
