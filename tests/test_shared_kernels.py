@@ -190,6 +190,33 @@ def test_a_request_queued_during_a_foreign_restart_runs_in_the_new_kernel(manage
         assert k.pull("counter") == 1
 
 
+def test_a_request_whose_status_was_missed_after_a_foreign_restart_runs_in_the_new_kernel(
+    managed_kernel, monkeypatch
+):
+    """Our IOPub subscription reconnects to the new process and can miss the first statuses it publishes (PUB
+    drops what no subscriber has asked for yet): the comm request the new kernel dropped then leaves no trace.
+    Seen in CI as a call hanging for good; kernelproxy now checks the kernel after 3 s of silence."""
+    with kernelproxy.connect(managed_kernel.connection_file, transport="comm") as k:
+        no_hints(k, monkeypatch)
+        connection = k.aio._state.connection
+        route = connection._route_iopub
+        missed: list[str] = []
+        deaf_until = time.monotonic() + 2.0
+
+        def miss_the_first_statuses(msg):
+            if msg["msg_type"] == "status" and time.monotonic() < deaf_until:
+                missed.append(msg["content"].get("execution_state"))
+                return
+            route(msg)
+
+        restart_by_someone_else(managed_kernel)
+        monkeypatch.setattr(connection, "_route_iopub", miss_the_first_statuses)
+        started = time.monotonic()
+        assert k.options(timeout=FAST * 2).call(os.getpid) == managed_kernel.provisioner.process.pid
+        assert missed and time.monotonic() - started < FAST
+        assert k.status.restarts == 1
+
+
 # ---------------------------------------------------------------------- the same through a Jupyter Server
 
 

@@ -54,8 +54,8 @@ CONTROL_REQUESTS = frozenset(
 RECENT_CONTROL_IDS = 64  # control requests remembered, to tell their busy/idle from the shell's
 MONITOR_STOP_GRACE = 1.0  # seconds closing waits for the liveness monitor to stop
 INTERRUPT_GRACE = 2.0  # seconds an interrupted request has to answer before we say the kernel ignored it
-# Seconds a request may wait unstarted, with nothing running on its shell, before a barrier checks that it
-# arrived (through servers only: see _probe_stalled).
+# Seconds a request may wait unstarted, with nothing running on its shell, before kernelproxy checks that it
+# arrived (see _probe_stalled).
 STALL_PROBE_AFTER = 3.0
 
 
@@ -124,7 +124,8 @@ class _Pending:
     control: bool = False  # sent on the control channel
     shell: str | None = None  # the subshell running it (None: the main shell)
     sent: int = 0  # the connection's send counter when it left (0: not sent yet)
-    sent_at: float = 0.0  # the loop's time when it left
+    sent_at: float = 0.0  # the loop's time when it left (0: not through the Jupyter channels)
+    stall_checked: bool = False  # _probe_stalled asked whether the kernel was restarted under it
     interrupter: Callable[[], Awaitable[None]] | None = None  # stops its remote work; None: interrupt the kernel
     interruptible: bool = True  # False: an abandoned request is left to finish (a handshake)
     # The lane: tells the kernel to skip the request if it has not started it; returns whether it runs now.
@@ -164,6 +165,7 @@ class KernelConnection:
         self._answered = False  # the kernel answered wait_ready()
         self.on_hint: Callable[[str], None] | None = None  # told what suggests the kernel was restarted
         self.on_reconnect: Callable[[], None] | None = None  # told when the wire reconnected
+        self.on_stall: Callable[[str], None] | None = None  # told when a request went unheard (_probe_stalled)
         wire.hint = self._hint
         wire.reconnected = self._reconnected
 
@@ -628,25 +630,38 @@ class KernelConnection:
             await asyncio.gather(*(self._barrier(shell, lost) for shell in shells), return_exceptions=True)
 
     def _probe_stalled(self) -> None:
-        """Through a server, a request can vanish without a trace: sent while a kernel someone restarted was
-        not yet connected to the server, it gets no reply and no status, so nothing would ever fail it. A
-        request still unstarted after STALL_PROBE_AFTER, on a shell where nothing runs that we know of, gets a
-        barrier behind it: if the barrier is answered first, the request was lost (and is checked and sent
-        again: the agent keeps replies through servers, so nothing runs twice). A request queued behind
-        someone's cell is answered before the barrier, which waits in the same queue."""
+        """A request can vanish without a trace when someone restarts the kernel: sent while the new kernel was
+        not yet connected to its server, or answered with a status our IOPub subscription missed while it
+        reconnected to the new process, it gets no reply and no status, so nothing would ever fail it. A
+        request still unstarted after STALL_PROBE_AFTER, on a shell where nothing runs that we know of:
+        - through a server, gets a barrier behind it: if the barrier is answered first, the request was lost
+          (and is checked and sent again: the agent keeps replies through servers, so nothing runs twice); a
+          request queued behind someone's cell is answered before the barrier, which waits in the same queue;
+        - directly, makes the kernel check (once) whether it is a new process: if so, what the old one never
+          ran is sent again. Nothing is declared lost here: without kept replies a resend could run twice."""
         if self._stall_probe is not None and not self._stall_probe.done():
             return
         now = asyncio.get_running_loop().time()
-        shells = {
-            pending.shell
+        stalled = [
+            pending
             for pending in self._pending.values()
-            if pending.sent
+            if pending.sent_at  # lane requests (no sent_at) say themselves when they start
             and not pending.control
+            and not pending.stall_checked
             and not pending.reply.done()
             and pending.outcome.stage is Stage.SENT
             and now - pending.sent_at > STALL_PROBE_AFTER
             and self._running.get(pending.shell) is None
-        }
+        ]
+        if not stalled:
+            return
+        if not self.wire.may_lose_replies:
+            for pending in stalled:
+                pending.stall_checked = True
+            if self.on_stall is not None:
+                self.on_stall(f"a request got no word from the kernel for {STALL_PROBE_AFTER:g} s")
+            return
+        shells = {pending.shell for pending in stalled}
         if shells:
             lost = "the kernel never started it (restarted meanwhile?)"
             barriers = (self._barrier(shell, lost, check=True) for shell in shells)
@@ -712,8 +727,7 @@ class KernelConnection:
         while self.dead is None:
             if await self.check_process():
                 return
-            if self.wire.may_lose_replies:
-                self._probe_stalled()
+            self._probe_stalled()
             # A kernel process we can watch is alive while it starts: its heartbeat may not answer yet (and,
             # on a loaded machine, not for seconds), so the heartbeat counts once the kernel has answered.
             heartbeat_counts = self._answered or self._process_check is None

@@ -165,6 +165,7 @@ class _KernelState:
             interrupter=lambda: self.control.interrupt(connection),
         )
         connection.on_hint = self._on_hint
+        connection.on_stall = self._on_hint  # not a hint from outside: our own requests went unheard
         return connection
 
     async def open(self, ready_timeout: float) -> None:
