@@ -661,11 +661,9 @@ class KernelConnection:
             if self.on_stall is not None:
                 self.on_stall(f"a request got no word from the kernel for {STALL_PROBE_AFTER:g} s")
             return
-        shells = {pending.shell for pending in stalled}
-        if shells:
-            lost = "the kernel never started it (restarted meanwhile?)"
-            barriers = (self._barrier(shell, lost, check=True) for shell in shells)
-            self._stall_probe = asyncio.ensure_future(asyncio.gather(*barriers, return_exceptions=True))
+        lost = "the kernel never started it (restarted meanwhile?)"
+        barriers = (self._barrier(shell, lost, check=True) for shell in {pending.shell for pending in stalled})
+        self._stall_probe = asyncio.ensure_future(asyncio.gather(*barriers, return_exceptions=True))
 
     async def _barrier(self, shell: str | None, lost: str, *, check: bool = False) -> None:
         msg = self.session.msg("kernel_info_request", {})
