@@ -11,10 +11,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
 from jupyter_client.connect import write_connection_file
+
+if TYPE_CHECKING:
+    import kernelproxy
 
 KERNEL_MARKER = "ipykernel_launcher"
 # Environments the tests build (virtualenvs, pip --target dirs), kept between runs.
@@ -308,3 +312,37 @@ def stop_jupyter_server(server: JupyterServer) -> None:
             child.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+# ---------------------------------------------------------------------- what every server's kernels must do
+
+
+def every_verb(k: kernelproxy.Kernel, capfd) -> None:
+    """Every verb works on a server's kernel (issue 13). The calling module registers helpers pickle-by-value."""
+    import numpy as np
+
+    import kernelproxy
+
+    assert k.call(pow, 2, 10) == 1024
+    k.call(print, "printed in the gateway's kernel")
+    assert "printed in the gateway's kernel" in capfd.readouterr().out
+    array = np.random.default_rng(3).random(3 * 2**20)  # 24 MB: in parts both ways
+    k.push(big=array)
+    assert np.array_equal(k.pull("big"), array)
+    ref = k.ref("big")
+    assert ref.shape.get() == array.shape
+    with pytest.raises(ZeroDivisionError):
+        k.call(lambda: 1 / 0)
+    with pytest.raises(kernelproxy.CallTimeout):
+        k.options(timeout=1).call(time.sleep, 30)
+    assert k.call(lambda: "after the timeout") == "after the timeout"
+    running = k.submit(time.sleep, 30)
+    time.sleep(0.5)
+    assert k.interrupt(running) is True
+    with pytest.raises(kernelproxy.CallInterrupted):
+        running.result(15)
+    k.restart()
+    assert "big" not in k
+    with pytest.raises(kernelproxy.StaleRefError):
+        ref.get()
+    assert k.call(lambda: "after restart") == "after restart"

@@ -18,12 +18,14 @@ import time
 import urllib.request
 
 import cloudpickle
-import numpy as np
+import helpers
 import pytest
+from helpers import every_verb
 
 import kernelproxy
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+cloudpickle.register_pickle_by_value(helpers)  # every_verb's lambdas go to the kernels
 
 pytestmark = pytest.mark.servers
 
@@ -67,33 +69,6 @@ AS_ROOT = getpass.getuser() == "root"
 
 def kernel_env() -> dict:
     return {name: value for name, value in os.environ.items() if name.startswith("KERNEL_")}
-
-
-def every_verb(k: kernelproxy.Kernel, capfd) -> None:
-    """What the issue tried with each server: every verb works."""
-    assert k.call(pow, 2, 10) == 1024
-    k.call(print, "printed in the gateway's kernel")
-    assert "printed in the gateway's kernel" in capfd.readouterr().out
-    array = np.random.default_rng(3).random(3 * 2**20)  # 24 MB: in parts both ways
-    k.push(big=array)
-    assert np.array_equal(k.pull("big"), array)
-    ref = k.ref("big")
-    assert ref.shape.get() == array.shape
-    with pytest.raises(ZeroDivisionError):
-        k.call(lambda: 1 / 0)
-    with pytest.raises(kernelproxy.CallTimeout):
-        k.options(timeout=1).call(time.sleep, 30)
-    assert k.call(lambda: "after the timeout") == "after the timeout"
-    running = k.submit(time.sleep, 30)
-    time.sleep(0.5)
-    assert k.interrupt(running) is True
-    with pytest.raises(kernelproxy.CallInterrupted):
-        running.result(15)
-    k.restart()
-    assert "big" not in k
-    with pytest.raises(kernelproxy.StaleRefError):
-        ref.get()
-    assert k.call(lambda: "after restart") == "after restart"
 
 
 def test_enterprise_gateway_every_verb_with_the_environments_kernel_variables(enterprise_gateway, monkeypatch, capfd):

@@ -19,14 +19,16 @@ import time
 from collections.abc import Iterator
 
 import cloudpickle
+import helpers
 import numpy as np
 import pytest
-from helpers import free_port, start_jupyter_server, start_kernel_gateway, stop_jupyter_server
+from helpers import every_verb, free_port, start_jupyter_server, start_kernel_gateway, stop_jupyter_server
 
 import kernelproxy
 from kernelproxy._server import ServerAddress, ServerClient
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+cloudpickle.register_pickle_by_value(helpers)  # every_verb's lambdas go to the kernels
 
 FAST = 10.0  # seconds: errors about the server come sooner than this
 
@@ -348,21 +350,7 @@ def kernel_gateway(tmp_path_factory):
 
 def test_kernel_gateway_every_verb(kernel_gateway, capfd):
     with kernelproxy.connect_server(kernel_gateway.url, token=kernel_gateway.token) as k:
-        assert k.call(pow, 2, 10) == 1024
-        k.call(print, "printed in a gateway kernel")
-        assert "printed in a gateway kernel" in capfd.readouterr().out
-        array = np.random.default_rng(2).random(3 * 2**20)  # 24 MB: in parts both ways
-        k.push(big=array)
-        assert np.array_equal(k.pull("big"), array)
-        ref = k.ref("big")
-        assert ref.shape.get() == array.shape
-        with pytest.raises(ZeroDivisionError):
-            k.call(lambda: 1 / 0)
-        with pytest.raises(kernelproxy.CallTimeout):
-            k.options(timeout=1).call(time.sleep, 30)
-        k.restart()
-        assert "big" not in k
-        assert k.call(lambda: "after restart") == "after restart"
+        every_verb(k, capfd)
         kernel_id = k.info.kernel_id
     with pytest.raises(kernelproxy.ServerError, match="no such kernel"):
         kernelproxy.connect_server(kernel_gateway.url, token=kernel_gateway.token, kernel_id=kernel_id)
