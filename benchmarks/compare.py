@@ -779,6 +779,37 @@ def push_pull(
     gc.collect()
 
 
+def push_pull_rounds(
+    backends: list[Backend],
+    value: Any,
+    payload: int,
+    workload: str,
+    probes_of: Callable[[Backend], Probes],
+    results: dict[tuple[str, str, str], Transfer],
+    equal: Callable[[Any, Any], bool],
+    *,
+    repeats: int,
+    what: str,
+    progress: str,
+    name: str = "arr",
+) -> None:
+    """``repeats`` rounds of push_pull() over ``backends``, each one guarded() as ``what``.
+
+    Round i starts at backends[i % len(backends)]: interleaved, rotating order, so drift in load hits every
+    backend alike. Each transfer is logged as ``progress`` (str.format fields {workload}, {repeat}, {repeats})
+    followed by ": " and the backend's label.
+    """
+    if not backends:
+        return
+    for index in range(repeats):
+        shift = index % len(backends)
+        for b in backends[shift:] + backends[:shift]:
+            log(f"{progress.format(workload=workload, repeat=index + 1, repeats=repeats)}: {b.label}")
+            guarded(
+                b, what, lambda b=b: push_pull(b, value, payload, workload, probes_of(b), results, equal, name=name)
+            )
+
+
 # ----------------------------------------------------------------------------- formatting
 
 
@@ -1215,17 +1246,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             movers = [b for b in ordered if not b.slow]
             for size in args.sizes:
                 arr, workload = arrays[size], fmt_size(size)
-                for index in range(repeats_for(size, args)):
-                    shift = index % len(movers)
-                    for b in movers[shift:] + movers[:shift]:
-                        log(f"{workload} repeat {index + 1}/{repeats_for(size, args)}: {b.label}")
-                        guarded(
-                            b,
-                            f"{workload} transfers",
-                            lambda b=b, arr=arr, workload=workload: push_pull(
-                                b, arr, arr.nbytes, workload, probes[b.key], transfers, arrays_equal
-                            ),
-                        )
+                push_pull_rounds(
+                    movers,
+                    arr,
+                    arr.nbytes,
+                    workload,
+                    lambda b: probes[b.key],
+                    transfers,
+                    arrays_equal,
+                    repeats=repeats_for(size, args),
+                    what=f"{workload} transfers",
+                    progress="{workload} repeat {repeat}/{repeats}",
+                )
             measurements["arrays"] = transfers
             section("2. Push/pull of a float64 numpy array (MB = 2**20 bytes)")
             reference = comm.label if comm is not None else ordered[0].label
@@ -1248,15 +1280,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed.delete("arr")
                 slow.insert(0, seed)
             reference = slow[0].label if slow else ordered[0].label
-            for b in slow + [b for b in ordered if isinstance(b, KernelproxyBackend)]:
-                log(f"small size {fmt_size(size)}: {b.label}")
-                guarded(
-                    b,
-                    f"{workload} transfers",
-                    lambda b=b: push_pull(
-                        b, arr, arr.nbytes, workload, Probes(host_probe, b), small_results, arrays_equal
-                    ),
-                )
+            push_pull_rounds(
+                slow + [b for b in ordered if isinstance(b, KernelproxyBackend)],
+                arr,
+                arr.nbytes,
+                workload,
+                lambda b: Probes(host_probe, b),
+                small_results,
+                arrays_equal,
+                repeats=1,
+                what=f"{workload} transfers",
+                progress=f"small size {fmt_size(size)}",
+            )
             memcpy[workload] = memcpy[fmt_size(size)]
             measurements["small"] = small_results
             section(f"3. Slow methods at {fmt_size(size)} only (they move a few MB/s), 1 repeat, with kernelproxy")
@@ -1291,17 +1326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 layouts.append((workload, frame_layout(df)))
                 lane = run.backends.get("lane")
                 contestants = ([lane] if lane is not None else []) + [comm, plain]
-                for index in range(args.df_repeat):
-                    shift = index % len(contestants)
-                    for b in contestants[shift:] + contestants[:shift]:
-                        log(f"DataFrame, {workload}, repeat {index + 1}/{args.df_repeat}: {b.label}")
-                        guarded(
-                            b,
-                            f"DataFrame {workload}",
-                            lambda b=b, df=df, payload=payload, workload=workload: push_pull(
-                                b, df, payload, workload, df_probes, df_results, frames_equal, name="df"
-                            ),
-                        )
+                push_pull_rounds(
+                    contestants,
+                    df,
+                    payload,
+                    workload,
+                    lambda b: df_probes,
+                    df_results,
+                    frames_equal,
+                    repeats=args.df_repeat,
+                    what=f"DataFrame {workload}",
+                    progress="DataFrame, {workload}, repeat {repeat}/{repeats}",
+                    name="df",
+                )
                 del df
                 gc.collect()
             measurements["dataframe"] = df_results
