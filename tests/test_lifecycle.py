@@ -694,3 +694,22 @@ def test_interrupt_one_submitted_call_asyncio():
             assert await ak.call(lambda: 5) == 5
 
     asyncio.run(main())
+
+
+class SleepsWhenUnpickled:
+    """An argument whose unpickling in the kernel takes long: ``time.sleep(30)`` runs there as it is loaded."""
+
+    def __reduce__(self) -> tuple:
+        return (time.sleep, (30,))
+
+
+def test_an_interrupt_while_the_kernel_unpickles_the_arguments_says_interrupted(fresh_kernel):
+    """Before: a SerializationError suggesting a missing module (the KeyboardInterrupt came from unpickling)."""
+    future = fresh_kernel.submit(type, SleepsWhenUnpickled())
+    time.sleep(1)  # the kernel is loading the argument now
+    fresh_kernel.interrupt()
+    with pytest.raises(CallInterrupted, match="interrupt"):
+        future.result(timeout=10)
+    with pytest.raises(CallTimeout, match="interrupted and the kernel is usable"):
+        fresh_kernel.options(timeout=1).call(type, SleepsWhenUnpickled())
+    assert fresh_kernel.call(pow, 2, 5) == 32

@@ -145,7 +145,7 @@ from types import CodeType
 PROTOCOL = 1
 # Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
 # an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
-REVISION = 7
+REVISION = 8
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -639,14 +639,14 @@ def _watch_sigint():
     """Count SIGINTs during a request; return the handler to put back, or None where we cannot (not the main
     thread, or the kernel has its own handler): then every KeyboardInterrupt counts as an interrupt."""
     try:
-        import signal
+        import _signal  # not signal: its wrappers turn handlers into enums, a cost paid twice per request
 
-        previous = signal.getsignal(signal.SIGINT)
+        previous = _signal.getsignal(_signal.SIGINT)
         if previous is _lane_sigint:  # a lane request: that handler counts the SIGINTs it turns into interrupts
             return previous
-        if previous is not signal.default_int_handler:  # ipykernel installs it while it handles a request
+        if previous is not _signal.default_int_handler:  # ipykernel installs it while it handles a request
             return None
-        signal.signal(signal.SIGINT, _on_sigint)
+        _signal.signal(_signal.SIGINT, _on_sigint)
         return previous
     except Exception:
         return None
@@ -655,10 +655,10 @@ def _watch_sigint():
 def _unwatch_sigint(previous):
     if previous is not None:
         try:
-            import signal
+            import _signal
 
-            if signal.getsignal(signal.SIGINT) is _on_sigint:
-                signal.signal(signal.SIGINT, previous)
+            if _signal.getsignal(_signal.SIGINT) is _on_sigint:
+                _signal.signal(_signal.SIGINT, previous)
         except Exception:
             pass
 
@@ -678,7 +678,7 @@ class _RequestUnpicklingError(Exception):
 def _load_request(frames):
     try:
         return loads(frames)
-    except (_StaleRef, _FunctionMissing):
+    except (_StaleRef, _FunctionMissing, KeyboardInterrupt):  # an interrupt while loading is an interrupt
         raise
     except BaseException as exc:
         error = _RequestUnpicklingError("%s: %s" % (type(exc).__name__, exc))
@@ -1572,7 +1572,7 @@ def _shell_sender(comm):
 LANE_INLINE_MAX = 1 << 20  # frames bigger than this travel through the arena
 LANE_SEGMENT_MIN = 64 << 20  # the smallest arena segment
 LANE_RETAIN = 256 << 20  # free arena memory kept for later transfers; beyond it, free segments are dropped...
-LANE_RETAIN_SECONDS = 10.0  # ...once they have been free this long (a loop of big transfers reuses them)
+LANE_RETAIN_SECONDS = 60.0  # ...once they have been free this long (big transfers a minute apart reuse them)
 LANE_WINDOW = 64 << 20  # a writer maps (and populates) at most this much of a segment at once
 _LANE_PREFIX_SIZE = 12
 _LANE_SCRATCH = 256 * 1024
@@ -2177,7 +2177,7 @@ class _KernelLane(object):
             try:
                 if _signal.getsignal(_signal.SIGINT) is not _lane_sigint:  # no system call when it is there already
                     _previous_sigint[:] = [_signal.signal(_signal.SIGINT, _lane_sigint)]
-                reply, out = dispatch(header, frames, sys.modules["IPython"].get_ipython().user_ns, rid)
+                reply, out = dispatch(header, frames, self._kernel.shell.user_ns, rid)
                 _flush_output()  # output reaches the lane before the reply
             except KeyboardInterrupt as exc:  # landed outside the user's code
                 reply, out = _exception_reply(exc, kind="interrupted")
