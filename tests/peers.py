@@ -30,11 +30,13 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from kernelproxy._bootstrap import install_agent
 from kernelproxy._connection import KernelConnection, ProcessCheck
 from kernelproxy._launch import zmq_context
+from kernelproxy._protocol import Outcome, Stage
 from kernelproxy._server import ServerAddress, ServerClient, _while_busy
 from kernelproxy._transports.base import Transport
 from kernelproxy._transports.comm import CommTransport
 from kernelproxy._transports.execute import ExecuteTransport
 from kernelproxy._transports.inprocess import InProcessTransport
+from kernelproxy._transports.lane import LaneTransport
 from kernelproxy._wires._fake_kernel import FakeKernel
 from kernelproxy._wires.base import Wire
 from kernelproxy._wires.fake import FakeWire
@@ -48,6 +50,7 @@ TRANSPORT_PEERS = [
     "inprocess",
     "zmq-comm",
     "zmq-execute",
+    "zmq-lane",  # the lane beside a real local ipykernel's channels (Unix socket, shared memory)
     # A size-limited path, as through a Jupyter Server: frames travel in parts, replies come on shell.
     "fake-comm-parts",
     "websocket-comm-parts",
@@ -271,6 +274,8 @@ async def transport_on(peer: str, site: Site) -> AsyncIterator[tuple[Transport, 
         transport: Transport
         if "comm" in peer.split("-"):
             transport = await CommTransport.open(conn)
+        elif "lane" in peer.split("-"):
+            transport = await LaneTransport.open(conn, None)
         else:
             transport = ExecuteTransport(conn, content_frames=bool(hello.get("parent_access")))
         try:
@@ -278,6 +283,14 @@ async def transport_on(peer: str, site: Site) -> AsyncIterator[tuple[Transport, 
         finally:
             if conn.dead is None:
                 await transport.close()
+
+
+def running(connection: KernelConnection | None, outcome: Outcome) -> bool:
+    """Whether the request ``outcome`` follows runs in the kernel now (the lane's stage is read when asked)."""
+    pending = connection._pending.get(outcome.msg_id or "") if connection is not None else None
+    if pending is not None:
+        connection._observe(pending)  # type: ignore[union-attr]
+    return outcome.stage is Stage.RUNNING
 
 
 def printed(seen: list[dict[str, Any]], text: str) -> Callable[[], bool]:

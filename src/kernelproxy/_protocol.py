@@ -196,6 +196,7 @@ class Outcome:
     died: KernelDiedError | None = None
     abandoned: bool = False
     subshell: bool = False  # it ran on a subshell: interrupted by an exception in that thread, never SIGINT
+    skipped: bool = False  # abandoned before it started, and the kernel was told to skip it (the lane)
 
     def describe(self) -> str:
         """What became of the request after it was abandoned, in words for an error message."""
@@ -204,6 +205,10 @@ class Outcome:
             return f"{cause} ({self.died}); call restart() for a fresh one"
         if self.stage is Stage.PREPARING:
             return "it had not been sent to the kernel yet, and never will be: nothing ran"
+        if self.skipped:  # told before it started: the kernel never runs it
+            if self.queued_behind is not None:
+                return "it was still queued behind other work in the kernel, which skips it: nothing ran"
+            return "the kernel had not started it and skips it: nothing ran"
         if self.stage is Stage.SENT and self.interrupt is Interrupt.NONE:
             if self.queued_behind is not None:
                 return (

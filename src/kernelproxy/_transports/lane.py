@@ -50,7 +50,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._connection import KernelConnection
-from .._exceptions import KernelDiedError, ProtocolError
+from .._exceptions import KernelDiedError, ProtocolError, SerializationError
 from ..agent import _agent as agent
 from .base import Interrupter, IopubListener, Message, Outcome, Transport
 from .execute import EXPRESSION_KEY, read_expression_result
@@ -173,7 +173,10 @@ class LaneTransport(Transport):
             message = {"k": "req", "i": number, "h": header}
             if rid is not None:
                 message["r"] = rid
-            self._send(message, frames)
+            try:
+                self._send(message, frames)
+            except (TypeError, ValueError) as exc:  # marshal: a header of plain data only (as JSON elsewhere)
+                raise SerializationError(f"cannot encode the request header for the lane: {exc}") from exc
             if self._writing:  # the socket is full: wait until it took this request
                 await self._wait_drained()
 
@@ -188,6 +191,7 @@ class LaneTransport(Transport):
             running = self._running()
             if running and running != number:
                 outcome.queued_behind = f"lane-{running}"
+            outcome.skipped = running != number  # the kernel skips it when it gets there (see the status page)
             return running == number
 
         def aim() -> None:
