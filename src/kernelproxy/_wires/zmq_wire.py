@@ -174,8 +174,17 @@ class _Heartbeat:
     def __init__(self, client: AsyncKernelClient) -> None:
         self._client = client
         self._sock: Any = None  # a zmq.asyncio REQ socket, typed as sync by jupyter_client
+        self._lock: asyncio.Lock | None = None  # made on the loop that beats
 
     async def beat(self, timeout: float) -> bool:
+        # One ping at a time: a REQ socket takes one request per reply, and a timed-out beat closes the
+        # socket, which would cancel another caller's wait (CI: a CancelledError out of death()).
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            return await self._beat(timeout)
+
+    async def _beat(self, timeout: float) -> bool:
         if self._sock is None:
             self._sock = self._client.connect_hb()
             self._sock.linger = 0
