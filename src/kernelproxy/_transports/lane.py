@@ -191,7 +191,8 @@ class LaneTransport(Transport):
             running = self._running()
             if running and running != number:
                 outcome.queued_behind = f"lane-{running}"
-            outcome.skipped = running != number  # the kernel skips it when it gets there (see the status page)
+            # Neither running nor run (its reply could be on its way): the kernel skips it when it gets there.
+            outcome.skipped = running != number and self._last_run() < number
             return running == number
 
         def aim() -> None:
@@ -221,6 +222,10 @@ class LaneTransport(Transport):
         if self._status.closed:
             return self._last_running
         return int(struct.unpack_from("<Q", self._status, 0)[0])
+
+    def _last_run(self) -> int:
+        """The number of the last lane request the kernel ran to its end (read after ``_running()``)."""
+        return 0 if self._status.closed else int(struct.unpack_from("<Q", self._status, 16)[0])
 
     def _set_status(self, offset: int, value: int) -> None:
         if not self._status.closed:

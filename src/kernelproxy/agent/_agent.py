@@ -145,7 +145,7 @@ from types import CodeType
 PROTOCOL = 1
 # Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
 # an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
-REVISION = 8
+REVISION = 9
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -1563,7 +1563,8 @@ def _shell_sender(comm):
 # kernel -> host: ready {pid}, out {i, t: msg_type} (frame 0: the IOPub content as JSON), rep {i, h: reply header}
 #
 # The status page (8 bytes at 0: the request number running now, 0 when none; 8 bytes at 8: the request an
-# interrupt is meant for, or LANE_ANY) is shared memory the host made: no message says a request started.
+# interrupt is meant for, or LANE_ANY; 8 bytes at 16: the last request run to its end, written before 0 is
+# cleared) is shared memory the host made: no message says a request started or ended.
 # Before it runs request i the kernel drains the socket for cancels, writes i at 0 and looks for a cancel once
 # more; the host, abandoning i, sends ``cancel`` and then reads 0. One of them sees the other (the socket
 # calls order their memory accesses): a request is either skipped or seen running, and interrupted then.
@@ -2184,6 +2185,7 @@ class _KernelLane(object):
         finally:
             _lanes_by_parent.pop(parent_id, None)
             self._set_status(8, 0)  # an interrupt meant for this request, arriving late, hits nothing else
+            self._set_status(16, request)  # it ran (its reply may still be on its way): not one to call skipped
             self._set_status(0, 0)
         if rid is not None:
             _remember(rid, (reply, out), 0, False)
