@@ -186,6 +186,9 @@ def test_map_raises_at_the_failing_item(pool):
 
 
 def test_map_timeout_raises_and_cancels_what_did_not_start(pool):
+    # Tiny tasks first: over the lane a kernel then holds up to 16 of them. Before, the slow tasks below were
+    # sent 16 per kernel too (the tiny tasks' durations applied to them), and the kernels stayed busy for 16 s.
+    assert list(pool.map(square, range(300))) == [i * i for i in range(300)]
     started = time.monotonic()
     with pytest.raises(concurrent.futures.TimeoutError):
         list(pool.map(pid_after, [1] * 40, timeout=0.5))

@@ -4,8 +4,10 @@
 * A kernel holds one task, or two when its recent tasks were short
   (``PREFETCH_UNDER``): the second, sent while the first runs, hides the round
   trip. Over the lane, a kernel whose tasks are tiny (``DEEP_UNDER``) holds up
-  to ``DEEP_MAX``, a few milliseconds of work. Never a task with a timeout as the second one (its clock would start
-  early), and never two on a kernel whose calls have a default timeout.
+  to ``DEEP_MAX``, a few milliseconds of work, while the next task runs the function those durations were
+  measured on (a slow function after tiny ones must not be sent 16 at a time: a map's timeout could not
+  cancel them, and they would not spread over the kernels). Never a task with a timeout as the second one
+  (its clock would start early), and never two on a kernel whose calls have a default timeout.
 * A task sent to a kernel that died: if the kernel was busy with the task
   ahead of it, it never started and goes back to the front without using a
   retry. If the kernel never said it started it (no IOPub 'busy': it died idle
@@ -54,6 +56,10 @@ class TaskQueue:
         else:
             self._tasks.extend(tasks)
 
+    def peek(self) -> Task | None:
+        """The task ``pop()`` would consider first (it may be dropped or refused there)."""
+        return self._tasks[0] if self._tasks else None
+
     def pop(self, *, second: bool) -> Task | None:
         """The next task to run and claim it; None if none may run now.
 
@@ -91,7 +97,10 @@ class TaskQueue:
 
 
 def capacity(*, prefetch: bool, service: float | None, default_timeout: float | None, deep: bool = False) -> int:
-    """How many tasks a kernel may hold: two only while its tasks are short, more over the lane when tiny."""
+    """How many tasks a kernel may hold: two only while its tasks are short, more over the lane when tiny.
+
+    ``deep``: over the lane, and the next task runs the function ``service`` was measured on.
+    """
     if not prefetch or service is None or service >= PREFETCH_UNDER or default_timeout is not None:
         return 1
     if deep and service < DEEP_UNDER:

@@ -269,11 +269,14 @@ class Scheduler:
                         return
                     continue
                 waiter: asyncio.Future[None] | None = None
+                upcoming = self.queue.peek()
                 limit = policy.capacity(
                     prefetch=self.prefetch,
                     service=slot.service,
                     default_timeout=slot.kernel.call_options.timeout,
-                    deep=slot.kernel.info.transport.startswith("lane"),
+                    deep=slot.kernel.info.transport.startswith("lane")
+                    and upcoming is not None
+                    and upcoming.name == slot.service_of,
                 )
                 if self.max_tasks is not None:
                     limit = min(limit, self.max_tasks - slot.sent)
@@ -349,7 +352,9 @@ class Scheduler:
                 return
             done = self.loop.time()
             # the kernel's own time for it, not its wait behind another
-            slot.service = policy.moving_service(slot.service, done - max(sent, slot.last_done))
+            previous = slot.service if task.name == slot.service_of else None  # another function: start afresh
+            slot.service = policy.moving_service(previous, done - max(sent, slot.last_done))
+            slot.service_of = task.name
             slot.last_done = done
             exc = request.exception()
             if exc is None:

@@ -60,6 +60,7 @@ class Slot:
     ready: bool = True  # has every push; False while being replaced
     restarts: int = 0  # the kernel's restart count when it got every push (someone may restart it)
     service: float | None = None  # moving average of its tasks' durations (s)
+    service_of: str | None = None  # the function (name) of the task that last updated ``service``
     last_done: float = 0.0  # loop time its last task finished
     holding: list[Any] = dataclasses.field(default_factory=list)  # tasks sent to the kernel, in order
     inflight: int = 0  # tasks its worker has started and not seen end (set by the worker itself)
