@@ -138,24 +138,37 @@ def start_external_kernel(
 
     ``transport="ipc"`` with ``ip`` a socket path prefix puts its sockets there.
     """
-    path = directory / f"kernel-{uuid.uuid4().hex[:8]}.json"
     key = uuid.uuid4().hex.encode("ascii") if key is None else key
-    write_connection_file(str(path), transport=transport, ip=ip, key=key)
-    process = subprocess.Popen(
-        [sys.executable, "-m", KERNEL_MARKER, "-f", str(path)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=str(directory),
-        start_new_session=True,  # like a kernel launched by Jupyter: its own process group
-    )
-    kernel = ExternalKernel(path, process)
-    try:
-        wait_for_heartbeat(kernel)
-    except BaseException:
-        stop_external_kernel(kernel)
-        raise
-    return kernel
+    for attempt in range(3):
+        path = directory / f"kernel-{uuid.uuid4().hex[:8]}.json"
+        # Free TCP ports picked here can be taken by another process (other workers start kernels too) before the
+        # kernel binds them; it then exits at once (CI: "the test kernel exited with code 1"). New ports, again.
+        write_connection_file(str(path), transport=transport, ip=ip, key=key)
+        process = subprocess.Popen(
+            [sys.executable, "-m", KERNEL_MARKER, "-f", str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=str(directory),
+            start_new_session=True,  # like a kernel launched by Jupyter: its own process group
+        )
+        kernel = ExternalKernel(path, process)
+        try:
+            wait_for_heartbeat(kernel)
+        except KernelExitedEarly:
+            stop_external_kernel(kernel)
+            if attempt == 2:
+                raise
+            continue
+        except BaseException:
+            stop_external_kernel(kernel)
+            raise
+        return kernel
+    raise AssertionError("unreachable")
+
+
+class KernelExitedEarly(RuntimeError):
+    """The hand-started kernel exited before it answered its heartbeat."""
 
 
 def wait_for_heartbeat(kernel: ExternalKernel, timeout: float = 60) -> None:
@@ -173,7 +186,7 @@ def wait_for_heartbeat(kernel: ExternalKernel, timeout: float = 60) -> None:
     context = zmq.Context.instance()
     while time.monotonic() < deadline:
         if kernel.process.poll() is not None:
-            raise RuntimeError(f"the test kernel exited with code {kernel.process.returncode}")
+            raise KernelExitedEarly(f"the test kernel exited with code {kernel.process.returncode}")
         socket = context.socket(zmq.REQ)
         socket.linger = 0
         try:
