@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -388,3 +389,27 @@ def test_pool_output_lines_are_attributed_to_their_task(capsys: pytest.CaptureFi
     run(case())
     lines = sorted(line for line in capsys.readouterr().out.splitlines() if "hello" in line)
     assert lines == sorted(f"[task {i}] hello from {i}" for i in range(4))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_request_ids_are_unique_in_the_process_and_in_a_forked_child() -> None:
+    """Several clients (a forked child's own included) share a kernel, whose agent never runs one id twice."""
+    from kernelproxy._protocol import request_id
+
+    ids = {request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # Python 3.12+ warns of fork() in a threaded process; this child only writes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = os.fork()
+    if child == 0:  # the child's next ids, to the parent
+        try:
+            os.write(write, " ".join(request_id() for _ in range(100)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        childs = set(pipe.read().split())
+    os.waitpid(child, 0)
+    parents = {request_id() for _ in range(100)}
+    assert len(childs) == 100 and not childs & (parents | ids)

@@ -16,7 +16,6 @@ import functools
 import logging
 import os
 import platform
-import uuid
 import warnings
 import weakref
 from collections.abc import Coroutine, Mapping
@@ -284,7 +283,7 @@ class _KernelState:
         A restart by someone else is noticed here at the latest: the agent is
         installed again, refs made before are stale, the request runs.
         """
-        rid = uuid.uuid4().hex
+        rid = protocol.request_id()
         if subshell:
             self._subshell_requests.add(rid)
         try:
@@ -346,7 +345,7 @@ class _KernelState:
                 error = ProtocolError(f"the kernel lacks functions {reply.get('undefined')}")
                 if subshell:
                     self._subshell_requests.discard(rid)
-                rid = uuid.uuid4().hex  # a new request: the agent remembers that it answered this id
+                rid = protocol.request_id()  # a new request: the agent remembers that it answered this id
                 if subshell:
                     self._subshell_requests.add(rid)
                 continue

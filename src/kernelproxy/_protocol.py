@@ -11,6 +11,9 @@ caller reads after a timeout or a cancellation. The agent's docstring
 from __future__ import annotations
 
 import enum
+import itertools
+import os
+import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, Union
 
@@ -31,6 +34,26 @@ Message = tuple[dict[str, Any], list[Any]]
 
 
 # ---------------------------------------------------------------------- requests
+
+_id_prefix = uuid.uuid4().hex[:16]
+_id_numbers = itertools.count()
+
+
+def request_id() -> str:
+    """A request id no other client of the kernel uses: a random per-process prefix and a counter.
+
+    (A tenth of uuid4's cost, which showed in profiles of pools of tiny tasks.)
+    """
+    return f"{_id_prefix}{next(_id_numbers):x}"
+
+
+def _new_id_prefix() -> None:
+    global _id_prefix, _id_numbers
+    _id_prefix, _id_numbers = uuid.uuid4().hex[:16], itertools.count()
+
+
+if hasattr(os, "register_at_fork"):  # a forked child counts from the same point: it needs its own prefix
+    os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 class CallHeader(TypedDict):

@@ -241,7 +241,15 @@ class Scheduler:
     async def _work(self, slot: Slot) -> None:
         """Feed one kernel: one task at a time, or two when its tasks are short (see ``policy.capacity``)."""
         assert self.supervisor is not None
-        inflight: set[asyncio.Future[None]] = set()
+        inflight: set[asyncio.Task[None]] = set()
+        # One future per wait, resolved by whichever comes first: one of its tasks ends, wake() has work for it,
+        # or IDLE_CHECK passes. (asyncio.wait over every task in flight, up to 16, cost more than a tiny task.)
+        wake: asyncio.Future[None] = self.loop.create_future()
+
+        def woken(_: object = None) -> None:
+            if not wake.done():
+                wake.set_result(None)
+
         try:
             while True:
                 if slot.unusable:
@@ -268,7 +276,7 @@ class Scheduler:
                         self._check_any_left()
                         return
                     continue
-                waiter: asyncio.Future[None] | None = None
+                waiting_for_work = False
                 upcoming = self.queue.peek()
                 limit = policy.capacity(
                     prefetch=self.prefetch,
@@ -285,26 +293,34 @@ class Scheduler:
                     task = self.queue.pop(second=bool(inflight))
                     if task is not None:
                         slot.sent += 1
-                        inflight.add(asyncio.ensure_future(self._run(slot, task)))
+                        running = self.loop.create_task(self._run(slot, task))
+                        running.add_done_callback(woken)
+                        inflight.add(running)
                         slot.inflight = len(inflight)
                         continue
                     if self._all_done():
                         self.wake()  # let the other workers see it too
                         return
-                    waiter = self.loop.create_future()
-                    (self.prefetching if inflight else self.idle).append(waiter)
-                await asyncio.wait(
-                    inflight | ({waiter} if waiter else set()), timeout=IDLE_CHECK, return_when=asyncio.FIRST_COMPLETED
-                )
-                if waiter is not None and not waiter.done():
-                    waiter.cancel()
-                    for waiters in (self.idle, self.prefetching):
-                        if waiter in waiters:
-                            waiters.remove(waiter)
-                inflight = {running for running in inflight if not running.done()}
+                    waiting_for_work = True
+                if wake.done():
+                    wake = self.loop.create_future()
+                if waiting_for_work:
+                    (self.prefetching if inflight else self.idle).append(wake)
+                if any(ended.done() for ended in inflight):
+                    woken()  # one ended before this wait began
+                timer = self.loop.call_later(IDLE_CHECK, woken)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+                    if waiting_for_work:
+                        for waiters in (self.idle, self.prefetching):
+                            if wake in waiters:
+                                waiters.remove(wake)
+                inflight = {going for going in inflight if not going.done()}
         except asyncio.CancelledError:
-            for running in inflight:
-                running.cancel()
+            for going in inflight:
+                going.cancel()
             raise
         except Exception:  # a bug here must not hang callers: say so, and leave the kernel out
             log.exception("kernelproxy pool worker %d failed", slot.index)
@@ -325,7 +341,7 @@ class Scheduler:
         slot.holding.append(task)
         output = Forwarder(task.output_to, f"[task {task.id}] ") if task.options.output == "forward" else None
         task.outcome = Outcome()
-        request = asyncio.ensure_future(
+        request = self.loop.create_task(
             kernel._call_frames(task.frames, task.name, task.options.timeout, output, task.outcome, task.functions)
         )
         task.request = request
@@ -333,8 +349,11 @@ class Scheduler:
             task.sink.future.add_done_callback(lambda future: request.cancel() if future.cancelled() else None)
         self.running += 1
         try:
+            # Not awaiting the request itself: cancelling this task must leave the request be (it is cancelled below).
+            ended: asyncio.Future[None] = self.loop.create_future()
+            request.add_done_callback(lambda _: None if ended.done() else ended.set_result(None))
             try:
-                await asyncio.wait({request})
+                await ended
             except asyncio.CancelledError:
                 request.cancel()
                 task.sink.fail(KernelClosedError("the pool was torn down while this task ran"))
