@@ -25,6 +25,7 @@ from peers import execute_content, run, stubborn, until
 
 import kernelproxy
 from kernelproxy import _connection as connection_module
+from kernelproxy import _kernel as kernel_module
 from kernelproxy._connection import KernelConnection
 from kernelproxy._kernel import AsyncKernel
 from kernelproxy._protocol import Interrupt, Outcome, Stage
@@ -96,6 +97,35 @@ def test_on_timeout_restart_follows_the_call_that_ignored_the_interrupt() -> Non
                 await kernel.options(timeout=0.2, on_timeout="restart").call(stubborn, 5)
             assert "namespace is empty" in str(info.value)
             assert kernel.status.restarts == 1 and not await kernel.contains("kept")
+
+    run(case())
+
+
+@pytest.mark.parametrize("transport", ["comm", "execute"])
+def test_a_kernel_that_stops_reading_requests_after_an_interrupt_is_not_called_usable(
+    monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    """xeus-python, now and then: the interrupted call answers, and no later request is ever read."""
+    monkeypatch.setattr(kernel_module, "ANSWER_AFTER_INTERRUPT", 0.5)
+
+    async def case() -> None:
+        async with fake_kernel(transport=transport) as healthy:
+            with pytest.raises(kernelproxy.CallTimeout, match="interrupted and the kernel is usable"):
+                await healthy.options(timeout=0.2).call(time.sleep, 5)
+        async with fake_kernel(transport=transport, deaf_after_interrupt=True) as kernel:
+            await kernel.push(kept=1)
+            started = time.monotonic()
+            with pytest.raises(kernelproxy.CallTimeout) as info:
+                await kernel.options(timeout=0.2).call(time.sleep, 5)
+            message = str(info.value)
+            assert "has not answered a request since (none within 0.5 s)" in message
+            assert "usable" not in message and "call restart()" in message
+            assert time.monotonic() - started < 3
+        async with fake_kernel(transport=transport, deaf_after_interrupt=True) as kernel:
+            await kernel.push(kept=1)
+            with pytest.raises(kernelproxy.CallTimeout, match="stopped answering after the interrupt, so it was rest"):
+                await kernel.options(timeout=0.2, on_timeout="restart").call(time.sleep, 5)
+            assert kernel.status.restarts == 1 and not await kernel.contains("kept")  # a fresh one, answering
 
     run(case())
 

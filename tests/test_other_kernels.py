@@ -76,11 +76,16 @@ def test_timeout_on_a_kernel_that_dies_of_sigint_says_so_and_restart_recovers(xe
     started = time.monotonic()
     with pytest.raises(kernelproxy.CallTimeout) as info:
         xeus.options(timeout=1).call(time.sleep, 30)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 15  # the timeout, the interrupt's grace, the probe whether it answers
     if "ended it" in str(info.value):
         assert not xeus.is_alive()
         with pytest.raises(kernelproxy.KernelDiedError):
             xeus.call(int, "1")
+        xeus.restart()
+    elif "has not answered a request since" in str(info.value):
+        # Now and then (1 run in 8 here) xeus-python answers the interrupted request and then never reads
+        # another: its main thread sits idle in its asyncio loop (which reads the shell's ZMQ fd) with our
+        # request unread. kernelproxy must say so, not "usable"; a restart recovers.
         xeus.restart()
     else:
         assert "kernel is usable" in str(info.value)

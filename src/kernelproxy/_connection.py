@@ -459,6 +459,19 @@ class KernelConnection:
             finally:
                 self._pending.pop(pending.msg_id, None)
 
+    async def answers(self, timeout: float) -> bool:
+        """Whether the kernel's main shell answers a kernel_info_request within ``timeout`` (it reads requests).
+
+        Other failures (death, a closed connection) are not this question's: they say True, and tell otherwise.
+        """
+        try:
+            await asyncio.wait_for(self.request("shell", "kernel_info_request", {}, interruptible=False), timeout)
+        except asyncio.TimeoutError:
+            return False
+        except Exception:
+            pass
+        return True
+
     async def interrupt_by_message(self) -> None:
         """Interrupt through the control channel (kernels with interrupt_mode 'message', or remote ones)."""
         await asyncio.wait_for(self.request("control", "interrupt_request", {}), 5)

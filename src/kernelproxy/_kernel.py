@@ -62,6 +62,8 @@ REQUEST_ATTEMPTS = 5  # times a request is sent (again: its reply was lost, the 
 # far below any socket's high-water mark. Per shell: requests queued for the main shell never hold up a
 # subshell's, which runs beside it.
 MAX_IN_FLIGHT = 64
+# After a timeout's interrupt, the kernel must answer a kernel_info_request this soon to be called usable.
+ANSWER_AFTER_INTERRUPT = 5.0
 SUBSHELL_FEATURE = "kernel subshells"  # in kernel_info_reply's supported_features (JEP 91; ipykernel >= 7)
 FOREIGN_RESTART = (
     "the kernel was restarted by someone else (another client, or whoever runs it) while this call was "
@@ -803,8 +805,9 @@ class AsyncKernel:
             RemoteError: ``fn`` raised an exception that cannot be re-raised here (unknown class, unpicklable).
             CallTimeout: the call outlived its timeout (counted from the request, time queued in the kernel
                 included). The kernel was interrupted and the message says what happened: normally the work
-                stopped and the kernel is usable; a kernel that ignores the interrupt is reported still busy
-                2 s later, or restarted with ``on_timeout="restart"``.
+                stopped and the kernel is usable (it answered a request since); a kernel that ignores the
+                interrupt is reported still busy 2 s later, one that stops answering after it 5 s later, or
+                either is restarted with ``on_timeout="restart"``.
             CallInterrupted: ``interrupt()`` stopped the remote work.
             SerializationError: ``fn``, an argument or the result could not be pickled or unpickled.
             StaleRefError: a RemoteRef argument points into the kernel before a restart.
@@ -1038,19 +1041,27 @@ class AsyncKernel:
 
     async def _after_timeout(self, outcome: protocol.Outcome) -> str:
         """Escalate after a timed-out call (its request was already interrupted); say what happened."""
-        if outcome.died is None and self._state.connection.dead is not None:
-            outcome.died = self._state.connection.dead  # e.g. the interrupt ended the kernel (xeus-python)
+        connection = self._state.connection
         if (
-            outcome.interrupt is protocol.Interrupt.IGNORED
+            outcome.interrupt is protocol.Interrupt.ANSWERED
+            and outcome.died is None
+            and not self._options.subshell
+            and not await connection.answers(ANSWER_AFTER_INTERRUPT)
+        ):
+            outcome.unanswered_after = ANSWER_AFTER_INTERRUPT  # "usable" would be untrue
+        if outcome.died is None and connection.dead is not None:
+            outcome.died = connection.dead  # e.g. the interrupt ended the kernel (xeus-python)
+        stuck = outcome.interrupt is protocol.Interrupt.IGNORED or outcome.unanswered_after is not None
+        if (
+            stuck
             and outcome.died is None
             and self._options.on_timeout == "restart"
             and self._state.owned
             and not self._options.subshell  # a restart would end someone's cell on the main shell
         ):
             await self._state.restart(self._state.ready_timeout)
-            return (
-                "the kernel ignored the interrupt, so it was restarted (on_timeout='restart'): its namespace is empty"
-            )
+            how = "stopped answering after the interrupt" if outcome.unanswered_after else "ignored the interrupt"
+            return f"the kernel {how}, so it was restarted (on_timeout='restart'): its namespace is empty"
         return outcome.describe()
 
     # ------------------------------------------------------------------ lifecycle

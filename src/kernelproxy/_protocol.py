@@ -220,6 +220,7 @@ class Outcome:
     abandoned: bool = False
     subshell: bool = False  # it ran on a subshell: interrupted by an exception in that thread, never SIGINT
     skipped: bool = False  # abandoned before it started, and the kernel was told to skip it (the lane)
+    unanswered_after: float | None = None  # interrupted, then the kernel did not answer a probe for this many s
 
     def describe(self) -> str:
         """What became of the request after it was abandoned, in words for an error message."""
@@ -256,6 +257,12 @@ class Outcome:
             return "interrupting the kernel failed; it may still be running the call"
         if self.subshell:
             return "its remote work on the subshell was stopped; the kernel's main shell was not interrupted"
+        if self.unanswered_after is not None:
+            return (
+                f"its remote work was interrupted, but the kernel has not answered a request since (none within "
+                f"{self.unanswered_after:g} s): it is stuck (xeus-python can be, after an interrupt) or busy with "
+                "another client's work; call restart() if it stays so, or use on_timeout='restart'"
+            )
         return "its remote work was interrupted and the kernel is usable"
 
 

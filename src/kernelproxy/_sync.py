@@ -86,8 +86,9 @@ class Kernel:
             RemoteError: ``fn`` raised an exception that cannot be re-raised here (unknown class, unpicklable).
             CallTimeout: the call outlived its timeout (counted from the request, time queued in the kernel
                 included). The kernel was interrupted and the message says what happened: normally the work
-                stopped and the kernel is usable; a kernel that ignores the interrupt is reported still busy
-                2 s later, or restarted with ``on_timeout="restart"``.
+                stopped and the kernel is usable (it answered a request since); a kernel that ignores the
+                interrupt is reported still busy 2 s later, one that stops answering after it 5 s later, or
+                either is restarted with ``on_timeout="restart"``.
             CallInterrupted: ``interrupt()`` stopped the remote work.
             SerializationError: ``fn``, an argument or the result could not be pickled or unpickled.
             StaleRefError: a RemoteRef argument points into the kernel before a restart.

@@ -83,14 +83,19 @@ async def start_fake_async(
     auto_restart: bool = False,
     early_interrupts: Literal["wait", "drop"] = "wait",
     code_start_delay: float = 0.0,
+    deaf_after_interrupt: bool = False,
 ) -> AsyncKernel:
     """An AsyncKernel on a fake kernel; ``max_message_bytes`` makes its wire size-limited like a server's.
 
     ``early_interrupts`` and ``code_start_delay`` are FakeKernel's (what becomes of an interrupt that
-    comes before a request's code runs).
+    comes before a request's code runs), and so is ``deaf_after_interrupt`` (an interrupted kernel that
+    answers the interrupted request and reads no shell request after it, as xeus-python now and then).
     """
     control = FakeControl(
-        interrupt_by=interrupt_by, early_interrupts=early_interrupts, code_start_delay=code_start_delay
+        interrupt_by=interrupt_by,
+        early_interrupts=early_interrupts,
+        code_start_delay=code_start_delay,
+        deaf_after_interrupt=deaf_after_interrupt,
     )
 
     def make_wire() -> FakeWire:

@@ -114,7 +114,13 @@ class FakeKernel:
 
     implementation = "kernelproxy-fake"
 
-    def __init__(self, *, early_interrupts: Literal["wait", "drop"] = "wait", code_start_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        early_interrupts: Literal["wait", "drop"] = "wait",
+        code_start_delay: float = 0.0,
+        deaf_after_interrupt: bool = False,
+    ) -> None:
         # Builds this kernel's messages; nothing is signed (the key only keeps Session from warning).
         self.session = Session(key=uuid.uuid4().hex.encode(), username="kernel")
         self.python = fake_python.FakePython()
@@ -137,6 +143,9 @@ class FakeKernel:
         self.early_interrupts = early_interrupts
         self.code_start_delay = code_start_delay  # seconds between a request's busy status and its code
         self._interrupt_pending = False  # raised by the next sleep of the running request
+        # xeus-python, now and then: the interrupted request answers, and later shell requests are never read.
+        self.deaf_after_interrupt = deaf_after_interrupt
+        self._deaf = False
         self.python.on_sleep = self._on_sleep
         self.python.on_exit = self._exit_from_code
         self._aborting: set[int] = set()  # ids of queued jobs to abort (an execute error with stop_on_error)
@@ -159,7 +168,8 @@ class FakeKernel:
         if self.death is not None:
             return  # a dead process reads nothing
         if channel == "shell":
-            self._queue.put(_Request(msg, origin))
+            if not self._deaf:
+                self._queue.put(_Request(msg, origin))
         elif channel == "control":
             self._control(_Request(msg, origin))
 
@@ -187,6 +197,7 @@ class FakeKernel:
         with self._lock:
             if self.death is not None or self.python.main_thread is None:
                 return
+            self._deaf = self.deaf_after_interrupt and self._armed
             if self._armed and not self._sleeping:
                 _raise_in(self.python.main_thread, KeyboardInterrupt)
             elif self._armed or (self._running is not None and self.early_interrupts == "wait"):
