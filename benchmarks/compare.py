@@ -1440,13 +1440,46 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def print_lane_targets(m: dict[str, Any], run: Run) -> None:
-    """The targets of the direct lane (issue 14), each a ratio to an alternative measured in this run."""
+AddRow = Callable[..., None]  # add_row(target, measured or None, met or None, note="")
+
+
+def target_rows() -> tuple[list[list[str]], AddRow]:
+    """The rows of a targets table, and the function that adds one (None: not measured)."""
     rows: list[list[str]] = []
 
     def add_row(target: str, measured: str | None, met: bool | None, note: str = "") -> None:
         verdict = "not measured" if met is None else ("met" if met else "MISSED")
         rows.append([target, measured if measured is not None else "-", verdict, note])
+
+    return rows, add_row
+
+
+def biggest_transfer(transfers: dict[Any, Any]) -> tuple[int | None, str, str]:
+    """The array size the 1 GB targets are judged at: its bytes, its label, and a note when it is not 1 GB."""
+    sizes = sorted({r.payload for r in transfers.values()})
+    big = GB if GB in sizes else (sizes[-1] if sizes else None)
+    big_name = fmt_size(big / MB) if big else "1 GB"
+    return big, big_name, "" if big == GB else f" (measured at {big_name}, 1 GB not run)"
+
+
+def add_peak_memory_rows(add_row: AddRow, transfers: dict[Any, Any], big: str, backend: str, label: str) -> None:
+    """'peak memory moving 1 GB <= 1.1x payload' for the host and the kernel: the worse of push and pull."""
+    suffix = biggest_transfer(transfers)[2]
+    for role, where in (("host", "host"), ("worker", "kernel")):
+        values = [(op, median_peak_x(transfers.get((big, op, backend)), role)) for op in ("push", "pull")]
+        known = [(op, v) for op, v in values if v is not None]
+        target = f"{label} <= 1.1x payload, {where}"
+        if known:
+            worst_op, worst = max(known, key=lambda item: item[1])
+            note = ", ".join(f"{op} {v:.2f}x" for op, v in known) + f" (median dpeak/payload){suffix}"
+            add_row(target, f"{worst:.2f}x ({worst_op})", worst <= 1.1, note)
+        else:
+            add_row(target, None, None)
+
+
+def print_lane_targets(m: dict[str, Any], run: Run) -> None:
+    """The targets of the direct lane (issue 14), each a ratio to an alternative measured in this run."""
+    rows, add_row = target_rows()
 
     times = m.get("latency", {})
     lane = times.get("kernelproxy[lane]: k.call(add, 1, 2)")
@@ -1467,10 +1500,7 @@ def print_lane_targets(m: dict[str, Any], run: Run) -> None:
         add_row(target, None, None)
 
     transfers = m.get("arrays", {})
-    sizes = sorted({r.payload for r in transfers.values()})
-    big = GB if GB in sizes else (sizes[-1] if sizes else None)
-    big_name = fmt_size(big / MB) if big else "1 GB"
-    suffix = "" if big == GB else f" (measured at {big_name}, 1 GB not run)"
+    big, big_name, suffix = biggest_transfer(transfers)
     lane_rt = round_trip_times(transfers, big_name, "kernelproxy[lane]") if big else []
     zmq_rt = round_trip_times(transfers, big_name, "raw pyzmq (1 frame)") if big else []
     target = "1 GB push+pull, lane >= 1.5x raw pyzmq one-frame throughput"
@@ -1480,18 +1510,7 @@ def print_lane_targets(m: dict[str, Any], run: Run) -> None:
         add_row(target, f"{ratio:.2f}x", ratio >= 1.5, note)
     else:
         add_row(target, None, None)
-    for role, where in (("host", "host"), ("worker", "kernel")):
-        values = [
-            (op, median_peak_x(transfers.get((big_name, op, "kernelproxy[lane]")), role)) for op in ("push", "pull")
-        ]
-        known = [(op, v) for op, v in values if v is not None]
-        target = f"peak memory moving 1 GB over the lane <= 1.1x payload, {where}"
-        if known:
-            worst_op, worst = max(known, key=lambda item: item[1])
-            note = ", ".join(f"{op} {v:.2f}x" for op, v in known) + f" (median dpeak/payload){suffix}"
-            add_row(target, f"{worst:.2f}x ({worst_op})", worst <= 1.1, note)
-        else:
-            add_row(target, None, None)
+    add_peak_memory_rows(add_row, transfers, big_name, "kernelproxy[lane]", "peak memory moving 1 GB over the lane")
     frames = m.get("dataframe", {})
     rows_label = "1e7" if run.args.rows == 10_000_000 else f"{run.args.rows:,}"
     for workload in list(dict.fromkeys(key[0] for key in frames)) or ["(not run)"]:
@@ -1509,11 +1528,7 @@ def print_lane_targets(m: dict[str, Any], run: Run) -> None:
 
 
 def print_targets(m: dict[str, Any], run: Run) -> None:
-    rows: list[list[str]] = []
-
-    def add_row(target: str, measured: str | None, met: bool | None, note: str = "") -> None:
-        verdict = "not measured" if met is None else ("met" if met else "MISSED")
-        rows.append([target, measured if measured is not None else "-", verdict, note])
+    rows, add_row = target_rows()
 
     times = m.get("latency", {})
     kp = times.get("kernelproxy[comm]: k.call(add, 1, 2)")
@@ -1539,10 +1554,7 @@ def print_targets(m: dict[str, Any], run: Run) -> None:
         add_row("comm trivial call <= 0.5x ipyparallel apply_sync", None, None)
 
     transfers = m.get("arrays", {})
-    sizes = sorted({r.payload for r in transfers.values()})
-    big = GB if GB in sizes else (sizes[-1] if sizes else None)
-    big_name = fmt_size(big / MB) if big else "1 GB"
-    suffix = "" if big == GB else f" (measured at {big_name}, 1 GB not run)"
+    big, big_name, suffix = biggest_transfer(transfers)
     kp_rt = round_trip_times(transfers, big_name, "kernelproxy[comm]") if big else []
     for other, target, threshold in (
         ("raw pyzmq (1 frame)", "1 GB push+pull >= 0.9x raw zmq one-frame throughput", 0.9),
@@ -1558,18 +1570,7 @@ def print_targets(m: dict[str, Any], run: Run) -> None:
             add_row(target, f"{ratio:.2f}x", ratio >= threshold, note)
         else:
             add_row(target, None, None)
-    for role, where in (("host", "host"), ("worker", "kernel")):
-        values = [
-            (op, median_peak_x(transfers.get((big_name, op, "kernelproxy[comm]")), role)) for op in ("push", "pull")
-        ]
-        known = [(op, v) for op, v in values if v is not None]
-        target = f"peak memory moving 1 GB <= 1.1x payload, {where}"
-        if known:
-            worst_op, worst = max(known, key=lambda item: item[1])
-            note = ", ".join(f"{op} {v:.2f}x" for op, v in known) + f" (median dpeak/payload){suffix}"
-            add_row(target, f"{worst:.2f}x ({worst_op})", worst <= 1.1, note)
-        else:
-            add_row(target, None, None)
+    add_peak_memory_rows(add_row, transfers, big_name, "kernelproxy[comm]", "peak memory moving 1 GB")
 
     frames = m.get("dataframe", {})
     variants = list(dict.fromkeys(key[0] for key in frames))
