@@ -1326,6 +1326,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 layouts.append((workload, frame_layout(df)))
                 lane = run.backends.get("lane")
                 contestants = ([lane] if lane is not None else []) + [comm, plain]
+                small = make_frame(1_000, strings)
+                for b in contestants:
+
+                    def warm_up(b: Backend = b, small: Any = small) -> None:  # pandas/pyarrow imports: not timed
+                        b.push("df", small)
+                        check(frames_equal(b.pull("df"), small), f"{b.label} DataFrame warm-up")
+                        b.delete("df")
+
+                    guarded(b, "DataFrame warm-up", warm_up)
                 push_pull_rounds(
                     contestants,
                     df,
