@@ -197,7 +197,7 @@ class FakeKernel:
         with self._lock:
             if self.death is not None or self.python.main_thread is None:
                 return
-            self._deaf = self.deaf_after_interrupt and self._armed
+            self._deaf = self._deaf or (self.deaf_after_interrupt and self._armed)  # for good, as xeus-python
             if self._armed and not self._sleeping:
                 _raise_in(self.python.main_thread, KeyboardInterrupt)
             elif self._armed or (self._running is not None and self.early_interrupts == "wait"):
