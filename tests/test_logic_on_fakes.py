@@ -443,3 +443,37 @@ def test_request_ids_are_unique_in_the_process_and_in_a_forked_child() -> None:
     os.waitpid(child, 0)
     parents = {request_id() for _ in range(100)}
     assert len(childs) == 100 and not childs & (parents | ids)
+
+
+def test_a_heartbeat_waiting_when_its_wire_closes_opens_no_socket() -> None:
+    """A beat queued behind another (the monitor's and a caller's) when the wire closed: no socket left open."""
+    import zmq
+    import zmq.asyncio
+
+    from kernelproxy._wires.zmq_wire import _Heartbeat
+
+    context = zmq.asyncio.Context()
+    made: list[zmq.asyncio.Socket] = []
+
+    class Client:  # jupyter_client's connect_hb(), to a port where no kernel listens
+        def connect_hb(self) -> zmq.asyncio.Socket:
+            sock = context.socket(zmq.REQ)
+            sock.connect("tcp://127.0.0.1:9")
+            made.append(sock)
+            return sock
+
+    async def case() -> None:
+        heartbeat = _Heartbeat(Client())  # type: ignore[arg-type]
+        first = asyncio.ensure_future(heartbeat.beat(0.5))
+        second = asyncio.ensure_future(heartbeat.beat(0.5))  # waits for the first: one ping at a time
+        await until(lambda: len(made) == 1, 5, "the first beat's socket")
+        heartbeat.close()
+        await asyncio.gather(first, second, return_exceptions=True)
+        assert len(made) == 1 and made[0].closed
+
+    try:
+        run(case())
+    finally:
+        for sock in made:
+            sock.close(linger=0)
+        context.term()

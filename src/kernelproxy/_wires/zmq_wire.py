@@ -175,6 +175,7 @@ class _Heartbeat:
         self._client = client
         self._sock: Any = None  # a zmq.asyncio REQ socket, typed as sync by jupyter_client
         self._lock: asyncio.Lock | None = None  # made on the loop that beats
+        self._closed = False  # a beat waiting for the lock when the wire closed must not open a new socket
 
     async def beat(self, timeout: float) -> bool:
         # One ping at a time: a REQ socket takes one request per reply, and a timed-out beat closes the
@@ -185,6 +186,8 @@ class _Heartbeat:
             return await self._beat(timeout)
 
     async def _beat(self, timeout: float) -> bool:
+        if self._closed:
+            return True  # the wire closed: its connection no longer asks (nothing to say the kernel died)
         if self._sock is None:
             self._sock = self._client.connect_hb()
             self._sock.linger = 0
@@ -193,10 +196,17 @@ class _Heartbeat:
             await asyncio.wait_for(self._sock.recv(), timeout)
             return True
         except (asyncio.TimeoutError, zmq.ZMQError):
-            self.close()  # a REQ socket without its reply cannot send again
+            self._drop()  # a REQ socket without its reply cannot send again
             return False
+        except asyncio.CancelledError:
+            self._drop()  # its reply would never be read: the next beat needs a fresh socket
+            raise
 
     def close(self) -> None:
+        self._drop()
+        self._closed = True
+
+    def _drop(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
