@@ -260,8 +260,12 @@ def test_a_lost_idle_costs_the_listener_idle_grace_not_the_reply(
 ) -> None:
     monkeypatch.setattr(connection_module, "IDLE_GRACE", 0.2)
 
-    def is_idle(channel: str, msg: dict) -> bool:
-        return msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+    def is_idle(channel: str, msg: dict) -> bool:  # this request's: wait_ready's kernel_info idle may come late
+        return (
+            msg["msg_type"] == "status"
+            and msg["content"]["execution_state"] == "idle"
+            and msg["parent_header"].get("msg_type") == "execute_request"
+        )
 
     async def case() -> None:
         async with fake_connection() as (conn, wire):
