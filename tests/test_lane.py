@@ -191,6 +191,40 @@ def test_no_growth_after_1000_push_pull_cycles_of_16_mb(lane_kernel):
     assert after[1]["arena_regions"] == 0 and transport._arena._used == {}
 
 
+# ---------------------------------------------------------------------- the stream's parser (pure logic)
+
+
+@pytest.mark.parametrize("chunking", ["one read", "byte by byte", "uneven"])
+def test_the_reader_parses_messages_however_the_stream_is_cut(chunking):
+    """Whole messages in one read take the reader's fast path; any other cut takes the piecewise one."""
+    from kernelproxy.agent import _agent as agent
+
+    sent = [
+        ({"k": "rep", "i": 1, "h": {"status": "ok"}}, []),
+        ({"k": "out", "i": 2, "t": "stream"}, [b'{"text": "hi"}']),
+        ({"k": "req", "i": 3, "h": {"op": "echo"}}, [b"", b"x" * 1000, bytes(range(256)) * 1500]),  # 375 KiB: direct
+        ({"k": "rep", "i": 4, "h": None}, [b"a", b"bc"]),
+    ]
+    stream = b"".join(
+        bytes(b"".join(bytes(part) for part in agent._lane_pack(dict(message), frames)[0])) for message, frames in sent
+    )
+    got = []
+    reader = agent.LaneReader(lambda message, frames: got.append((message, list(map(bytes, frames)))), agent.LaneMaps())
+    cuts = {"one read": [len(stream)], "byte by byte": [1] * len(stream), "uneven": [5, 11, 3, 70_000, 1, 200_000]}
+    sizes = iter(cuts[chunking] * (len(stream) // sum(cuts[chunking]) + 1))
+    at = 0
+    while at < len(stream):
+        view, direct = reader.buffer()
+        count = min(len(view), next(sizes), len(stream) - at)
+        view[:count] = stream[at : at + count]
+        reader.received(count, direct)
+        at += count
+    assert [message["i"] for message, _ in got] == [1, 2, 3, 4]
+    for (message, frames), (sent_message, sent_frames) in zip(got, sent):
+        assert message["k"] == sent_message["k"] and message.get("h") == sent_message.get("h")
+        assert frames == [bytes(frame) for frame in sent_frames]
+
+
 # ---------------------------------------------------------------------- requests and interrupts
 
 

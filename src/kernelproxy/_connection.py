@@ -312,8 +312,7 @@ class KernelConnection:
             self._sent += 1
             pending.sent = self._sent
             pending.sent_at = asyncio.get_running_loop().time()
-            # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits
-            reply = await asyncio.shield(pending.reply)
+            reply = await _reply_of(pending)
             if listener is not None and matcher.wait_idle:
                 try:
                     await asyncio.wait_for(pending.idle.wait(), IDLE_GRACE)
@@ -363,8 +362,7 @@ class KernelConnection:
             await send()
             self._sent += 1
             pending.sent = self._sent
-            # shield: cancelling this call must not cancel the reply future, which _abandon() still awaits
-            return await asyncio.shield(pending.reply)
+            return await _reply_of(pending)
         except asyncio.CancelledError:
             if not pending.reply.done():
                 await asyncio.shield(self._abandon(pending))
@@ -749,6 +747,21 @@ class KernelConnection:
                     self.declare_dead(KernelDiedError(reason))
                     return
             await asyncio.sleep(PROCESS_POLL_INTERVAL if self._process_check else LIVENESS_INTERVAL / 4)
+
+
+async def _reply_of(pending: _Pending) -> Any:
+    """Await ``pending``'s reply; if the caller is cancelled meanwhile, its request waits for a reply afresh.
+
+    Not ``asyncio.shield``, which costs a loop iteration per request: cancelling the
+    caller cancels the reply future, replaced here by a new one that ``_abandon()`` awaits.
+    """
+    try:
+        return await pending.reply
+    except asyncio.CancelledError:
+        if pending.reply.cancelled():
+            pending.reply = asyncio.get_running_loop().create_future()
+            pending.reply.add_done_callback(_consume_outcome)
+        raise
 
 
 def _consume_outcome(future: asyncio.Future[Any]) -> None:

@@ -842,7 +842,7 @@ class AsyncKernel:
         with pickling_for(self._state):
             frames = serialization.dumps(
                 (sent_fn, args, kwargs),
-                parts=serialization.call_parts(fn, args, kwargs),
+                parts=lambda: serialization.call_parts(fn, args, kwargs),
                 sent_code=self._state.sent_code,
             )
         header = protocol.call(keep=keep)

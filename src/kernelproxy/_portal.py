@@ -73,17 +73,25 @@ class Portal:
         # call_soon_threadsafe there, one lock release back, no concurrent.futures.Future in between.
         done = threading.Lock()
         done.acquire()
-        tasks: list[asyncio.Task[T]] = []
+        ended: list[tuple[bool, Any]] = []  # (raised, its result or exception)
+        tasks: list[asyncio.Task[None]] = []
         cancelled = False
+
+        async def run_and_release() -> None:
+            # Released by the task's last step, not by a done callback: one loop iteration less per call.
+            try:
+                ended.append((False, await coro))
+            except BaseException as exc:  # the caller raises it (KeyboardInterrupt and SystemExit too: not the loop)
+                ended.append((True, exc))
+            finally:
+                done.release()
 
         def start() -> None:
             if cancelled:  # Ctrl-C came before the task existed
                 coro.close()
                 done.release()
                 return
-            task = self._loop.create_task(coro)
-            task.add_done_callback(lambda _: done.release())
-            tasks.append(task)
+            tasks.append(self._loop.create_task(run_and_release()))
 
         def cancel() -> None:
             nonlocal cancelled
@@ -99,11 +107,13 @@ class Portal:
                 pass
         except KeyboardInterrupt:
             self._loop.call_soon_threadsafe(cancel)
-            # The cancelled call interrupts its remote work meanwhile.
-            if done.acquire(timeout=CANCEL_GRACE) and tasks and not tasks[0].cancelled():
-                tasks[0].exception()  # mark it retrieved: the caller gets the KeyboardInterrupt instead
+            done.acquire(timeout=CANCEL_GRACE)  # the cancelled call interrupts its remote work meanwhile
             raise
-        return tasks[0].result()
+        raised, value = ended.pop()  # (popped: the exception's frames must not keep it alive through this list)
+        if raised:
+            raise value
+        result: T = value
+        return result
 
     def _check_thread(self, coro: Coroutine[Any, Any, Any]) -> None:
         if self.pid != os.getpid():

@@ -30,11 +30,18 @@ from .agent import _agent as agent
 CodeSet = agent.CodeSet  # the code objects already described to one kernel
 
 
-def dumps(value: Any, *, parts: Mapping[str, Any] | None = None, sent_code: CodeSet | None = None) -> list[memoryview]:
+def dumps(
+    value: Any,
+    *,
+    parts: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    sent_code: CodeSet | None = None,
+) -> list[memoryview]:
     """Pickle ``value`` into frames, with the agent's codec (the kernel unpickles with the same).
 
     ``parts`` names the pieces of ``value`` as the user wrote them (``args[0]``,
     ``kwargs['x']``, a pushed name): on failure the error names the one that broke.
+    A function that makes them (``lambda: call_parts(...)``) runs only then, so
+    that a trivial call does not pay for naming its parts.
     Functions pickled by value carry their file name and source lines, for the
     kernel's tracebacks; ``sent_code`` holds the code already described to the
     receiving kernel, whose lines are not sent again (None: describe all).
@@ -46,7 +53,8 @@ def dumps(value: Any, *, parts: Mapping[str, Any] | None = None, sent_code: Code
             sent_code.clear()  # this pickle described code that will never arrive
         if isinstance(exc, KernelProxyError) or not isinstance(exc, Exception):
             raise  # a RemoteRef that may not travel says why itself (stale, or another kernel's)
-        raise SerializationError(_describe_pickling_failure(parts or {"the value": value}, exc)) from exc
+        named = parts() if callable(parts) else parts
+        raise SerializationError(_describe_pickling_failure(named or {"the value": value}, exc)) from exc
     return frames
 
 

@@ -89,7 +89,8 @@ class Scheduler:
         task_id = next(self.task_ids)
         try:
             sent_fn, functions = refs or serialization.function_refs(fn)  # pickled once, sent once per kernel
-            frames = serialization.dumps((sent_fn, args, kwargs), parts=serialization.call_parts(fn, args, kwargs))
+            parts = lambda: serialization.call_parts(fn, args, kwargs)  # noqa: E731 - made only on failure
+            frames = serialization.dumps((sent_fn, args, kwargs), parts=parts)
         except Exception as exc:
             sink.fail(exc)
             return None

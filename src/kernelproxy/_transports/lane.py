@@ -260,6 +260,9 @@ class LaneTransport(Transport):
             except Exception as exc:
                 self._lost(f"the lane carried something unreadable ({type(exc).__name__}: {exc})")
                 return
+            if count < len(view) and not ancillary:
+                # The socket was empty: no reading on to EAGAIN (a read that brought descriptors can end short).
+                return
 
     def _on_message(self, message: dict[str, Any], frames: list[Any]) -> None:
         if self._arena is not None and message.get("fr"):
@@ -341,12 +344,12 @@ class LaneTransport(Transport):
             self._backlog[-1][0].extend(views)  # one sendmsg for the messages of one loop iteration
         else:
             self._backlog.append((views, fds))
-        if fds or (len(self._backlog) == 1 and not self._flush_scheduled and not self._writing):
-            # Now: descriptors may be closed once this returns; a lone message goes without a loop iteration's wait.
+        lone = len(self._backlog) == 1 and not self._flush_scheduled and not self._writing and len(self._inflight) <= 1
+        if fds or lone:
+            # Now: descriptors may be closed once this returns; a lone request goes without a loop iteration's wait.
             self._flush()
-            self._flush_scheduled = True  # later messages of this iteration go together, at its end
-            self._loop.call_soon(self._flush)
         elif not self._flush_scheduled and not self._writing:
+            # Requests of one loop iteration (a pool's) go together at its end: one system call, one read there.
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
