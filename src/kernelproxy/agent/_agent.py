@@ -145,7 +145,7 @@ from types import CodeType
 PROTOCOL = 1
 # Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
 # an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
-REVISION = 11
+REVISION = 12
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -2066,10 +2066,16 @@ class _KernelLane(object):
 
     def __init__(self, connection, loop, kernel, token):
         import collections
+        import select
         import threading
 
         connection.setblocking(False)
         self._sock = connection
+        self._session = self._session_ids = None  # see _parent()
+        self._poll = None  # tells whether anything came, for a quarter of the cost of a read that finds nothing
+        if hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(connection.fileno(), select.POLLIN)
         self._loop = loop
         self._kernel = kernel
         self._token = token
@@ -2125,6 +2131,11 @@ class _KernelLane(object):
                 return True  # the socket was empty (a read that brought descriptors can end short before more)
         return False
 
+    def _read_waiting(self):
+        """Read what came meanwhile, if anything did."""
+        if self._poll is None or self._poll.poll(0):
+            self._read()
+
     def _on_message(self, message, frames):
         if self._arena is not None and message.get("fr"):
             with self._send_lock:  # the arena is also written from ipykernel's IOPub thread (output)
@@ -2163,12 +2174,12 @@ class _KernelLane(object):
         if self._closed or not self._queue:
             return
         if not fresh:
-            self._read()  # cancels that came meanwhile
+            self._read_waiting()  # cancels that came meanwhile
         while self._queue and not self._closed:
             request, header, frames, rid = self._queue.popleft()
             if request not in self._cancelled:
                 self._set_status(0, request)
-                self._read()  # a cancel sent before the host could see the status
+                self._read_waiting()  # a cancel sent before the host could see the status
             if request in self._cancelled:
                 self._set_status(0, 0)
                 self._cancelled.discard(request)
@@ -2209,7 +2220,7 @@ class _KernelLane(object):
         parent_id = _LANE_PARENT + str(request)
         _lanes_by_parent[parent_id] = (self, request)
         try:
-            self._kernel.set_parent([], _lane_parent(self._kernel, parent_id), "shell")
+            self._kernel.set_parent([], self._parent(parent_id), "shell")
         except Exception:
             pass
         try:
@@ -2228,6 +2239,13 @@ class _KernelLane(object):
         if rid is not None:
             _remember(rid, (reply, out), 0, False)
         self._reply(request, reply, out)
+
+    def _parent(self, msg_id):
+        session = self._kernel.session
+        if session is not self._session:  # its ids read once: each read of a traitlet costs
+            self._session = session
+            self._session_ids = (getattr(session, "session", ""), getattr(session, "username", ""))
+        return _lane_parent(msg_id, *self._session_ids)
 
     def _reply(self, request, reply, out):
         try:
@@ -2347,13 +2365,13 @@ def _lane_sigint(signum, frame):
         previous(signum, frame)
 
 
-def _lane_parent(kernel, msg_id):
+def _lane_parent(msg_id, session, username):
     """A message for ipykernel's set_parent(): output produced meanwhile carries msg_id as its parent's."""
     header = {
         "msg_id": msg_id,
         "msg_type": "kernelproxy_lane_request",
-        "session": getattr(kernel.session, "session", ""),
-        "username": getattr(kernel.session, "username", ""),
+        "session": session,
+        "username": username,
         "date": "",
         "version": "5.3",
     }
