@@ -840,11 +840,7 @@ class AsyncKernel:
     async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], keep: bool) -> Message:
         sent_fn, functions = serialization.function_refs(fn)  # a function by value: its pickle once per kernel
         with pickling_for(self._state):
-            frames = serialization.dumps(
-                (sent_fn, args, kwargs),
-                parts=lambda: serialization.call_parts(fn, args, kwargs),
-                sent_code=self._state.sent_code,
-            )
+            frames = serialization.dumps_call(fn, args, kwargs, sent_fn=sent_fn, sent_code=self._state.sent_code)
         header = protocol.call(keep=keep)
         return await self._request(header, frames, self._options.timeout, f"call of {_name(fn)}", functions=functions)
 

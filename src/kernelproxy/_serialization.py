@@ -58,6 +58,17 @@ def dumps(
     return frames
 
 
+def dumps_call(
+    fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, sent_fn: Any = None, sent_code: CodeSet | None = None
+) -> list[memoryview]:
+    """Pickle the call ``(sent_fn or fn, args, kwargs)`` (``sent_fn``: fn's FunctionRef); errors name the part."""
+    return dumps(
+        (fn if sent_fn is None else sent_fn, args, kwargs),
+        parts=lambda: call_parts(fn, args, kwargs),
+        sent_code=sent_code,
+    )
+
+
 def call_parts(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Name the parts of a call the way a user reads them, for error messages."""
     named: dict[str, Any] = {"the function": fn}

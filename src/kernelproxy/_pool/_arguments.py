@@ -78,7 +78,7 @@ def executor_options(
     if not callable(initializer):
         raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
     args = tuple(initargs)
-    frames = serialization.dumps((initializer, args, {}), parts=serialization.call_parts(initializer, args, {}))
+    frames = serialization.dumps_call(initializer, args, {})
     return kernels, Initializer(frames, function_name(initializer))
 
 

@@ -89,8 +89,7 @@ class Scheduler:
         task_id = next(self.task_ids)
         try:
             sent_fn, functions = refs or serialization.function_refs(fn)  # pickled once, sent once per kernel
-            parts = lambda: serialization.call_parts(fn, args, kwargs)  # noqa: E731 - made only on failure
-            frames = serialization.dumps((sent_fn, args, kwargs), parts=parts)
+            frames = serialization.dumps_call(fn, args, kwargs, sent_fn=sent_fn)
         except Exception as exc:
             sink.fail(exc)
             return None
