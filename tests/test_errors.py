@@ -167,6 +167,31 @@ def test_exception_unpicklable_in_kernel_becomes_remote_error(kernel):
     alive(kernel)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) are Python 3.11+")
+def test_a_call_option_passed_as_a_keyword_says_where_options_go(kernel):
+    """Every keyword goes to the function: one that refuses ``timeout=`` gets a note naming k.options()."""
+    with pytest.raises(TypeError, match="takes no keyword arguments") as builtin:
+        kernel.call(time.sleep, 0, timeout=0.5)
+    assert builtin.value.__notes__ == [
+        "kernelproxy: timeout=0.5 went to sleep() as its keyword argument: call() passes every keyword to the "
+        "function. Call options are set on a view of the kernel: k.options(timeout=0.5).call(sleep, ...)."
+    ]
+
+    def double(x):
+        return 2 * x
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'output'") as python:
+        kernel.call_ref(double, 1, output="discard")
+    assert "k.options(output='discard').call_ref(" in python.value.__notes__[0]
+
+    # A function that takes the keyword gets it; a TypeError about something else gets no note.
+    assert kernel.call(lambda timeout: timeout, timeout=3) == 3
+    with pytest.raises(TypeError, match="multiple values for argument .timeout.") as other:
+        kernel.call(lambda timeout: timeout, 1, timeout=3)
+    assert not getattr(other.value, "__notes__", None)
+    alive(kernel)
+
+
 def test_system_exit_does_not_kill_kernel_or_host(kernel):
     pid = kernel.info.pid
     with pytest.raises(RemoteError) as info:

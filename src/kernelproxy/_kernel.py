@@ -842,7 +842,13 @@ class AsyncKernel:
         with pickling_for(self._state):
             frames = serialization.dumps_call(fn, args, kwargs, sent_fn=sent_fn, sent_code=self._state.sent_code)
         header = protocol.call(keep=keep)
-        return await self._request(header, frames, self._options.timeout, f"call of {_name(fn)}", functions=functions)
+        try:
+            return await self._request(
+                header, frames, self._options.timeout, f"call of {_name(fn)}", functions=functions
+            )
+        except TypeError as exc:
+            _note_call_options_in(exc, fn, kwargs, "call_ref" if keep else "call")
+            raise
 
     async def ref(self, name: str, *, timeout: float | None = None) -> AsyncRemoteRef:
         """A ref to the object a kernel variable names now (KeyError if there is none)."""
@@ -1131,6 +1137,37 @@ def _check_names(names: tuple[Any, ...]) -> None:
     bad = [name for name in names if not isinstance(name, str)]
     if bad:
         raise TypeError(f"variable names must be strings, got {bad!r}")
+
+
+CALL_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(CallOptions))
+
+
+def _note_call_options_in(exc: TypeError, fn: Any, kwargs: Mapping[str, Any], method: str) -> None:
+    """If ``fn`` refused a keyword that is also a call option's name, say where that option goes.
+
+    ``k.call(fn, timeout=5)`` hands ``timeout`` to ``fn`` (every keyword goes to it): a function that
+    does not take it raises a TypeError that alone does not tell the caller what to do instead.
+    Python 3.11+ (exception notes); on older Pythons the error stays as it is.
+    """
+    message = str(exc)
+    refused = [
+        name
+        for name in CALL_OPTION_NAMES
+        if name in kwargs
+        and (
+            f"unexpected keyword argument '{name}'" in message  # Python functions
+            or f"'{name}' is an invalid keyword argument" in message  # some builtins
+            or "takes no keyword arguments" in message  # builtins without keywords (time.sleep)
+        )
+    ]
+    if not refused or not hasattr(exc, "add_note"):
+        return
+    given = ", ".join(f"{name}={kwargs[name]!r}" for name in refused)
+    exc.add_note(
+        f"kernelproxy: {given} went to {_name(fn)}() as its keyword argument{'s' if len(refused) > 1 else ''}: "
+        f"{method}() passes every keyword to the function. Call options are set on a view of the kernel: "
+        f"k.options({given}).{method}({_name(fn)}, ...)."
+    )
 
 
 def _name(fn: Any) -> str:
