@@ -190,7 +190,7 @@ def test_map_timeout_raises_and_cancels_what_did_not_start(pool):
     # sent 16 per kernel too (the tiny tasks' durations applied to them), and the kernels stayed busy for 16 s.
     assert list(pool.map(square, range(300))) == [i * i for i in range(300)]
     started = time.monotonic()
-    with pytest.raises(concurrent.futures.TimeoutError):
+    with pytest.raises(concurrent.futures.TimeoutError, match=r"map\(timeout=0.5\): no result came within 0.5 s"):
         list(pool.map(pid_after, [1] * 40, timeout=0.5))
     assert time.monotonic() - started < 1
     # the tasks not sent to a kernel were cancelled; those running finish (as with concurrent.futures):
@@ -198,6 +198,11 @@ def test_map_timeout_raises_and_cancels_what_did_not_start(pool):
     assert pool.submit(square, 4).result(timeout=5) == 16
     assert time.monotonic() - started < 5
     assert len(pool.kernels) == 2
+    # the message counts the results that came in time
+    results = pool.map(pid_after, [0, 0, 2], timeout=1)
+    assert len([next(results), next(results)]) == 2
+    with pytest.raises(concurrent.futures.TimeoutError, match=r"2 results came within 1 s .* next one is not ready"):
+        next(results)
 
 
 def test_task_timeout_option_raises_call_timeout(pool):
@@ -457,7 +462,7 @@ def test_async_pool():
             assert await pool.submit(pushed, "offset") == 100
             with pytest.raises(ValueError):
                 await pool.submit(fail_on, 2, 2)
-            with pytest.raises(asyncio.TimeoutError):
+            with pytest.raises(asyncio.TimeoutError, match=r"map\(timeout=0.3\): no result came within 0.3 s"):
                 await pool.map(pid_after, [0.5] * 20, timeout=0.3)
             # cancelling a running task interrupts it: the kernels are free at once
             slow = pool.submit(pid_after, 30)

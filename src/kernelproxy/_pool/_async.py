@@ -20,7 +20,7 @@ from . import _arguments as arguments
 from ._arguments import Progress, ProgressCounter
 from ._scheduler import Scheduler
 from ._supervisor import Initializer, KernelSource
-from ._tasks import LoopSink, Task, TaskOptions, ThreadSink
+from ._tasks import LoopSink, Task, TaskOptions, ThreadSink, map_timed_out
 
 T = TypeVar("T")
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ class AsyncKernelPool:
             scheduler, fn, items, chunksize > 1, self._options, scheduler.loop.create_future, LoopSink, counter
         )
         scheduler.enqueue(tasks)
-        return AsyncMapResult(scheduler, futures, tasks, chunksize > 1, end_time, counter)
+        return AsyncMapResult(scheduler, futures, tasks, chunksize > 1, timeout, end_time, counter)
 
     async def interrupt(self, future: asyncio.Future[Any]) -> bool:
         """Stop one task: interrupt the kernel running it (that kernel only), or drop it if it waits for one.
@@ -422,6 +422,7 @@ class AsyncMapResult(Generic[T]):
         futures: list[asyncio.Future[Any]],
         tasks: list[Task],
         chunked: bool,
+        timeout: float | None,
         end_time: float | None,
         counter: ProgressCounter | None,
     ) -> None:
@@ -429,6 +430,7 @@ class AsyncMapResult(Generic[T]):
         self._futures = futures
         self._tasks = tasks
         self._chunked = chunked
+        self._timeout = timeout
         self._end_time = end_time
         self._counter = counter
 
@@ -444,20 +446,24 @@ class AsyncMapResult(Generic[T]):
     async def _iterate(self) -> AsyncIterator[T]:
         futures = self._futures[::-1]
         self._futures = []  # one iteration only
+        received = 0
         try:
             while futures:  # no local keeps a result alive while the caller works on it (bpo-14406)
                 if self._end_time is not None and not futures[-1].done():
                     remaining = self._end_time - self._scheduler.loop.time()
                     await asyncio.wait({futures[-1]}, timeout=max(remaining, 0))
                     if not futures[-1].done():
-                        raise asyncio.TimeoutError
+                        assert self._timeout is not None
+                        raise asyncio.TimeoutError(map_timed_out(self._timeout, received))
                 await asyncio.wait({futures[-1]})
                 if self._chunked:
                     chunk = futures.pop().result()
                     chunk.reverse()
                     while chunk:
+                        received += 1
                         yield chunk.pop()
                 else:
+                    received += 1
                     yield futures.pop().result()
         finally:
             if futures:

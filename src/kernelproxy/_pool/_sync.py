@@ -17,7 +17,7 @@ from .._types import UNSET, Output, Unset
 from . import _arguments as arguments
 from ._arguments import Progress, ProgressCounter
 from ._async import AsyncKernelPool, _counter, _describe
-from ._tasks import Task
+from ._tasks import Task, map_timed_out
 
 T = TypeVar("T")
 if TYPE_CHECKING:
@@ -267,23 +267,28 @@ class KernelPool(concurrent.futures.Executor):
             if counter is not None:
                 counter.close()
             raise
-        return self._results(futures, tasks, chunksize > 1, end_time, counter)
+        return self._results(futures, tasks, chunksize > 1, timeout, end_time, counter)
 
     def _results(
         self,
         futures: list[concurrent.futures.Future[Any]],
         tasks: list[Task],
         chunked: bool,
+        timeout: float | None,
         end_time: float | None,
         counter: ProgressCounter | None,
     ) -> Generator[Any, None, None]:
         futures.reverse()  # pop from the end
+        received = 0
         try:
             # No local holds a result while the caller works on it, nor after (bpo-14406): with big
             # results, peak memory would double. A chunk's items are popped as they are yielded.
             while futures:
                 try:
                     box = [_result(futures.pop(), end_time)]  # emptied before the yield: no local keeps it
+                except concurrent.futures.TimeoutError:
+                    assert timeout is not None
+                    raise concurrent.futures.TimeoutError(map_timed_out(timeout, received)) from None
                 except Exception as exc:
                     trim(exc)  # the caller's line, then the remote frames
                     raise
@@ -291,8 +296,10 @@ class KernelPool(concurrent.futures.Executor):
                     chunk = box.pop()
                     chunk.reverse()
                     while chunk:
+                        received += 1
                         yield chunk.pop()
                 else:
+                    received += 1
                     yield box.pop()
         finally:
             if futures:  # closed early, timed out or failed: stop what nobody will read

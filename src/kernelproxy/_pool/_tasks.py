@@ -19,6 +19,15 @@ from .._types import CallOptions, Output, Unset
 log = logging.getLogger("kernelproxy")
 
 
+def map_timed_out(timeout: float, received: int) -> str:
+    """What a map() iterator's TimeoutError says (concurrent.futures' own says nothing)."""
+    results = "no result" if received == 0 else f"{received} result{'s' if received != 1 else ''}"
+    return (
+        f"map(timeout={timeout}): {results} came within {timeout} s of the map() call and the next one is not "
+        "ready; tasks not yet sent to a kernel are cancelled, running ones finish and their results are dropped"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskOptions:
     """How the tasks of a pool (or of a view, ``pool.options(...)``) run."""
