@@ -626,7 +626,7 @@ def test_start_python_without_ipykernel(tmp_path):
     fake_python.chmod(0o755)
     before = {proc.pid for proc in kernel_children()}
     started = time.monotonic()
-    with pytest.raises(KernelStartError):
+    with pytest.raises(KernelStartError, match=r"cannot import ipykernel \(no ipykernel here\)\. Install it"):
         kernelproxy.start(python=str(fake_python), startup_timeout=30)
     assert time.monotonic() - started < 10
     assert not kill_new_kernels(before)

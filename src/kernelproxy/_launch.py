@@ -62,6 +62,9 @@ del _kernelproxy_orphan_watch
 runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
 """
 
+KERNEL_OUTPUT_WENT = "The kernel's own output (its error) went to this process's standard error."
+IMPORT_PROBE_TIMEOUT = 30.0  # seconds for "python -c 'import ipykernel'" when a kernel died while starting
+
 _context: zmq.asyncio.Context | None = None
 _context_pid = 0
 _inherited_contexts: list[zmq.asyncio.Context] = []  # a forked child never terminates its parent's context
@@ -197,11 +200,38 @@ async def start_local(spec: LocalSpec, options: CallOptions, *, auto_restart: bo
         if isinstance(exc, asyncio.TimeoutError):
             raise KernelStartError(f"the kernel did not become ready within {spec.startup_timeout} s") from exc
         if isinstance(exc, KernelDiedError) or dead is not None:
+            why = f"the kernel exited while starting ({dead or exc})"
+            if spec.is_ipykernel:
+                python = spec.python or sys.executable
+                missing = await _cannot_import_ipykernel(python)
+                if missing is not None:
+                    raise KernelStartError(
+                        f"{why}: {python} cannot import ipykernel ({missing}). Install it in that environment: "
+                        f"{python} -m pip install ipykernel cloudpickle"
+                    ) from exc
+                raise KernelStartError(f"{why}; its Python: {python}. {KERNEL_OUTPUT_WENT}") from exc
             argv = manager.kernel_spec.argv if manager.kernel_spec else "?"
-            hint = " Is ipykernel installed for that Python?" if spec.is_ipykernel else " See its output above."
-            raise KernelStartError(f"the kernel exited while starting ({dead or exc}); command: {argv}.{hint}") from exc
+            raise KernelStartError(f"{why}; command: {argv}. {KERNEL_OUTPUT_WENT}") from exc
         raise
     return AsyncKernel(state, options)
+
+
+async def _cannot_import_ipykernel(python: str) -> str | None:
+    """Why ``python`` cannot import ipykernel (its last line of error), or None if it can (or we cannot tell)."""
+    try:
+        probe = await asyncio.create_subprocess_exec(
+            python, "-c", "import ipykernel", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+    except OSError:
+        return None
+    try:
+        _, stderr = await asyncio.wait_for(probe.communicate(), IMPORT_PROBE_TIMEOUT)
+    except asyncio.TimeoutError:
+        probe.kill()
+        await probe.wait()
+        return None
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    return (lines[-1] if lines else f"exit code {probe.returncode}") if probe.returncode else None
 
 
 def _private_sockets(spec: LocalSpec, manager_options: dict[str, Any]) -> tuple[str | None, int | None]:
