@@ -167,15 +167,41 @@ def test_interrupt_from_another_thread(kernel, tmp_path):
     thread.start()
     started = time.monotonic()
     try:
-        with pytest.raises(CallInterrupted):
+        with pytest.raises(CallInterrupted) as interrupted:
             kernel.call(sleep_after_marker, str(marker), 60)
     finally:
         thread.join(30)
     assert not errors
     assert time.monotonic() - started < 20
+    message = str(interrupted.value)
+    assert message.startswith("call of sleep_after_marker was interrupted in the kernel\nTraceback")
+    assert ", in sleep_after_marker\n" in message  # where it was: the caller's code...
+    assert "kernelproxy-agent" not in message  # ...not the agent's SIGINT handler that raised KeyboardInterrupt
+    assert message.endswith("\nKeyboardInterrupt")
     assert kernel.call(lambda: "after interrupt") == "after interrupt"
     assert kernel.pull("before_interrupt") == 1
     kernel.delete("before_interrupt")
+
+
+def test_an_interrupted_c_function_called_directly_says_only_that(kernel):
+    """No frame of the caller's code to show (time.sleep itself was called): no traceback, no lone
+    'KeyboardInterrupt' line under the message."""
+    finished = threading.Event()
+
+    def interrupter():  # until the call ends: an interrupt that comes before it runs hits an idle kernel, harmless
+        while not finished.wait(0.5):
+            kernel.interrupt()
+
+    thread = threading.Thread(target=interrupter)
+    thread.start()
+    try:
+        with pytest.raises(CallInterrupted) as interrupted:
+            kernel.call(time.sleep, 30)
+    finally:
+        finished.set()
+        thread.join(30)
+    assert str(interrupted.value) == "call of sleep was interrupted in the kernel"
+    assert kernel.call(lambda: 6) == 6
 
 
 def test_interrupt_submitted_call(kernel, tmp_path):

@@ -140,12 +140,12 @@ import platform
 import sys
 import threading
 import traceback
-from types import CodeType
+from types import CodeType, TracebackType
 
 PROTOCOL = 1
 # Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
 # an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
-REVISION = 12
+REVISION = 13
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -512,10 +512,17 @@ def _user_traceback(exc):
 
 
 def _user_frames(tb):
-    """``tb`` from its first frame that is not the agent's."""
-    while tb is not None and tb.tb_frame.f_code.co_filename == AGENT_FILENAME:
+    """``tb`` without the agent's own frames: those before the user's code (the request's dispatch) and those
+    after it (the SIGINT handler that raised KeyboardInterrupt in it)."""
+    kept = []
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename != AGENT_FILENAME:
+            kept.append(tb)
         tb = tb.tb_next
-    return tb
+    rebuilt = None
+    for entry in reversed(kept):
+        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return rebuilt
 
 
 MAX_STACK_FRAMES = 200  # frames of one exception sent as data (the first and last ones); the text has them all
