@@ -294,8 +294,11 @@ def _wait_for_server(
     import ssl
     import urllib.request
 
+    # Its runtime files (jpserver-PID.json, its kernels' connection files) in the test's directory, not the
+    # user's runtime directory: a server a test kills cannot remove them, and `kernelproxy list` would show them.
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(directory / "jupyter-runtime")}
     with open(log, "wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=directory)
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=directory, env=env)
     url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{port}/"
     context = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else None
     deadline = time.monotonic() + 60

@@ -17,12 +17,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import cloudpickle
 import helpers
 import numpy as np
 import pytest
 from helpers import every_verb, free_port, start_jupyter_server, start_kernel_gateway, stop_jupyter_server
+from jupyter_core.paths import jupyter_runtime_dir
 
 import kernelproxy
 from kernelproxy._server import ServerAddress, ServerClient
@@ -295,6 +297,9 @@ def test_server_gone_fails_calls_promptly(tmp_path):
             future.result(60)
         assert time.monotonic() - started < 30
         k.close()
+        # what the killed server could not remove stays in the test's directory, not in the user's runtime dir
+        assert (tmp_path / "jupyter-runtime" / f"jpserver-{server.process.pid}.json").exists()
+        assert not (Path(jupyter_runtime_dir()) / f"jpserver-{server.process.pid}.json").exists()
     finally:
         stop_jupyter_server(server)
         # The server was killed: its kernel is an orphan now; kill it too.
