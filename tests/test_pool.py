@@ -205,6 +205,15 @@ def test_map_timeout_raises_and_cancels_what_did_not_start(pool):
         next(results)
 
 
+def raise_timeout_error(x):
+    raise TimeoutError(f"the task's own timeout {x}")
+
+
+def test_a_task_that_raises_timeout_error_is_not_taken_for_the_map_timeout(pool):
+    with pytest.raises(TimeoutError, match="the task's own timeout 1"):
+        list(pool.map(raise_timeout_error, [1], timeout=30))
+
+
 def test_task_timeout_option_raises_call_timeout(pool):
     with pytest.raises(CallTimeout):
         pool.options(timeout=0.5).submit(pid_after, 10).result(timeout=30)

@@ -284,14 +284,17 @@ class KernelPool(concurrent.futures.Executor):
             # No local holds a result while the caller works on it, nor after (bpo-14406): with big
             # results, peak memory would double. A chunk's items are popped as they are yielded.
             while futures:
+                future = futures.pop()
                 try:
-                    box = [_result(futures.pop(), end_time)]  # emptied before the yield: no local keeps it
-                except concurrent.futures.TimeoutError:
-                    assert timeout is not None
-                    raise concurrent.futures.TimeoutError(map_timed_out(timeout, received)) from None
+                    box = [_result(future, end_time)]  # emptied before the yield: no local keeps it
                 except Exception as exc:
+                    if isinstance(exc, concurrent.futures.TimeoutError) and not future.done():  # not the task's own
+                        assert timeout is not None
+                        raise concurrent.futures.TimeoutError(map_timed_out(timeout, received)) from None
                     trim(exc)  # the caller's line, then the remote frames
                     raise
+                finally:
+                    del future
                 if chunked:
                     chunk = box.pop()
                     chunk.reverse()
