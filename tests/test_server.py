@@ -508,6 +508,25 @@ def serving(handler) -> Iterator[str]:
         server.server_close()
 
 
+def test_https_to_a_plain_http_server_says_so_promptly(jupyter_server):
+    """https:// to a plain-HTTP server: 'is it an http:// server?', promptly; not advice about certificates,
+    nor 'the server did not start the kernel within startup_timeout'."""
+    import http.server
+
+    class PlainServer(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    with serving(PlainServer) as url:  # answers the TLS hello with a plain-text 400
+        with pytest.raises(kernelproxy.ServerUnreachableError, match=r"plain text.*is it an http:// server\?"):
+            kernelproxy.connect_server(url.replace("http://", "https://"), token="t", connect_timeout=1)
+    # Jupyter Server (tornado) waits for a request line that never comes: the handshake times out
+    started = time.monotonic()
+    with pytest.raises(kernelproxy.ServerUnreachableError, match=r"TLS handshake.*is it an http:// server\?"):
+        kernelproxy.connect_server(jupyter_server.url.replace("http://", "https://"), token="t", connect_timeout=1)
+    assert time.monotonic() - started < 1.9  # one attempt, not one per request
+
+
 def test_kernel_start_takes_as_long_as_startup_timeout(tmp_path):
     """The REST call that starts a kernel follows startup_timeout (minutes on a cluster), not a fixed 60 s."""
     import http.server

@@ -163,6 +163,11 @@ class ServerClient:
                 error = await self._why_forbidden(error)
             raise error from exc
         except ssl.SSLError as exc:
+            if exc.reason == "WRONG_VERSION_NUMBER":  # what came back was no TLS: a plain-HTTP server's answer
+                raise ServerUnreachableError(
+                    f"TLS with {self.address.url} failed ({exc}): the server answered in plain text, so it does not "
+                    "speak TLS; is it an http:// server?"
+                ) from exc
             raise ServerUnreachableError(
                 f"TLS with {self.address.url} failed ({exc}); if the server's certificate comes from a private "
                 "authority, pass verify='/path/to/its-ca.pem' (or verify=False to skip the check)"
@@ -193,6 +198,8 @@ class ServerClient:
         if self._version is None:
             try:
                 answer = await self.request("GET", "api")
+            except ServerUnreachableError:
+                raise  # not reached at all: the next request would wait as long again
             except ServerError:
                 answer = None
             self._version = answer if isinstance(answer, dict) else {}
@@ -226,7 +233,7 @@ class ServerClient:
         except AuthenticationError:
             raise
         except ServerUnreachableError as exc:
-            if timeout is None or "timeout" not in str(exc).lower():
+            if timeout is None or not _request_timed_out(exc):  # not reaching the server is no slow kernel start
                 raise
             raise KernelStartError(
                 f"the server did not start the kernel within {timeout} s (startup_timeout): kernels on a cluster "
@@ -448,11 +455,10 @@ def _login_name() -> str:
 def _http_error(method: str, url: str, exc: HTTPClientError, *, token_rejected: bool = False) -> ServerError:
     status = exc.code
     if status == 599:  # tornado's code for a connection failure or timeout
-        return ServerUnreachableError(
-            f"no Jupyter server answered {method} {url} ({exc.message}); "
-            "check the URL, that the server runs, and the network between us",
-            status,
-        )
+        hint = "check the URL, that the server runs, and the network between us"
+        if "TLS handshake" in str(exc.message):  # a plain-HTTP server waits for a request line that never comes
+            hint = f"is it an http:// server? One that does not speak TLS never answers the handshake. Else {hint}"
+        return ServerUnreachableError(f"no Jupyter server answered {method} {url} ({exc.message}); {hint}", status)
     detail = _error_detail(exc.response)
     if status == 401 or token_rejected:
         return AuthenticationError(
@@ -469,6 +475,13 @@ def _http_error(method: str, url: str, exc: HTTPClientError, *, token_rejected: 
     if status == 404 and "/api/kernels/" in url:
         return ServerError(f"no such kernel on the server ({method} {url}: HTTP 404{detail})", status)
     return ServerError(f"the server refused {method} {url}: HTTP {status}{detail}", status)
+
+
+def _request_timed_out(exc: ServerUnreachableError) -> bool:
+    """Whether the server was reached and then took too long to answer (tornado: "Timeout during request"),
+    rather than not reached at all (connecting, resolving, the TLS handshake)."""
+    cause = exc.__cause__
+    return isinstance(cause, HTTPClientError) and cause.code == 599 and "during request" in str(cause.message)
 
 
 MAX_DETAIL = 300  # characters of a server's error message quoted in ours
