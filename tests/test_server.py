@@ -155,6 +155,32 @@ def test_token_from_the_environment(jupyter_server, monkeypatch):
         assert k.call(lambda: 1) == 1
 
 
+def test_the_url_a_server_prints_works_as_it_is(jupyter_server, monkeypatch):
+    """Users paste what the server printed or the browser shows: a frontend page with ?token=... ."""
+    monkeypatch.setenv("JUPYTER_TOKEN", "not-this-one")  # the URL's token comes first
+    for page in (f"lab?token={jupyter_server.token}", f"tree/some/dir?token={jupyter_server.token}"):
+        with kernelproxy.connect_server(jupyter_server.url + page) as k:
+            assert k.call(lambda: 7) == 7
+    with pytest.raises(ValueError, match="token= differ"):
+        kernelproxy.connect_server(jupyter_server.url + "?token=one", token="two")
+
+
+def test_server_address_from_a_pasted_url():
+    """Pure: the token, the base URL as given, and the bases above its frontend pages, nearest first."""
+    address = ServerAddress.parse("https://hub.example/user/lab/lab/tree/x.ipynb?token=abc")
+    assert address.token == "abc"
+    assert address.url == "https://hub.example/user/lab/lab/tree/x.ipynb/"  # tried first: it may be a base URL
+    assert address.fallbacks == (
+        "https://hub.example/user/lab/lab/",  # a user named "lab" keeps their base URL
+        "https://hub.example/user/lab/",
+        "https://hub.example/user/",
+    )
+    assert ServerAddress.parse("http://127.0.0.1:8888/lab?token=t").fallbacks == ("http://127.0.0.1:8888/",)
+    plain = ServerAddress.parse("http://127.0.0.1:8888/base", token="x")
+    assert (plain.url, plain.token, plain.fallbacks) == ("http://127.0.0.1:8888/base/", "x", ())
+    assert "token" not in ServerAddress.parse("http://h:1/lab?token=secret").url  # never in a request URL
+
+
 def test_server_down_is_a_quick_connection_error():
     url = f"http://127.0.0.1:{free_port()}/"
     started = time.monotonic()

@@ -128,8 +128,6 @@ async def connect_server_async(
     """Start a kernel on a Jupyter Server or gateway, or attach to one of its kernels (see ``connect_server``)."""
     call_options = CallOptions(timeout=timeout, output=output, on_timeout=on_timeout)
     check_transport_name(transport)
-    if token is None:
-        token = os.environ.get("JUPYTER_TOKEN") or None
     address = ServerAddress.parse(url, token=token, verify=verify, connect_timeout=connect_timeout)
     warn_if_cleartext(address)
     client = ServerClient(address)
@@ -158,7 +156,7 @@ async def connect_server_async(
         await state.close(shutdown=False)  # deletes the kernel if we started it
         if isinstance(exc, asyncio.TimeoutError):
             raise KernelStartError(
-                f"kernel {kernel.kernel_id} on {address.url} did not answer within {startup_timeout} s"
+                f"kernel {kernel.kernel_id} on {client.address.url} did not answer within {startup_timeout} s"
             ) from exc
         raise
     return AsyncKernel(state, call_options)
@@ -278,8 +276,11 @@ def connect_server(
     running kernel is attached to and left running by ``close()``.
 
     Args:
-        url: the server's address, e.g. "https://hub.example:8888" (with any base path).
-        token: the server's token (default: $JUPYTER_TOKEN), sent in the Authorization header.
+        url: the server's address, e.g. "https://hub.example:8888" (with any base path), or a URL the
+            server printed or a browser shows ("http://127.0.0.1:8888/lab?token=..."): the base URL
+            above a frontend's page (lab, tree, notebooks, doc, edit, voila) is found.
+        token: the server's token (default: the URL's ?token=, else $JUPYTER_TOKEN), sent in the
+            Authorization header.
         env: variables for the new kernel; gateways pass the KERNEL_* ones to it, Jupyter Server ignores them.
             To Enterprise Gateway kernelproxy also sends this process's KERNEL_* variables and
             KERNEL_USERNAME (default: the login name), as jupyter_server's gateway client does.

@@ -107,7 +107,7 @@ def _one_line(exc: BaseException) -> str:
 def _hint(exc: BaseException, args: argparse.Namespace) -> str:
     server = getattr(args, "server", None)
     if isinstance(exc, kernelproxy.AuthenticationError):
-        return " (here: --token T, or $JUPYTER_TOKEN)"
+        return " (here: --token T, ?token=T in the URL, or $JUPYTER_TOKEN)"
     if isinstance(exc, kernelproxy.ServerError) and server and exc.status == 404:
         return f" (`kernelproxy list --server {server}` shows its kernels)"
     if isinstance(exc, kernelproxy.ConnectionFileError):
@@ -133,7 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     server = argparse.ArgumentParser(add_help=False)
     group = server.add_argument_group("kernels on a Jupyter Server or gateway")
     group.add_argument("--server", metavar="URL", help="the server's URL, e.g. http://127.0.0.1:8888/")
-    group.add_argument("--token", metavar="T", help="the server's token (default: $JUPYTER_TOKEN)")
+    group.add_argument(
+        "--token", metavar="T", help="the server's token (default: the URL's ?token=, else $JUPYTER_TOKEN)"
+    )
     group.add_argument("--insecure", action="store_true", help="do not check the server's TLS certificate")
     group.add_argument("--cafile", metavar="PEM", help="check the server's TLS certificate against this CA bundle")
 
@@ -254,9 +256,8 @@ class _Opened:
 
 
 def _server_address(args: argparse.Namespace) -> ServerAddress:
-    token = args.token if args.token is not None else (os.environ.get("JUPYTER_TOKEN") or None)
     try:
-        return ServerAddress.parse(args.server, token=token, verify=_verify(args))
+        return ServerAddress.parse(args.server, token=args.token, verify=_verify(args))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -22,7 +22,7 @@ import ssl
 import urllib.parse
 import warnings
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, cast
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
@@ -32,6 +32,9 @@ from ._exceptions import AuthenticationError, KernelStartError, ServerError, Ser
 DEFAULT_REQUEST_TIMEOUT = 60.0  # seconds for one REST request; starting and restarting kernels take startup_timeout
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to reach the server at all: an unreachable one fails fast
 RESTART_RETRY_WINDOW = 15.0  # seconds to keep asking for a restart the server cannot do yet
+# Pages of Jupyter's frontends under a server's base URL: the URL a server prints at start (".../lab?token=...")
+# and the browser's address bar are pages, not the base URL the REST API lives under.
+FRONTEND_PAGES = frozenset({"lab", "tree", "notebooks", "doc", "edit", "voila"})
 log = logging.getLogger("kernelproxy")
 
 
@@ -44,15 +47,32 @@ class ServerAddress:
     verify: bool | str = True  # TLS: check the certificate (True), don't (False), or a CA bundle path
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    # Base URLs to try, nearest first, if ``url`` is no server's (it named a frontend page: ".../lab/tree/x")
+    fallbacks: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, url: str, **options: Any) -> ServerAddress:
+    def parse(cls, url: str, *, token: str | None = None, **options: Any) -> ServerAddress:
+        """A server's address from a URL as users have it: a base URL, or a page of it with ``?token=...``.
+
+        The token: ``token``, else the URL's ``token`` parameter, else $JUPYTER_TOKEN.
+        """
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             examples = "'https://host:8888' or 'http://127.0.0.1:8888/base/'"
             raise ValueError(f"a server URL looks like {examples}, not {url!r}")
-        path = parts.path if parts.path.endswith("/") else parts.path + "/"
-        return cls(urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", "")), **options)
+        in_url = urllib.parse.parse_qs(parts.query).get("token", [None])[-1]
+        if token is not None and in_url is not None and token != in_url:
+            raise ValueError("the URL's ?token=... and token= differ: pass one of them")
+        token = token if token is not None else in_url if in_url is not None else os.environ.get("JUPYTER_TOKEN")
+        segments = [segment for segment in parts.path.split("/") if segment]
+        bases = ["/" + "".join(f"{segment}/" for segment in segments[:end]) for end in range(len(segments), -1, -1)]
+        pages = [index for index, segment in enumerate(segments) if segment in FRONTEND_PAGES]
+        fallbacks = tuple(
+            urllib.parse.urlunsplit((parts.scheme, parts.netloc, bases[len(segments) - index], "", ""))
+            for index in reversed(pages)
+        )
+        base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, bases[0], "", ""))
+        return cls(base, token=token or None, fallbacks=fallbacks, **options)
 
     def endpoint(self, path: str, *, websocket: bool = False) -> str:
         url = urllib.parse.urljoin(self.url, path.lstrip("/"))
@@ -128,7 +148,42 @@ class ServerClient:
         token (Enterprise Gateway's KERNEL_USERNAME check, JupyterHub's page for a
         stopped user server), and then their own words are the error.
         """
+        try:
+            return await self._fetch(method, self.address.endpoint(path), body, timeout, check_token=check_token)
+        except ServerError as exc:
+            if exc.status != 404 or not await self._moved_to_server_base():
+                raise
         return await self._fetch(method, self.address.endpoint(path), body, timeout, check_token=check_token)
+
+    async def _moved_to_server_base(self) -> bool:
+        """Whether the address moved to a base URL above the one given, which named a frontend's page
+        (".../lab?token=..."); asked once, when the first 404 comes and the URL given is no server's."""
+        fallbacks = self.address.fallbacks
+        self.address = replace(self.address, fallbacks=())
+        if not fallbacks or await self._is_server(self.address.url):
+            return False
+        for base in fallbacks:
+            if await self._is_server(base):
+                log.debug("%s is a page of a Jupyter frontend: using the server's base URL %s", self.address.url, base)
+                self.address = replace(self.address, url=base)
+                return True
+        return False
+
+    async def _is_server(self, base: str) -> bool:
+        """Whether ``base`` is a Jupyter server's base URL: ``GET api`` there answers with a version."""
+        request = HTTPRequest(
+            base + "api",
+            headers=self.address.headers(),
+            connect_timeout=self.address.connect_timeout,
+            request_timeout=self.address.connect_timeout,
+            follow_redirects=False,
+            **self.address.tls_options(),
+        )
+        try:
+            response = await self._http.fetch(request, raise_error=False)
+            return response.code == 200 and "version" in json.loads(response.body)
+        except (OSError, ValueError, TypeError):  # unreachable, TLS (an OSError), not JSON, not an object
+            return False
 
     async def _fetch(
         self,
@@ -463,7 +518,8 @@ def _http_error(method: str, url: str, exc: HTTPClientError, *, token_rejected: 
     if status == 401 or token_rejected:
         return AuthenticationError(
             f"the server at {url.split('/api/')[0]}/ rejected the token (HTTP {status}{detail}): "
-            "pass the server's token as token=... (see `jupyter server list` on its machine)",
+            "pass the server's token as token=... or in the URL, ?token=... "
+            "(`jupyter server list` on its machine shows it)",
             status,
         )
     if status == 403 and "KERNEL_USERNAME" in detail:
