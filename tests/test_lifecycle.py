@@ -645,6 +645,28 @@ def test_start_nonexistent_python():
     assert not kill_new_kernels(before)
 
 
+def test_a_kernel_not_ready_within_startup_timeout_is_killed_quietly(capfd):
+    """Killed, not interrupted first as jupyter_client's shutdown does: a kernel still importing would print
+    a KeyboardInterrupt traceback here, which reads like a crash."""
+    before = {proc.pid for proc in kernel_children()}
+    with pytest.raises(KernelStartError, match="did not become ready within 0.2 s"):
+        kernelproxy.start(startup_timeout=0.2)
+    assert not kill_new_kernels(before)
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("seconds", [0, -1, "10"])
+def test_startup_and_connect_timeouts_are_checked_before_anything_starts(seconds, jupyter_server):
+    before = {proc.pid for proc in kernel_children()}
+    with pytest.raises(ValueError, match=f"startup_timeout must be a positive number of seconds, not {seconds!r}"):
+        kernelproxy.start(startup_timeout=seconds)
+    with pytest.raises(ValueError, match="startup_timeout must be a positive number of seconds"):
+        kernelproxy.connect("kernel-no-such-file.json", startup_timeout=seconds)
+    with pytest.raises(ValueError, match="connect_timeout must be a positive number of seconds"):
+        kernelproxy.connect_server(jupyter_server.url, token=jupyter_server.token, connect_timeout=seconds)
+    assert not kill_new_kernels(before)
+
+
 def test_start_python_without_ipykernel(tmp_path):
     """An interpreter that exists but cannot run ipykernel_launcher: reported quickly, nothing left."""
     fake_python = tmp_path / "python"

@@ -28,7 +28,7 @@ from ._server import (
 )
 from ._ssh import SshTunnel
 from ._sync import Kernel
-from ._types import CallOptions, OnTimeout, Output
+from ._types import CallOptions, OnTimeout, Output, check_seconds
 from ._wires.websocket_wire import SERVER_MESSAGE_LIMIT, V1_PROTOCOL, WebsocketWire
 from ._wires.zmq_wire import ZmqWire
 
@@ -71,6 +71,7 @@ async def connect_async(
     """Connect to a running kernel by its connection file (see ``connect``)."""
     call_options = CallOptions(timeout=timeout, output=output, on_timeout=on_timeout)
     check_transport_name(transport)
+    check_seconds("startup_timeout", startup_timeout)
     path = resolve_connection_file(connection_file)
     info = read_connection_file(path, allow_unsigned=allow_unsigned)
     tunnel = await SshTunnel.open(info, ssh, ssh_options=ssh_options) if ssh is not None else None
@@ -128,6 +129,8 @@ async def connect_server_async(
     """Start a kernel on a Jupyter Server or gateway, or attach to one of its kernels (see ``connect_server``)."""
     call_options = CallOptions(timeout=timeout, output=output, on_timeout=on_timeout)
     check_transport_name(transport)
+    check_seconds("startup_timeout", startup_timeout)
+    check_seconds("connect_timeout", connect_timeout)
     address = ServerAddress.parse(url, token=token, verify=verify, connect_timeout=connect_timeout)
     warn_if_cleartext(address)
     client = ServerClient(address)

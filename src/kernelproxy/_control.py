@@ -115,12 +115,17 @@ class LocalControl(KernelControl):
     def kill_now(self) -> None:
         if self.pid != os.getpid():
             return  # a forked child exiting: the kernel is its parent's
+        self.kill_process()
+        self.manager.cleanup_connection_file()
+        self._remove_private_dir()
+
+    def kill_process(self) -> None:
+        """SIGKILL the kernel process, if it runs. For one that never became ready: jupyter_client's
+        shutdown interrupts a kernel first, and one still importing prints a KeyboardInterrupt traceback."""
         process = getattr(self.manager.provisioner, "process", None)
         if process is not None and process.poll() is None:
             process.kill()
             process.wait()
-        self.manager.cleanup_connection_file()
-        self._remove_private_dir()
 
     def _remove_private_dir(self) -> None:
         if self.pid != os.getpid():

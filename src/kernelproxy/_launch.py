@@ -34,7 +34,7 @@ from jupyter_client.manager import AsyncKernelManager
 from ._control import LocalControl
 from ._exceptions import KernelDiedError, KernelStartError
 from ._kernel import AsyncKernel, _KernelState, check_transport_name
-from ._types import CallOptions
+from ._types import CallOptions, check_seconds
 from ._wires.zmq_wire import ZmqWire
 
 DEFAULT_STARTUP_TIMEOUT = 60.0  # seconds a new local kernel has to answer
@@ -94,6 +94,7 @@ class LocalSpec:
 
     def __post_init__(self) -> None:
         check_transport_name(self.transport)
+        check_seconds("startup_timeout", self.startup_timeout)
 
     @property
     def is_ipykernel(self) -> bool:
@@ -196,6 +197,7 @@ async def start_local(spec: LocalSpec, options: CallOptions, *, auto_restart: bo
         await state.open(spec.startup_timeout)
     except BaseException as exc:
         dead = state.connection.dead
+        control.kill_process()  # it never became ready: nothing to shut down gracefully
         await asyncio.shield(state.close(shutdown=True))
         if isinstance(exc, asyncio.TimeoutError):
             raise KernelStartError(f"the kernel did not become ready within {spec.startup_timeout} s") from exc

@@ -32,6 +32,12 @@ class Unset(enum.Enum):
 UNSET = Unset.UNSET
 
 
+def check_seconds(name: str, value: object) -> None:
+    """A duration option (startup_timeout, connect_timeout) is a positive number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+
+
 @dataclass(frozen=True)
 class CallOptions:
     """Per-call options; ``Kernel.options(...)`` returns a view of the kernel with other ones.
