@@ -448,11 +448,13 @@ def test_pool_without_replaceable_kernels_says_so(external_kernel):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one kernel, not 0"):
         KernelPool(0)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"list of connection files \(\['kernel-1.json'\]\), not one file name"):
         KernelPool("kernel-1.json")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"the number of kernels is an int: KernelPool\(2\), not KernelPool\('2'\)"):
+        KernelPool("2")
+    with pytest.raises(TypeError, match="takes Kernel objects or connection files, not object"):
         KernelPool([object()])
 
 

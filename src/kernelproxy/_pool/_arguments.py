@@ -28,7 +28,9 @@ def split_sources(kernels: int | Iterable[Any] | None, kind: type, pool: str) ->
             raise ValueError(f"a pool needs at least one kernel, not {kernels}")
         return kernels, []
     if isinstance(kernels, (str, os.PathLike)):
-        raise TypeError("pass a list of connection files, not one file name")
+        if isinstance(kernels, str) and kernels.strip().isdigit():
+            raise TypeError(f"the number of kernels is an int: {pool}({kernels.strip()}), not {pool}({kernels!r})")
+        raise TypeError(f"pass a list of connection files ([{os.fspath(kernels)!r}]), not one file name")
     sources = list(kernels)
     if not sources:
         raise ValueError("a pool needs at least one kernel: the list is empty")
