@@ -182,7 +182,7 @@ class ServerClient:
         try:
             response = await self._http.fetch(request, raise_error=False)
             return response.code == 200 and "version" in json.loads(response.body)
-        except (OSError, ValueError, TypeError):  # unreachable, TLS (an OSError), not JSON, not an object
+        except (OSError, HTTPClientError, ValueError, TypeError):  # unreachable or timed out, not JSON nor a dict
             return False
 
     async def _fetch(
