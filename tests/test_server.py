@@ -549,8 +549,8 @@ def test_https_to_a_plain_http_server_says_so_promptly(jupyter_server):
     # Jupyter Server (tornado) waits for a request line that never comes: the handshake times out
     started = time.monotonic()
     with pytest.raises(kernelproxy.ServerUnreachableError, match=r"TLS handshake.*is it an http:// server\?"):
-        kernelproxy.connect_server(jupyter_server.url.replace("http://", "https://"), token="t", connect_timeout=1)
-    assert time.monotonic() - started < 1.9  # one attempt, not one per request
+        kernelproxy.connect_server(jupyter_server.url.replace("http://", "https://"), token="t", connect_timeout=2)
+    assert time.monotonic() - started < 3.9  # one attempt (2 s), not one per request
 
 
 def test_kernel_start_takes_as_long_as_startup_timeout(tmp_path):
