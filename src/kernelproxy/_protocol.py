@@ -287,8 +287,6 @@ def reply_error(reply: dict[str, Any], frames: list[Any], what: str, loads: Any)
         attach_ipython_rendering(exc)
         return exc
     if kind == "interrupted":
-        if tb.strip() == "KeyboardInterrupt":  # no frame of the caller's code to show (a C function was called)
-            tb = ""
         return CallInterrupted(f"{what} was interrupted in the kernel\n{tb}".rstrip())
     if kind == "stale":
         return StaleRefError(f"{evalue}. Make a new ref")

@@ -145,7 +145,7 @@ from types import CodeType, TracebackType
 PROTOCOL = 1
 # Raised at every change of this file (a test holds the hash of each revision's source): a kernel that has
 # an older revision installed (a long-lived kernel, used by an older kernelproxy) gets this one in its place.
-REVISION = 13
+REVISION = 14
 MODULE_NAME = "_kernelproxy_agent_v%d" % PROTOCOL
 MIME = "application/vnd.kernelproxy.v%d+json" % PROTOCOL
 # The execute transport puts request frames (base64) under this key of the
@@ -584,6 +584,8 @@ def _republish_sources(exc):
 
 def _exception_reply(exc, kind="exception"):
     tb_text = _user_traceback(exc)
+    if kind == "interrupted" and _user_frames(exc.__traceback__) is None:
+        tb_text = ""  # no frame of the caller's code to show where it stopped (a C function was called)
     frames = []
     stack = None
     if kind == "exception":
