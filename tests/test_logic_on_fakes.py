@@ -391,7 +391,8 @@ def test_pool_retries_a_task_whose_kernel_died_and_the_replacement_gets_every_pu
             (running,) = [k for k in kernels if fake_parts(k)[0].running]
             fake_parts(running)[0].die()
             assert await asyncio.wait_for(victim, 10) == 5  # ran again on the other kernel
-            await until(lambda: len(pool.kernels) == 2, 10, "the dead kernel replaced")
+            # (the dead kernel stays listed until the pool has noticed: wait for the restart itself)
+            await until(lambda: running.status.restarts == 1 and len(pool.kernels) == 2, 10, "the dead kernel replaced")
             assert running.status.restarts == 1  # a given kernel is restarted in place
             assert await running.call(add_pushed, 1) == 101
 
