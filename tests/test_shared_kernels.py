@@ -49,6 +49,17 @@ def restart_by_someone_else(manager: KernelManager) -> None:
     manager.restart_kernel(now=True)
 
 
+def until_ready(manager: KernelManager) -> None:
+    """Until the restarted kernel answers: a second client connecting while it still starts would find no
+    heartbeat yet (restart_kernel() returns once the new process is launched)."""
+    client = manager.blocking_client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+    finally:
+        client.stop_channels()
+
+
 def no_hints(k: kernelproxy.Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make kernelproxy deaf to what announces a restart: it must then notice at the next call."""
     monkeypatch.setattr(k.aio._state.connection, "on_hint", None)
@@ -79,6 +90,7 @@ def test_after_a_foreign_restart_the_next_call_runs_and_refs_are_stale(
         derived = ref.attr("count")
         pid = k.info.pid
         restart_by_someone_else(managed_kernel)
+        until_ready(managed_kernel)
         # another client of the new kernel keeps an object: it gets the ids our refs had
         with kernelproxy.connect(managed_kernel.connection_file, transport=transport) as other:
             theirs = other.call_ref(lambda: ["theirs"])
@@ -109,6 +121,7 @@ def test_a_stale_ref_never_reaches_another_clients_object_even_before_the_restar
         no_hints(k, monkeypatch)
         ref = k.call_ref(lambda: "mine")
         restart_by_someone_else(managed_kernel)
+        until_ready(managed_kernel)
         with kernelproxy.connect(managed_kernel.connection_file, transport=transport) as other:
             theirs = other.call_ref(lambda: "theirs")
             assert theirs._root.id == ref._root.id  # the same id, in the new kernel: exactly the danger
@@ -124,6 +137,7 @@ def test_releasing_stale_refs_never_frees_another_clients_objects(managed_kernel
         old_instance = ref._root.instance
         object_id = ref._root.id
         restart_by_someone_else(managed_kernel)
+        until_ready(managed_kernel)
         with kernelproxy.connect(managed_kernel.connection_file, transport=transport) as other:
             theirs = other.call_ref(lambda: "theirs")
             assert theirs._root.id == object_id
